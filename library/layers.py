@@ -1,0 +1,208 @@
+"""Basic layers with torch's parameter names and initialisation, built only from
+MindSpore ops that have CPU kernels in graph and PyNative mode.
+
+``mindspore.nn`` names norm parameters ``gamma``/``beta`` and ``mint`` layers
+have no CPU kernels (LayerNormExt, Conv2DExt, GeluExt), so the models here use
+these cells: parameter names then match the torch state dicts one to one
+(``weight``/``bias``) and checkpoints map without renaming tables.
+
+Initialisation follows torch's defaults (kaiming-uniform a=sqrt(5) for
+weights, uniform(+-1/sqrt(fan_in)) for biases) from a numpy generator seeded
+by ``set_init_seed``; inside ``skip_init()`` parameters are allocated as zeros,
+which is fast for full-size models whose weights are loaded afterwards.
+"""
+import contextlib
+import math
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+
+_state = {"rng": np.random.default_rng(0), "skip": False}
+
+
+def set_init_seed(seed: int):
+    _state["rng"] = np.random.default_rng(seed)
+
+
+@contextlib.contextmanager
+def skip_init():
+    """Allocate parameters as zeros (no random init) inside this block."""
+    prev = _state["skip"]
+    _state["skip"] = True
+    try:
+        yield
+    finally:
+        _state["skip"] = prev
+
+
+def _param(shape, bound=None, fill=None, name=None):
+    if _state["skip"]:
+        data = np.zeros(shape, np.float32)
+    elif fill is not None:
+        data = np.full(shape, fill, np.float32)
+    else:
+        data = _state["rng"].uniform(-bound, bound, size=shape).astype(np.float32)
+    return Parameter(Tensor(data), name=name)
+
+
+def _uniform_bound(fan_in):
+    return 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+
+class Linear(nn.Cell):
+    """torch.nn.Linear: weight (out, in), y = x @ W.T + b."""
+
+    def __init__(self, in_features, out_features, bias=True):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        bound = _uniform_bound(in_features)  # kaiming_uniform(a=sqrt(5)) == U(+-1/sqrt(fan_in))
+        self.weight = _param((out_features, in_features), bound, name="weight")
+        self.bias = _param((out_features,), bound, name="bias") if bias else None
+
+    def construct(self, x):
+        return ops.dense(x, self.weight.astype(x.dtype),
+                         None if self.bias is None else self.bias.astype(x.dtype))
+
+
+class Conv2d(nn.Cell):
+    """torch.nn.Conv2d (square kernel, symmetric zero padding, groups=1)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.padding = padding
+        bound = _uniform_bound(in_channels * kernel_size * kernel_size)
+        self.weight = _param((out_channels, in_channels, kernel_size, kernel_size), bound, name="weight")
+        self.bias = _param((out_channels,), bound, name="bias") if bias else None
+        self.conv = ops.Conv2D(out_channels, kernel_size, pad_mode="pad", pad=padding, stride=stride)
+        self.bias_add = ops.BiasAdd()
+
+    def construct(self, x):
+        y = self.conv(x, self.weight.astype(x.dtype))
+        if self.bias is not None:
+            y = self.bias_add(y, self.bias.astype(x.dtype))
+        return y
+
+
+class LayerNorm(nn.Cell):
+    """torch.nn.LayerNorm over the last dimension."""
+
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True):
+        super().__init__()
+        self.eps = eps
+        self.weight = _param((normalized_shape,), fill=1.0, name="weight")
+        self.bias = _param((normalized_shape,), fill=0.0, name="bias")
+        self.weight.requires_grad = elementwise_affine
+        self.bias.requires_grad = elementwise_affine
+        self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
+
+    def construct(self, x):
+        if x.dtype == ms.float32:
+            return self.norm(x, self.weight, self.bias)[0]
+        # statistics in fp32 for half inputs, as torch autocast does
+        return self.norm(x.astype(ms.float32), self.weight, self.bias)[0].astype(x.dtype)
+
+
+class GroupNorm(nn.Cell):
+    """torch.nn.GroupNorm for NC... inputs; statistics computed in fp32."""
+
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True):
+        super().__init__()
+        self.num_groups = num_groups
+        self.num_channels = num_channels
+        self.eps = eps
+        self.affine = affine
+        self.weight = _param((num_channels,), fill=1.0, name="weight")
+        self.bias = _param((num_channels,), fill=0.0, name="bias")
+        self.weight.requires_grad = affine
+        self.bias.requires_grad = affine
+
+    def construct(self, x):
+        shape = x.shape
+        h = x.astype(ms.float32).reshape(shape[0], self.num_groups, -1)
+        mean = h.mean(axis=-1, keep_dims=True)
+        var = ops.square(h - mean).mean(axis=-1, keep_dims=True)
+        h = ((h - mean) * ops.rsqrt(var + self.eps)).reshape(shape)
+        bshape = (1, -1) + (1,) * (len(shape) - 2)
+        h = h * self.weight.reshape(bshape) + self.bias.reshape(bshape)
+        return h.astype(x.dtype)
+
+
+class Embedding(nn.Cell):
+    """torch.nn.Embedding: weight (num, dim), init N(0, 1) as torch."""
+
+    def __init__(self, num_embeddings, embedding_dim):
+        super().__init__()
+        if _state["skip"]:
+            data = np.zeros((num_embeddings, embedding_dim), np.float32)
+        else:
+            data = _state["rng"].standard_normal((num_embeddings, embedding_dim)).astype(np.float32)
+        self.weight = Parameter(Tensor(data), name="weight")
+
+    def construct(self, ids):
+        return ops.gather(self.weight, ids, 0)
+
+
+class SiLU(nn.Cell):
+    def construct(self, x):
+        return ops.silu(x)
+
+
+class GELU(nn.Cell):
+    """Exact (erf) GELU as torch.nn.GELU(); ``approximate='tanh'`` for the tanh form.
+
+    ``ops.GeLU`` is the tanh approximation (4.7e-4 off erf), so the exact form
+    goes through ``ops.gelu(approximate='none')``.
+    """
+
+    def __init__(self, approximate="none"):
+        super().__init__()
+        self.approximate = approximate
+
+    def construct(self, x):
+        return ops.gelu(x, approximate=self.approximate)
+
+
+class QuickGELU(nn.Cell):
+    """x * sigmoid(1.702 x): CLIP ViT-L's activation (transformers ``quick_gelu``)."""
+
+    def construct(self, x):
+        return x * ops.sigmoid(1.702 * x)
+
+
+class Identity(nn.Cell):
+    def construct(self, x):
+        return x
+
+
+def param_dict(cell: nn.Cell):
+    """Name -> numpy array of a cell's parameters (names as in torch state dicts)."""
+    return {p.name: p.asnumpy() for p in cell.get_parameters()}
+
+
+def load_param_dict(cell: nn.Cell, arrays, strict=True):
+    """Copy numpy arrays into a cell's parameters by name, checking shapes.
+
+    Returns (missing, unexpected) name lists; raises ValueError when ``strict``
+    and any differ, or on a shape mismatch.
+    """
+    params = {p.name: p for p in cell.get_parameters()}
+    missing = sorted(set(params) - set(arrays))
+    unexpected = sorted(set(arrays) - set(params))
+    if strict and (missing or unexpected):
+        raise ValueError(
+            f"state dict does not fit the model: {len(missing)} missing {missing[:5]}, "
+            f"{len(unexpected)} unexpected {unexpected[:5]}")
+    for name, p in params.items():
+        if name not in arrays:
+            continue
+        value = np.asarray(arrays[name])
+        if tuple(value.shape) != tuple(p.shape):
+            raise ValueError(f"shape mismatch for {name}: file {tuple(value.shape)}, model {tuple(p.shape)}")
+        p.set_data(Tensor(value.astype(ms.dtype_to_nptype(p.dtype), copy=False)))
+    return missing, unexpected
