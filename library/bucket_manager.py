@@ -150,6 +150,9 @@ class BucketManager:
             reso = (resized_size[0] - resized_size[0] % self.reso_steps,
                     resized_size[1] - resized_size[1] % self.reso_steps)
 
+        if reso[0] <= 0 or reso[1] <= 0:
+            raise ValueError(f"image {image_width}x{image_height} is smaller than one bucket step "
+                             f"({self.reso_steps}): no bucket fits it")
         self.add_if_new_reso(reso)
         ar_error = reso[0] / reso[1] - aspect_ratio
         return reso, resized_size, ar_error

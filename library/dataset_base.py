@@ -204,7 +204,10 @@ class BaseDataset:
                                    "because bucket reso is defined by image size automatically")
             ar_errors = []
             for info in self.image_data.values():
-                info.bucket_reso, info.resized_size, err = self.bucket_manager.select_bucket(*info.image_size)
+                try:
+                    info.bucket_reso, info.resized_size, err = self.bucket_manager.select_bucket(*info.image_size)
+                except ValueError as e:
+                    raise UserError(f"{info.absolute_path}: {e}") from None
                 ar_errors.append(abs(err))
             self.bucket_manager.sort()
         else:

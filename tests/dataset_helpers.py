@@ -1,0 +1,46 @@
+"""Helpers for the dataset tests: small real image files and argument namespaces."""
+import argparse
+import os
+
+import numpy as np
+from PIL import Image
+
+from library import config_util, train_util
+
+
+def write_image(path, width, height, seed=0, fmt=None):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(path, format=fmt)
+    return path
+
+
+def write_text(path, text, encoding="utf-8"):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding=encoding) as f:
+        f.write(text)
+    return path
+
+
+def make_parser():
+    parser = argparse.ArgumentParser()
+    train_util.add_dataset_arguments(parser)
+    train_util.add_data_loader_arguments(parser)
+    train_util.add_text_encoder_cache_arguments(parser)
+    config_util.add_config_arguments(parser)
+    parser.add_argument("--train_batch_size", type=int, default=1)
+    parser.add_argument("--prior_loss_weight", type=float, default=1.0)
+    parser.add_argument("--max_token_length", type=int, default=None)
+    parser.add_argument("--network_train_unet_only", action="store_true")
+    return parser
+
+
+def parse_args(argv):
+    args = make_parser().parse_args([str(a) for a in argv])
+    train_util.prepare_dataset_args(args)
+    return args
+
+
+def write_toml(path, text):
+    return write_text(str(path), text)
