@@ -1,0 +1,417 @@
+"""Reading and writing LoRA state dicts: kohya ``.safetensors``, MindSpore
+``.ckpt`` and torch-pickled ``.ckpt``/``.pt`` files (read only), without torch.
+
+A state dict here is ``{name: numpy array}`` plus ``dtypes`` ``{name: "fp32" |
+"fp16" | "bf16" | numpy dtype name}``: numpy has no bfloat16, so bf16 tensors
+are held as the float32 arrays they convert to exactly, and written back as
+bf16 bit for bit (bf16 -> fp32 -> bf16 is the identity).
+
+``.safetensors`` files are written with the ``safetensors`` package, so the
+bytes are those torch kohya's ``save_file`` produces for the same tensors and
+metadata (kohya's hash fields depend on that); bf16 tensors go through it as
+uint16 bit patterns and the header's dtype is rewritten to ``BF16`` with the
+package's own JSON layout (checked byte for byte against torch in the tests).
+
+Every problem with a file is a ``UserError`` with one line naming the file.
+Writes are atomic: a temporary file in the same folder, then ``os.replace``.
+"""
+import json
+import os
+import pickle
+import struct
+import tempfile
+import zipfile
+from collections import OrderedDict
+
+import numpy as np
+
+from library.device_utils import UserError
+
+SAFETENSORS_EXT = ".safetensors"
+CKPT_EXTS = (".ckpt", ".pt", ".pth", ".bin")
+CKPT_METADATA_KEY = "__metadata__"  # MindSpore .ckpt: safetensors-style metadata, JSON in one string entry
+
+_ST_TO_NP = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
+}
+_NP_TO_NAME = {np.dtype(np.float32): "fp32", np.dtype(np.float16): "fp16"}
+
+# save_precision / dtype spellings accepted (kohya: "float", "fp16", "bf16")
+_DTYPE_ALIASES = {"float": "fp32", "float32": "fp32", "fp32": "fp32", "fp16": "fp16", "float16": "fp16",
+                  "half": "fp16", "bf16": "bf16", "bfloat16": "bf16"}
+
+
+def normalize_dtype(dtype):
+    """'float'/'fp32'/'fp16'/'bf16' (or a MindSpore/numpy float dtype) -> 'fp32'|'fp16'|'bf16'; None stays None."""
+    if dtype is None:
+        return None
+    name = str(dtype).lower().replace("mindspore.", "").replace("torch.", "")
+    if name not in _DTYPE_ALIASES:
+        raise UserError(f"unknown precision '{dtype}': choose float (fp32), fp16 or bf16")
+    return _DTYPE_ALIASES[name]
+
+
+# ---------------------------------------------------------------------------
+# bfloat16 bit conversion
+
+
+def float32_to_bf16_bits(a):
+    """fp32 array -> uint16 bf16 bit patterns, round to nearest even (as torch's .to(bfloat16))."""
+    u = np.ascontiguousarray(a, np.float32).view(np.uint32)
+    rounded = ((u + (((u >> 16) & 1) + np.uint32(0x7FFF))) >> 16).astype(np.uint16)
+    nan = np.isnan(np.asarray(a, np.float32))
+    if nan.any():  # keep NaN payloads (exact for values that came from bf16); never round to inf
+        top = (u >> 16).astype(np.uint16)
+        top = np.where((top & 0x7F) == 0, top | np.uint16(0x40), top)
+        rounded = np.where(nan, top, rounded).astype(np.uint16)
+    return rounded
+
+
+def bf16_bits_to_float32(bits):
+    return (np.asarray(bits, np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def cast_array(a, dtype):
+    """Cast to 'fp32'/'fp16' numpy dtypes; 'bf16' rounds to the nearest bf16 value, kept as fp32."""
+    dtype = normalize_dtype(dtype)
+    a = np.asarray(a)
+    if dtype == "fp32":
+        return a.astype(np.float32)
+    if dtype == "fp16":
+        return a.astype(np.float16)
+    return bf16_bits_to_float32(float32_to_bf16_bits(a.astype(np.float32))).reshape(a.shape)
+
+
+def dtype_of(array, declared=None):
+    if declared is not None:
+        return declared
+    return _NP_TO_NAME.get(np.asarray(array).dtype, np.asarray(array).dtype.name)
+
+
+# ---------------------------------------------------------------------------
+# safetensors
+
+
+def serialize_safetensors(tensors, metadata=None, dtypes=None):
+    """Bytes of a .safetensors file (the safetensors package's exact layout)."""
+    import safetensors.numpy
+
+    dtypes = dtypes or {}
+    arrays = {}
+    bf16 = set()
+    for name, value in tensors.items():
+        a = np.asarray(value)
+        if dtypes.get(name) == "bf16":
+            a = float32_to_bf16_bits(a.astype(np.float32)).reshape(a.shape)
+            bf16.add(name)
+        arrays[name] = np.ascontiguousarray(a)
+    if metadata is not None:
+        metadata = {str(k): str(v) for k, v in metadata.items()}
+    data = safetensors.numpy.save(arrays, metadata=metadata)
+    if not bf16:
+        return data
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n].decode("utf-8"), object_pairs_hook=OrderedDict)
+    for name in bf16:
+        header[name]["dtype"] = "BF16"  # same element size as U16: offsets and order unchanged
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * ((8 - len(text) % 8) % 8)
+    return struct.pack("<Q", len(text)) + text + data[8 + n:]
+
+
+def parse_safetensors(data: bytes, path="<bytes>"):
+    """-> (tensors, metadata, dtypes) from .safetensors bytes; bf16 tensors come back as fp32."""
+    if len(data) < 8:
+        raise UserError(f"{path}: not a safetensors file (too short)")
+    n = struct.unpack("<Q", data[:8])[0]
+    if n <= 0 or 8 + n > len(data):
+        raise UserError(f"{path}: not a safetensors file (bad header length {n})")
+    try:
+        header = json.loads(data[8:8 + n].decode("utf-8"), object_pairs_hook=OrderedDict)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    body = memoryview(data)[8 + n:]
+    tensors, dtypes = OrderedDict(), {}
+    for name, info in header.items():
+        try:
+            st_dtype, shape, (begin, end) = info["dtype"], [int(s) for s in info["shape"]], info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{path}: corrupt safetensors header entry for '{name}'") from None
+        if st_dtype == "BF16":
+            itemsize, np_dtype = 2, np.uint16
+        elif st_dtype in _ST_TO_NP:
+            np_dtype = _ST_TO_NP[st_dtype]
+            itemsize = np.dtype(np_dtype).itemsize
+        else:
+            raise UserError(f"{path}: tensor '{name}' has unsupported dtype {st_dtype}")
+        count = int(np.prod(shape)) if shape else 1
+        if not (0 <= begin <= end <= len(body)) or end - begin != count * itemsize:
+            raise UserError(f"{path}: tensor '{name}' data is truncated or corrupt "
+                            f"(offsets {begin}..{end}, file body {len(body)} bytes)")
+        a = np.frombuffer(body[begin:end], dtype=np_dtype).reshape(shape)
+        if st_dtype == "BF16":
+            tensors[name] = bf16_bits_to_float32(a).reshape(shape)
+            dtypes[name] = "bf16"
+        else:
+            tensors[name] = a.copy()
+            dtypes[name] = dtype_of(a)
+    return tensors, dict(metadata), dtypes
+
+
+# ---------------------------------------------------------------------------
+# torch pickles (read only, no torch import)
+
+
+class _TorchStorageType:
+    def __init__(self, name):
+        self.name = name
+
+
+_TORCH_STORAGE_DTYPES = {
+    "FloatStorage": (np.float32, "fp32"), "HalfStorage": (np.float16, "fp16"),
+    "BFloat16Storage": (np.uint16, "bf16"), "DoubleStorage": (np.float64, None),
+    "LongStorage": (np.int64, None), "IntStorage": (np.int32, None), "ShortStorage": (np.int16, None),
+    "CharStorage": (np.int8, None), "ByteStorage": (np.uint8, None), "BoolStorage": (np.bool_, None),
+}
+_TORCH_DTYPES = {"float32": "FloatStorage", "float16": "HalfStorage", "bfloat16": "BFloat16Storage",
+                 "float64": "DoubleStorage", "int64": "LongStorage", "int32": "IntStorage",
+                 "int16": "ShortStorage", "int8": "CharStorage", "uint8": "ByteStorage", "bool": "BoolStorage"}
+
+
+class _Storage:
+    def __init__(self, raw: bytes, storage_name):
+        self.np_dtype, self.kind = _TORCH_STORAGE_DTYPES[storage_name]
+        self.array = np.frombuffer(raw, dtype=self.np_dtype)
+
+
+class _TorchTensor:
+    def __init__(self, storage, offset, size, stride):
+        a = storage.array
+        itemsize = a.itemsize
+        size, stride = tuple(size), tuple(stride)
+        if size:
+            view = np.lib.stride_tricks.as_strided(a[offset:], shape=size,
+                                                   strides=tuple(s * itemsize for s in stride))
+        else:
+            view = a[offset:offset + 1].reshape(())
+        view = np.array(view)
+        if storage.kind == "bf16":
+            self.array, self.kind = bf16_bits_to_float32(view).reshape(size), "bf16"
+        else:
+            self.array, self.kind = view, storage.kind
+
+
+def _rebuild_tensor(storage, offset, size, stride, *args, **kwargs):
+    return _TorchTensor(storage, offset, size, stride)
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *args):
+    return data
+
+
+class _TorchUnpickler(pickle.Unpickler):
+    """Unpickles torch.save() state dicts into numpy without importing torch."""
+
+    def __init__(self, file, archive, prefix, path):
+        super().__init__(file)
+        self.archive, self.prefix, self.path = archive, prefix, path
+        self.storages = {}
+
+    def find_class(self, module, name):
+        if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
+            return _rebuild_tensor
+        if module == "torch._utils" and name == "_rebuild_parameter":
+            return _rebuild_parameter
+        if module == "torch" and name in _TORCH_STORAGE_DTYPES:
+            return _TorchStorageType(name)
+        if module == "torch" and name in _TORCH_DTYPES:
+            return _TorchStorageType(_TORCH_DTYPES[name])
+        if module == "collections" and name == "OrderedDict":
+            return OrderedDict
+        if module == "builtins" and name in ("dict", "list", "tuple", "set", "str", "int", "float"):
+            return getattr(__import__("builtins"), name)
+        raise UserError(f"{self.path}: torch checkpoint holds an object this loader does not read "
+                        f"({module}.{name}); save the LoRA as .safetensors instead")
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
+            raise UserError(f"{self.path}: unsupported torch checkpoint entry {pid!r}")
+        storage_type, key = pid[1], str(pid[2])
+        if key not in self.storages:
+            name = storage_type.name if isinstance(storage_type, _TorchStorageType) else "ByteStorage"
+            try:
+                raw = self.archive.read(f"{self.prefix}data/{key}")
+            except KeyError:
+                raise UserError(f"{self.path}: torch checkpoint is missing tensor data {key}") from None
+            self.storages[key] = _Storage(raw, name)
+        return self.storages[key]
+
+
+def read_torch_pickle(path):
+    """torch.save() zip file (state dict of tensors) -> (tensors, metadata {}, dtypes)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pkl = [n for n in archive.namelist() if n.endswith("data.pkl")]
+            if not pkl:
+                raise UserError(f"{path}: zip file is not a torch checkpoint (no data.pkl)")
+            prefix = pkl[0][:-len("data.pkl")]
+            with archive.open(pkl[0]) as f:
+                obj = _TorchUnpickler(f, archive, prefix, path).load()
+    except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, ValueError, struct.error) as e:
+        raise UserError(f"{path}: corrupt torch checkpoint ({type(e).__name__}: {e})") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: torch checkpoint does not hold a state dict")
+    tensors, dtypes = OrderedDict(), {}
+    for k, v in obj.items():
+        if isinstance(v, _TorchTensor):
+            tensors[str(k)] = v.array
+            dtypes[str(k)] = v.kind or dtype_of(v.array)
+        else:
+            raise UserError(f"{path}: entry '{k}' is not a tensor ({type(v).__name__})")
+    return tensors, {}, dtypes
+
+
+# ---------------------------------------------------------------------------
+# MindSpore .ckpt
+
+
+def read_mindspore_ckpt(path):
+    import mindspore as ms
+
+    try:
+        loaded = ms.load_checkpoint(path)
+    except Exception as e:  # noqa: BLE001  (MindSpore raises ValueError/RuntimeError for bad files)
+        raise UserError(f"{path}: not a readable MindSpore checkpoint ({str(e).splitlines()[0][:200]})") from None
+    tensors, dtypes, metadata = OrderedDict(), {}, {}
+    for name, value in loaded.items():
+        if name == CKPT_METADATA_KEY and isinstance(value, str):
+            try:
+                metadata = json.loads(value)
+            except json.JSONDecodeError:
+                raise UserError(f"{path}: corrupt metadata entry") from None
+            continue
+        if isinstance(value, str):
+            continue
+        if value.dtype == ms.bfloat16:
+            tensors[name] = value.astype(ms.float32).asnumpy()
+            dtypes[name] = "bf16"
+        else:
+            tensors[name] = value.asnumpy()
+            dtypes[name] = dtype_of(tensors[name])
+    return tensors, metadata, dtypes
+
+
+def serialize_mindspore_ckpt(path, tensors, metadata=None, dtypes=None):
+    import mindspore as ms
+    from mindspore import Tensor
+
+    dtypes = dtypes or {}
+    entries = []
+    for name, value in tensors.items():
+        a = np.asarray(value)
+        if dtypes.get(name) == "bf16":
+            t = Tensor(a.astype(np.float32), dtype=ms.bfloat16)
+        else:
+            t = Tensor(np.ascontiguousarray(a))
+        entries.append({"name": name, "data": t})
+    append = None
+    if metadata:
+        append = {CKPT_METADATA_KEY: json.dumps({str(k): str(v) for k, v in metadata.items()}, ensure_ascii=False)}
+    ms.save_checkpoint(entries, path, append_dict=append)
+
+
+# ---------------------------------------------------------------------------
+# entry points
+
+
+def file_kind(path):
+    """'safetensors' | 'torch' | 'mindspore' from the file's content (extension as fallback)."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"
+    if head[:4] == b"PK\x03\x04":
+        return "torch"
+    if head[:2] == b"\x80\x02" or head[:1] == b"\x80":
+        return "torch-legacy"
+    if path.lower().endswith(SAFETENSORS_EXT):
+        return "safetensors"
+    return "mindspore"
+
+
+def load_state_dict_file(path):
+    """-> (tensors, metadata, dtypes) from a .safetensors, MindSpore .ckpt or torch .ckpt/.pt file."""
+    if not os.path.exists(path):
+        raise UserError(f"{path}: file not found")
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a directory, not a weights file")
+    kind = file_kind(path)
+    if kind == "safetensors":
+        with open(path, "rb") as f:
+            data = f.read()
+        return parse_safetensors(data, path)
+    if kind == "torch":
+        return read_torch_pickle(path)
+    if kind == "torch-legacy":
+        raise UserError(f"{path}: legacy (pre-zip) torch pickle format is not supported; "
+                        "re-save it with a current torch or as .safetensors")
+    return read_mindspore_ckpt(path)
+
+
+def read_safetensors_metadata(path):
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise UserError(f"{path}: not a safetensors file (too short)")
+        n = struct.unpack("<Q", head)[0]
+        try:
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise UserError(f"{path}: corrupt safetensors header") from None
+    return dict(header.get("__metadata__") or {})
+
+
+def _atomic_write(path, write):
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"{path}: output folder {folder} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_" + os.path.basename(path) + ".", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_state_dict_file(path, tensors, metadata=None, dtypes=None):
+    """Write ``tensors`` to ``path``: .safetensors (kohya layout) or MindSpore .ckpt; atomically."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext == SAFETENSORS_EXT:
+        data = serialize_safetensors(tensors, metadata, dtypes)
+
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                f.write(data)
+    elif ext in CKPT_EXTS:
+        def write(tmp):
+            # MindSpore appends ".ckpt" to names without it: write to a .ckpt temp then move
+            target = tmp + ".ckpt"
+            try:
+                serialize_mindspore_ckpt(target, tensors, metadata, dtypes)
+                os.replace(target, tmp)
+            finally:
+                if os.path.exists(target):
+                    os.remove(target)
+    else:
+        raise UserError(f"{path}: unknown weights file extension '{ext}' (use .safetensors or .ckpt)")
+    _atomic_write(path, write)

@@ -1,0 +1,1 @@
+"""LoRA networks (kohya-ss/sd-scripts ``networks/``)."""

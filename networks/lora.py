@@ -1,0 +1,1160 @@
+"""LoRA network for SDXL (kohya-ss/sd-scripts ``networks/lora.py``), in MindSpore.
+
+Same names, arguments and file format as kohya's: ``create_network``,
+``create_network_from_weights``, ``LoRANetwork`` (``apply_to``, ``merge_to``,
+``load_weights``, ``save_weights``, ``prepare_optimizer_params``,
+``set_multiplier``), module names ``lora_unet_*`` / ``lora_te1_*`` /
+``lora_te2_*`` with ``.lora_down.weight``, ``.lora_up.weight`` and ``.alpha``.
+
+Differences that MindSpore asks for:
+
+* kohya monkey-patches ``org_module.forward``. Graph mode does not compile
+  that, so ``apply_to`` REPLACES each target Linear/Conv2d cell inside the
+  model by a ``LoRAModule`` that owns the original ``weight``/``bias``
+  Parameters (their names are kept, so a base checkpoint still loads by name)
+  plus ``lora_down``/``lora_up`` cells and two non-trainable scalars,
+  ``alpha`` and ``multiplier`` (``<module path>.lora_down.weight`` ... as
+  parameter names). The multiplier and alpha are Parameters: changing them
+  does not recompile a graph.
+* ``LoRANetwork`` is a plain object, not a Cell (its modules live inside the
+  models); ``state_dict()`` returns numpy arrays under kohya's keys.
+* A weights file that does not fit the model (a module the model does not
+  have, a wrong shape) stops with one ``UserError`` line naming the module;
+  ``merge_to`` checks everything before changing any weight.
+* ``.ckpt`` output is a MindSpore checkpoint (metadata kept); torch-saved
+  ``.ckpt``/``.pt`` LoRAs are read without torch. diffusers/PEFT-style SDXL
+  LoRA keys (``unet.down_blocks...lora_A.weight`` ...) and kohya keys with
+  diffusers block names are converted to kohya's SGM names on load.
+"""
+import logging
+import math
+import os
+import re
+from collections import OrderedDict
+from typing import Dict, List, Optional, Union
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+
+from library import layers
+from library.device_utils import UserError
+from library.lora_file import (cast_array, load_state_dict_file, normalize_dtype, save_state_dict_file,
+                               SAFETENSORS_EXT)
+from library.lora_metadata import precalculate_safetensors_hashes
+
+logger = logging.getLogger(__name__)
+
+RE_UPDOWN = re.compile(r"(up|down)_blocks_(\d+)_(resnets|upsamplers|downsamplers|attentions)_(\d+)_")
+
+# kohya's (diffusers-era) module class names -> the classes that play their part here
+MODULE_CLASS_EQUIVALENTS = {
+    "Transformer2DModel": ("SpatialTransformer", "Transformer2DModel"),
+    "ResnetBlock2D": ("ResBlock", "ResnetBlock2D"),
+    "Downsample2D": ("Downsample", "Downsample2D"),
+    "Upsample2D": ("Upsample", "Upsample2D"),
+    "CLIPAttention": ("CLIPAttention",),
+    "CLIPSdpaAttention": ("CLIPSdpaAttention",),
+    "CLIPMLP": ("CLIPMLP",),
+}
+
+
+def _kaiming_uniform(shape, fan_in):
+    """kaiming_uniform_(a=sqrt(5)) == U(-1/sqrt(fan_in), 1/sqrt(fan_in)), from the layers' seeded generator
+    (also inside ``layers.skip_init()``: a zero lora_down would never train)."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return layers._state["rng"].uniform(-bound, bound, size=shape).astype(np.float32)
+
+
+def _is_linear(cell):
+    return isinstance(cell, layers.Linear)
+
+
+def _is_conv(cell):
+    return isinstance(cell, layers.Conv2d)
+
+
+def _kernel(cell):
+    k = cell.kernel_size
+    return tuple(k) if isinstance(k, (tuple, list)) else (k, k)
+
+
+# ---------------------------------------------------------------------------
+# module
+
+
+class LoRAModule(nn.Cell):
+    """``y = org(x) + up(dropout(down(x))) * multiplier * alpha / dim``.
+
+    Replaces ``org_module`` (a ``layers.Linear`` or ``layers.Conv2d``) in the
+    model once applied; for Conv2d, ``lora_down`` has the original kernel,
+    stride and padding and ``lora_up`` is 1x1. Dropout (``dropout`` on the
+    rank activations, ``rank_dropout`` with the 1/(1-p) rescale,
+    ``module_dropout`` of the whole LoRA term) only acts in training mode
+    (``set_train(True)``).
+    """
+
+    def __init__(self, lora_name, org_module, multiplier=1.0, lora_dim=4, alpha=1, dropout=None, rank_dropout=None,
+                 module_dropout=None):
+        super().__init__()
+        self.lora_name = lora_name
+        self.is_conv = _is_conv(org_module)
+        if self.is_conv:
+            in_dim, out_dim = org_module.in_channels, org_module.out_channels
+        else:
+            in_dim, out_dim = org_module.in_features, org_module.out_features
+        self.in_dim, self.out_dim = in_dim, out_dim
+        self.lora_dim = int(lora_dim)
+
+        if self.is_conv:
+            k = _kernel(org_module)
+            self.kernel_size = k[0]
+            self.lora_down = layers.Conv2d(in_dim, self.lora_dim, k[0], stride=org_module.stride,
+                                           padding=org_module.padding, bias=False)
+            self.lora_up = layers.Conv2d(self.lora_dim, out_dim, 1, bias=False)
+            fan_in = in_dim * k[0] * k[1]
+            self.conv = org_module.conv
+            self.bias_add = ops.BiasAdd()
+        else:
+            self.kernel_size = None
+            self.lora_down = layers.Linear(in_dim, self.lora_dim, bias=False)
+            self.lora_up = layers.Linear(self.lora_dim, out_dim, bias=False)
+            fan_in = in_dim
+        self.lora_down.weight.set_data(Tensor(_kaiming_uniform(self.lora_down.weight.shape, fan_in)))
+        self.lora_up.weight.set_data(Tensor(np.zeros(self.lora_up.weight.shape, np.float32)))
+
+        if isinstance(alpha, (Tensor, np.ndarray, np.generic)):
+            alpha = float(np.asarray(alpha.asnumpy() if isinstance(alpha, Tensor) else alpha, np.float32))
+        alpha = self.lora_dim if alpha is None or alpha == 0 else alpha
+        self.scale = float(alpha) / self.lora_dim
+        self.alpha = Parameter(Tensor(np.float32(alpha)), name="alpha", requires_grad=False)
+        self.multiplier = Parameter(Tensor(np.float32(multiplier)), name="multiplier", requires_grad=False)
+
+        # the original layer's parameters, owned here once applied (names unchanged)
+        self.weight = org_module.weight
+        self.bias = org_module.bias
+        object.__setattr__(self, "org_module_ref", [org_module])
+        object.__setattr__(self, "applied", False)
+        object.__setattr__(self, "enabled", True)
+        self.dropout = None if dropout is None else float(dropout)
+        self.rank_dropout = None if rank_dropout is None else float(rank_dropout)
+        self.module_dropout = None if module_dropout is None else float(module_dropout)
+
+    @property
+    def org_module(self):
+        return self.org_module_ref[0]
+
+    def construct(self, x):
+        if self.is_conv:
+            org = self.conv(x, self.weight.astype(x.dtype))
+            if self.bias is not None:
+                org = self.bias_add(org, self.bias.astype(x.dtype))
+        else:
+            org = ops.dense(x, self.weight.astype(x.dtype), None if self.bias is None else self.bias.astype(x.dtype))
+
+        lx = self.lora_down(x)
+        scale = self.alpha / self.lora_dim
+        if self.training and self.dropout is not None:
+            lx = ops.dropout(lx, p=self.dropout)
+        if self.training and self.rank_dropout is not None:
+            mask = (ops.rand((lx.shape[0], self.lora_dim)) > self.rank_dropout).astype(lx.dtype)
+            if lx.ndim == 3:
+                mask = mask.reshape(lx.shape[0], 1, self.lora_dim)  # text encoder / transformer tokens
+            elif lx.ndim == 4:
+                mask = mask.reshape(lx.shape[0], self.lora_dim, 1, 1)  # conv
+            lx = lx * mask
+            scale = scale * (1.0 / (1.0 - self.rank_dropout))  # as if the rank were changed
+        lx = self.lora_up(lx)
+        lx = lx * (self.multiplier * scale).astype(lx.dtype)
+        if self.training and self.module_dropout is not None:
+            keep = (ops.rand((1,)) >= self.module_dropout).astype(lx.dtype)
+            lx = lx * keep
+        return org + lx
+
+    # -- weights -------------------------------------------------------------
+
+    def get_weight(self, multiplier=None, up=None, down=None, alpha=None):
+        """The merged delta ``multiplier * up@down * alpha/dim`` (fp32 numpy, the original weight's shape)."""
+        up = self.lora_up.weight.asnumpy() if up is None else up
+        down = self.lora_down.weight.asnumpy() if down is None else down
+        alpha = float(self.alpha.asnumpy()) if alpha is None else alpha
+        multiplier = float(self.multiplier.asnumpy()) if multiplier is None else multiplier
+        return lora_delta(up, down, alpha, multiplier)
+
+    def set_multiplier(self, multiplier):
+        self.multiplier.set_data(Tensor(np.float32(multiplier)))
+
+
+class LoRAInfModule(LoRAModule):
+    """Inference variant (kohya): no dropout; used by ``create_network_from_weights(for_inference=True)``."""
+
+    def __init__(self, lora_name, org_module, multiplier=1.0, lora_dim=4, alpha=1, **kwargs):
+        super().__init__(lora_name, org_module, multiplier, lora_dim, alpha)
+
+    def merge_to(self, sd, dtype=None, device=None):
+        """Add ``multiplier * up@down * scale`` to the original weight (kohya ``LoRAInfModule.merge_to``)."""
+        new = self._merged_weight(sd)
+        _set_param(self.org_module.weight, new, dtype)
+
+    def _merged_weight(self, sd):
+        up = np.asarray(sd["lora_up.weight"], np.float32)
+        down = np.asarray(sd["lora_down.weight"], np.float32)
+        alpha = float(np.asarray(sd["alpha"], np.float32)) if "alpha" in sd else float(self.alpha.asnumpy())
+        weight = _param_numpy(self.org_module.weight).astype(np.float32)
+        return weight + lora_delta(up, down, alpha, float(self.multiplier.asnumpy()))
+
+
+def lora_delta(up, down, alpha, multiplier=1.0):
+    """``multiplier * alpha/dim * up@down`` for Linear (2-D), conv 1x1 and conv kxk (down kxk, up 1x1)."""
+    up = np.asarray(up, np.float32)
+    down = np.asarray(down, np.float32)
+    dim = down.shape[0]
+    alpha = dim if alpha is None or alpha == 0 else alpha
+    scale = np.float32(alpha / dim)
+    if down.ndim == 2:
+        w = up @ down
+    elif down.shape[2:4] == (1, 1):
+        w = (up[:, :, 0, 0] @ down[:, :, 0, 0])[:, :, None, None]
+    else:
+        # conv2d(down.permute(1,0,2,3), up).permute(1,0,2,3) in kohya: sum over the rank
+        w = np.einsum("or,rikl->oikl", up[:, :, 0, 0], down)
+    return (np.float32(multiplier) * w * scale).astype(np.float32)
+
+
+def _param_numpy(p):
+    if p.dtype == ms.bfloat16:
+        return p.astype(ms.float32).asnumpy()
+    return p.asnumpy()
+
+
+def _set_param(p, value, dtype=None):
+    dtype = p.dtype if dtype is None else dtype
+    if dtype == ms.bfloat16:
+        p.set_data(Tensor(np.asarray(value, np.float32), dtype=ms.bfloat16))
+    else:
+        p.set_data(Tensor(np.asarray(value).astype(ms.dtype_to_nptype(dtype))))
+
+
+# ---------------------------------------------------------------------------
+# block-wise dims and learning rates (kohya's functions)
+
+
+def get_block_index(lora_name: str, is_sdxl: bool = False) -> int:
+    """Block of a UNet LoRA module: SDXL 0 (time/label emb), 1-9 input_blocks, 10-12 middle, 13-21 output, 22 out."""
+    block_idx = -1
+    if not is_sdxl:
+        m = RE_UPDOWN.search(lora_name)
+        if m:
+            g = m.groups()
+            i, j = int(g[1]), int(g[3])
+            idx = 3 * i + 2 if g[2] in ("upsamplers", "downsamplers") else 3 * i + j
+            block_idx = 1 + idx if g[0] == "down" else LoRANetwork.NUM_OF_BLOCKS + 1 + idx
+        elif "mid_block_" in lora_name:
+            block_idx = LoRANetwork.NUM_OF_BLOCKS
+    elif lora_name.startswith("lora_unet_"):
+        name = lora_name[len("lora_unet_"):]
+        if name.startswith("time_embed_") or name.startswith("label_emb_"):
+            block_idx = 0
+        elif name.startswith("input_blocks_"):
+            block_idx = 1 + int(name.split("_")[2])
+        elif name.startswith("middle_block_"):
+            block_idx = 10 + int(name.split("_")[2])
+        elif name.startswith("output_blocks_"):
+            block_idx = 13 + int(name.split("_")[2])
+        elif name.startswith("out_"):
+            block_idx = 22
+    return block_idx
+
+
+def _num_total_blocks(is_sdxl):
+    if not is_sdxl:
+        return LoRANetwork.NUM_OF_BLOCKS * 2 + LoRANetwork.NUM_OF_MID_BLOCKS
+    return 1 + LoRANetwork.SDXL_NUM_OF_BLOCKS * 2 + LoRANetwork.SDXL_NUM_OF_MID_BLOCKS + 1  # 23
+
+
+def _parse_numbers(s, cast, what):
+    if isinstance(s, (list, tuple)):
+        return [cast(v) for v in s]
+    try:
+        return [cast(v) for v in str(s).split(",")]
+    except ValueError:
+        raise UserError(f"network_args {what}: expected comma-separated numbers, got '{s}'") from None
+
+
+def get_block_dims_and_alphas(is_sdxl, block_dims, block_alphas, network_dim, network_alpha, conv_block_dims,
+                              conv_block_alphas, conv_dim, conv_alpha):
+    n = _num_total_blocks(is_sdxl)
+
+    def check(values, what):
+        if len(values) != n:
+            raise UserError(f"network_args {what} must have {n} elements (got {len(values)})")
+        return values
+
+    if block_dims is not None:
+        block_dims = check(_parse_numbers(block_dims, int, "block_dims"), "block_dims")
+    else:
+        logger.warning("block_dims is not specified. all dims are set to %s", network_dim)
+        block_dims = [network_dim] * n
+    if block_alphas is not None:
+        block_alphas = check(_parse_numbers(block_alphas, float, "block_alphas"), "block_alphas")
+    else:
+        logger.warning("block_alphas is not specified. all alphas are set to %s", network_alpha)
+        block_alphas = [network_alpha] * n
+    if conv_block_dims is not None:
+        conv_block_dims = check(_parse_numbers(conv_block_dims, int, "conv_block_dims"), "conv_block_dims")
+        if conv_block_alphas is not None:
+            conv_block_alphas = check(_parse_numbers(conv_block_alphas, float, "conv_block_alphas"),
+                                      "conv_block_alphas")
+        else:
+            conv_alpha = 1.0 if conv_alpha is None else conv_alpha
+            logger.warning("conv_block_alphas is not specified. all alphas are set to %s", conv_alpha)
+            conv_block_alphas = [conv_alpha] * n
+    elif conv_dim is not None:
+        conv_block_dims = [conv_dim] * n
+        conv_block_alphas = [conv_alpha] * n
+    else:
+        conv_block_dims = conv_block_alphas = None
+    return block_dims, block_alphas, conv_block_dims, conv_block_alphas
+
+
+LR_WEIGHT_PRESETS = ("cosine", "sine", "linear", "reverse_linear", "zeros")
+
+
+def get_block_lr_weight(is_sdxl, down_lr_weight, mid_lr_weight, up_lr_weight, zero_threshold) -> Optional[List[float]]:
+    """Per-block lr multipliers (kohya): presets ``cosine|sine|linear|reverse_linear|zeros[+base]`` or lists;
+    short lists are filled with 1, long ones cut; values <= ``zero_threshold`` become 0. SDXL gets 1.0
+    prepended/appended for the emb and out blocks (23 values)."""
+    if up_lr_weight is None and mid_lr_weight is None and down_lr_weight is None:
+        return None
+    if not is_sdxl:
+        max_len, max_mid = LoRANetwork.NUM_OF_BLOCKS, LoRANetwork.NUM_OF_MID_BLOCKS
+    else:
+        max_len, max_mid = LoRANetwork.SDXL_NUM_OF_BLOCKS, LoRANetwork.SDXL_NUM_OF_MID_BLOCKS
+
+    def preset(name_with_suffix):
+        tokens = name_with_suffix.split("+")
+        name = tokens[0]
+        try:
+            base = float(tokens[1]) if len(tokens) > 1 else 0.0
+        except ValueError:
+            raise UserError(f"network_args lr weight preset '{name_with_suffix}': bad '+base' value") from None
+        d = max_len - 1
+        if name == "cosine":
+            return [math.sin(math.pi * (i / d) / 2) + base for i in reversed(range(max_len))]
+        if name == "sine":
+            return [math.sin(math.pi * (i / d) / 2) + base for i in range(max_len)]
+        if name == "linear":
+            return [i / d + base for i in range(max_len)]
+        if name == "reverse_linear":
+            return [i / d + base for i in reversed(range(max_len))]
+        if name == "zeros":
+            return [0.0 + base] * max_len
+        raise UserError(f"network_args: unknown lr weight preset '{name}' (valid: {', '.join(LR_WEIGHT_PRESETS)}, "
+                        "optionally +base, or comma-separated values)")
+
+    if isinstance(down_lr_weight, str):
+        down_lr_weight = preset(down_lr_weight)
+    if isinstance(up_lr_weight, str):
+        up_lr_weight = preset(up_lr_weight)
+
+    def fit(values, length, what):
+        if values is None:
+            return [1.0] * length
+        if len(values) > length:
+            logger.warning("%s is too long. Parameters after %d-th are ignored.", what, length)
+            values = values[:length]
+        elif len(values) < length:
+            logger.warning("%s is too short. Parameters after %d-th are filled with 1.", what, len(values))
+            values = list(values) + [1.0] * (length - len(values))
+        return [w if w > zero_threshold else 0 for w in values]
+
+    down = fit(down_lr_weight, max_len, "down_lr_weight")
+    mid = fit(mid_lr_weight, max_mid, "mid_lr_weight")
+    up = fit(up_lr_weight, max_len, "up_lr_weight")
+    logger.info("apply block learning rate: down %s, mid %s, up %s", down, mid, up)
+    lr_weight = down + mid + up
+    if is_sdxl:
+        lr_weight = [1.0] + lr_weight + [1.0]
+    return lr_weight
+
+
+def parse_block_lr_kwargs(is_sdxl: bool, nw_kwargs: Dict) -> Optional[List[float]]:
+    down = nw_kwargs.get("down_lr_weight", None)
+    mid = nw_kwargs.get("mid_lr_weight", None)
+    up = nw_kwargs.get("up_lr_weight", None)
+    if down is None and mid is None and up is None:
+        return None
+
+    def values(s, what):
+        try:
+            return [(float(v) if v.strip() else 0.0) for v in s.split(",")]
+        except ValueError:
+            raise UserError(f"network_args {what}: expected comma-separated numbers or a preset, got '{s}'") from None
+
+    if down is not None and "," in down:
+        down = values(down, "down_lr_weight")
+    if mid is not None:
+        mid = values(mid, "mid_lr_weight")
+    if up is not None and "," in up:
+        up = values(up, "up_lr_weight")
+    try:
+        threshold = float(nw_kwargs.get("block_lr_zero_threshold", 0.0))
+    except ValueError:
+        raise UserError("network_args block_lr_zero_threshold must be a number") from None
+    return get_block_lr_weight(is_sdxl, down, mid, up, threshold)
+
+
+def remove_block_dims_and_alphas(is_sdxl, block_dims, block_alphas, conv_block_dims, conv_block_alphas,
+                                 block_lr_weight):
+    if block_lr_weight is not None:
+        for i, lr in enumerate(block_lr_weight):
+            if lr == 0:
+                block_dims[i] = 0
+                if conv_block_dims is not None:
+                    conv_block_dims[i] = 0
+    return block_dims, block_alphas, conv_block_dims, conv_block_alphas
+
+
+# ---------------------------------------------------------------------------
+# network creation
+
+KNOWN_NETWORK_ARGS = {
+    "conv_dim", "conv_alpha", "block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas",
+    "down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "rank_dropout",
+    "module_dropout", "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio",
+}
+
+
+def _is_sdxl_unet(unet):
+    from library.sdxl_original_unet import SdxlUNet2DConditionModel
+    return unet is not None and isinstance(unet, SdxlUNet2DConditionModel)
+
+
+def _float_arg(kwargs, name):
+    v = kwargs.get(name, None)
+    if v is None:
+        return None
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise UserError(f"network_args {name} must be a number, got '{v}'") from None
+
+
+def create_network(multiplier: float, network_dim: Optional[int], network_alpha: Optional[float], vae, text_encoder,
+                   unet, neuron_dropout: Optional[float] = None, **kwargs):
+    """kohya's ``create_network``: ``network_args`` come in ``kwargs`` (strings as parsed from the command line)."""
+    unknown = sorted(set(kwargs) - KNOWN_NETWORK_ARGS)
+    if unknown:
+        raise UserError(f"unknown network_args for networks.lora: {', '.join(unknown)} "
+                        f"(known: {', '.join(sorted(KNOWN_NETWORK_ARGS))})")
+    is_sdxl = _is_sdxl_unet(unet)
+    network_dim = 4 if network_dim is None else int(network_dim)
+    network_alpha = 1.0 if network_alpha is None else float(network_alpha)
+
+    conv_dim = kwargs.get("conv_dim", None)
+    conv_alpha = kwargs.get("conv_alpha", None)
+    if conv_dim is not None:
+        try:
+            conv_dim = int(conv_dim)
+        except ValueError:
+            raise UserError(f"network_args conv_dim must be an integer, got '{conv_dim}'") from None
+        conv_alpha = 1.0 if conv_alpha is None else _float_arg(kwargs, "conv_alpha")
+
+    block_dims = kwargs.get("block_dims", None)
+    block_lr_weight = parse_block_lr_kwargs(is_sdxl, kwargs)
+    if block_dims is not None or block_lr_weight is not None:
+        block_dims, block_alphas, conv_block_dims, conv_block_alphas = get_block_dims_and_alphas(
+            is_sdxl, block_dims, kwargs.get("block_alphas", None), network_dim, network_alpha,
+            kwargs.get("conv_block_dims", None), kwargs.get("conv_block_alphas", None), conv_dim, conv_alpha)
+        block_dims, block_alphas, conv_block_dims, conv_block_alphas = remove_block_dims_and_alphas(
+            is_sdxl, block_dims, block_alphas, conv_block_dims, conv_block_alphas, block_lr_weight)
+    else:
+        for name in ("block_alphas", "conv_block_dims", "conv_block_alphas"):
+            if kwargs.get(name) is not None:
+                raise UserError(f"network_args {name} needs block_dims (or a block lr weight) as well")
+        block_alphas = conv_block_dims = conv_block_alphas = None
+
+    rank_dropout = _float_arg(kwargs, "rank_dropout")
+    module_dropout = _float_arg(kwargs, "module_dropout")
+    for name, p in (("network_dropout", neuron_dropout), ("rank_dropout", rank_dropout),
+                    ("module_dropout", module_dropout)):
+        if p is not None and not 0.0 <= float(p) < 1.0:
+            raise UserError(f"{name} must be in [0, 1), got {p}")
+
+    network = LoRANetwork(text_encoder, unet, multiplier=multiplier, lora_dim=network_dim, alpha=network_alpha,
+                          dropout=neuron_dropout, rank_dropout=rank_dropout, module_dropout=module_dropout,
+                          conv_lora_dim=conv_dim, conv_alpha=conv_alpha, block_dims=block_dims,
+                          block_alphas=block_alphas, conv_block_dims=conv_block_dims,
+                          conv_block_alphas=conv_block_alphas, varbose=True, is_sdxl=is_sdxl)
+
+    ratios = [_float_arg(kwargs, k) for k in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio",
+                                              "loraplus_text_encoder_lr_ratio")]
+    if any(r is not None for r in ratios):
+        network.set_loraplus_lr_ratio(*ratios)
+    if block_lr_weight is not None:
+        network.set_block_lr_weight(block_lr_weight)
+    return network
+
+
+# ---------------------------------------------------------------------------
+# key conversion for files from other tools
+
+_PEFT_LEAVES = (
+    (".lora_A.weight", ".lora_down.weight"), (".lora_B.weight", ".lora_up.weight"),
+    (".lora.down.weight", ".lora_down.weight"), (".lora.up.weight", ".lora_up.weight"),
+    (".lora_linear_layer.down.weight", ".lora_down.weight"), (".lora_linear_layer.up.weight", ".lora_up.weight"),
+    ("_lora.down.weight", ".lora_down.weight"), ("_lora.up.weight", ".lora_up.weight"),
+    (".alpha", ".alpha"),
+)
+_PROCESSOR_NAMES = {
+    "to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0",
+}
+_TE_PROCESSOR_NAMES = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+_DIFFUSERS_COMPONENTS = (("unet.", "lora_unet"), ("text_encoder_2.", "lora_te2"), ("text_encoder.", "lora_te1"))
+
+
+def _unet_diffusers_to_sgm_module_map(unet):
+    """{diffusers module path: SGM module path} for this UNet's Linear/Conv layers (from its topology)."""
+    from library.sdxl_model_util import convert_sdxl_unet_state_dict_to_diffusers
+
+    names = {}
+    for path, cell in unet.cells_and_names():
+        if isinstance(cell, (layers.Linear, layers.Conv2d, LoRAModule)):
+            names[path + ".weight"] = None
+        elif isinstance(cell, (layers.GroupNorm, layers.LayerNorm)):
+            names[path + ".weight"] = None
+    du = convert_sdxl_unet_state_dict_to_diffusers(names)
+    sgm_keys = list(names)
+    du_keys = list(du)
+    return {d[:-len(".weight")]: s[:-len(".weight")] for d, s in zip(du_keys, sgm_keys)}
+
+
+def _is_kohya_key(key):
+    return key.startswith("lora_unet_") or key.startswith("lora_te")
+
+
+def convert_diffusers_to_sai_if_needed(weights_sd, unet, dtypes=None):
+    """Rename LoRA keys in place to kohya's SGM names: kohya keys with diffusers block names
+    (``lora_unet_down_blocks_0_...``) and diffusers/PEFT keys (``unet.down_blocks.0....lora_A.weight``,
+    ``text_encoder.text_model....``, old ``attn1.processor.to_q_lora.down.weight``). Returns the dict."""
+    keys = list(weights_sd)
+    if not keys:
+        return weights_sd
+    unet_map = None
+
+    def sgm_path(du_path, original_key):
+        nonlocal unet_map
+        if unet is None:
+            raise UserError(f"LoRA key '{original_key}' is for a UNet in diffusers layout, but no UNet was given")
+        if unet_map is None:
+            unet_map = _unet_diffusers_to_sgm_module_map(unet)
+        if du_path not in unet_map:
+            raise UserError(f"LoRA module '{original_key}' does not exist in this UNet (diffusers path {du_path})")
+        return unet_map[du_path]
+
+    renamed = OrderedDict()
+    new_dtypes = {}
+    for key in keys:
+        value = weights_sd[key]
+        new_key = key
+        if _is_kohya_key(key):
+            module, _, leaf = key.partition(".")
+            if module.startswith("lora_unet_") and any(p in module for p in ("down_blocks_", "up_blocks_",
+                                                                            "mid_block_")):
+                if unet is None:
+                    raise UserError(f"LoRA key '{key}' is for a UNet in diffusers layout, but no UNet was given")
+                if unet_map is None:
+                    unet_map = _unet_diffusers_to_sgm_module_map(unet)
+                flat = {"lora_unet_" + d.replace(".", "_"): "lora_unet_" + s.replace(".", "_")
+                        for d, s in unet_map.items()}
+                if module not in flat:
+                    raise UserError(f"LoRA module '{module}' does not exist in this UNet")
+                new_key = flat[module] + "." + leaf
+        else:
+            component = None
+            for prefix, kohya_prefix in _DIFFUSERS_COMPONENTS:
+                if key.startswith(prefix):
+                    component, rest = kohya_prefix, key[len(prefix):]
+                    break
+            if component is None:
+                if key.startswith(("down_blocks.", "up_blocks.", "mid_block.")):
+                    component, rest = "lora_unet", key
+                else:
+                    raise UserError(f"LoRA key '{key}' is in no known format (kohya lora_unet_/lora_te*_, "
+                                    "diffusers unet./text_encoder./text_encoder_2. or PEFT lora_A/lora_B)")
+            for old, new in _PEFT_LEAVES:
+                if rest.endswith(old):
+                    path, leaf = rest[:-len(old)], new[1:]
+                    break
+            else:
+                raise UserError(f"LoRA key '{key}': unknown LoRA weight name (expected lora_A/lora_B, "
+                                "lora.down/lora.up or alpha)")
+            # old diffusers attention processors: attn1.processor.to_q_lora -> attn1.to_q
+            m = re.match(r"(.*)\.processor\.(to_q|to_k|to_v|to_out)$", path) or \
+                re.match(r"(.*\.self_attn)\.(to_q|to_k|to_v|to_out)$", path)
+            if m:
+                names = _PROCESSOR_NAMES if component == "lora_unet" else _TE_PROCESSOR_NAMES
+                path = m.group(1) + "." + names[m.group(2)]
+            if component == "lora_unet":
+                path = sgm_path(path, key)
+            new_key = component + "_" + path.replace(".", "_") + "." + leaf
+        if new_key in renamed:
+            raise UserError(f"LoRA file has two entries for '{new_key}' (one is '{key}')")
+        renamed[new_key] = value
+        if dtypes is not None and key in dtypes:
+            new_dtypes[new_key] = dtypes[key]
+    weights_sd.clear()
+    weights_sd.update(renamed)
+    if dtypes is not None:
+        dtypes.clear()
+        dtypes.update(new_dtypes)
+    if keys != list(weights_sd):
+        logger.info("converted LoRA keys from diffusers/PEFT names to kohya's SGM names")
+    return weights_sd
+
+
+def load_lora_weights_file(file, unet=None):
+    """-> (weights_sd in kohya names, metadata, dtypes) from .safetensors / MindSpore .ckpt / torch .ckpt."""
+    weights_sd, metadata, dtypes = load_state_dict_file(file)
+    if not weights_sd:
+        raise UserError(f"{file}: holds no tensors")
+    convert_diffusers_to_sai_if_needed(weights_sd, unet, dtypes)
+    for key in weights_sd:
+        if "." not in key:
+            raise UserError(f"{file}: '{key}' is not a LoRA weight name (expected <module>.lora_down.weight ...)")
+    return weights_sd, metadata, dtypes
+
+
+def _dims_alphas_from_weights(weights_sd, file="LoRA weights"):
+    modules_dim, modules_alpha = {}, {}
+    for key, value in weights_sd.items():
+        if "." not in key:
+            continue
+        lora_name, leaf = key.split(".", 1)
+        if leaf == "alpha":
+            modules_alpha[lora_name] = float(np.asarray(value, np.float32).reshape(-1)[0])
+        elif leaf == "lora_down.weight":
+            modules_dim[lora_name] = int(np.asarray(value).shape[0])
+        elif leaf != "lora_up.weight":
+            raise UserError(f"{file}: '{key}' is not a LoRA weight (expected .lora_down.weight, .lora_up.weight, "
+                            ".alpha; LoCon/LyCORIS extras such as dora_scale are not supported)")
+    for name in {k.split(".", 1)[0] for k in weights_sd}:
+        if name not in modules_dim:
+            raise UserError(f"{file}: module {name} has no lora_down.weight")
+        if name + ".lora_up.weight" not in weights_sd:
+            raise UserError(f"{file}: module {name} has no lora_up.weight")
+    for key in modules_dim:
+        modules_alpha.setdefault(key, modules_dim[key])  # old LoRA without alpha
+    return modules_dim, modules_alpha
+
+
+def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weights_sd=None, for_inference=False,
+                                **kwargs):
+    """kohya's ``create_network_from_weights``: dims/alphas from the file; returns ``(network, weights_sd)``.
+
+    Weights are not loaded here (``network.load_weights`` or ``network.merge_to`` do that). A file module
+    that the models do not have, or whose shape does not fit, raises ``UserError`` naming it.
+    """
+    is_sdxl = _is_sdxl_unet(unet)
+    source = file if file is not None else "LoRA weights"
+    if weights_sd is None:
+        weights_sd, _, _ = load_lora_weights_file(file, unet)
+    else:
+        weights_sd = convert_diffusers_to_sai_if_needed(OrderedDict(weights_sd), unet)
+    modules_dim, modules_alpha = _dims_alphas_from_weights(weights_sd, source)
+    module_class = LoRAInfModule if for_inference else LoRAModule
+    network = LoRANetwork(text_encoder, unet, multiplier=multiplier, modules_dim=modules_dim,
+                          modules_alpha=modules_alpha, module_class=module_class, is_sdxl=is_sdxl)
+    created = {lora.lora_name: lora for lora in network.text_encoder_loras + network.unet_loras}
+    missing = [name for name in modules_dim if name not in created]
+    if missing:
+        raise UserError(f"{source}: LoRA module {missing[0]} does not exist in the model"
+                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                        + "; is it a LoRA for another model type (SD1/SD2) or a text encoder that was not given?")
+    network.check_weights_fit(weights_sd, source)
+    block_lr_weight = parse_block_lr_kwargs(is_sdxl, kwargs)
+    if block_lr_weight is not None:
+        network.set_block_lr_weight(block_lr_weight)
+    return network, weights_sd
+
+
+# ---------------------------------------------------------------------------
+# network
+
+
+def _resolve(root, path):
+    """(parent cell, key) for a dotted child path."""
+    parts = path.split(".")
+    parent = root
+    for p in parts[:-1]:
+        parent = parent._cells[p]
+    return parent, parts[-1]
+
+
+def _refresh_compile_cache(root):
+    """Graph mode caches compiled graphs per cell creation time: new time -> recompile on next call."""
+    import time
+
+    stamp = time.time_ns()
+    for _, cell in root.cells_and_names():
+        object.__setattr__(cell, "_create_time", stamp)
+
+
+class LoRANetwork:
+    NUM_OF_BLOCKS = 12
+    NUM_OF_MID_BLOCKS = 1
+    SDXL_NUM_OF_BLOCKS = 9  # 1 (emb) + 9 (input) + 3 (mid) + 9 (output) + 1 (out) = 23
+    SDXL_NUM_OF_MID_BLOCKS = 3
+
+    UNET_TARGET_REPLACE_MODULE = ["Transformer2DModel"]
+    UNET_TARGET_REPLACE_MODULE_CONV2D_3X3 = ["ResnetBlock2D", "Downsample2D", "Upsample2D"]
+    TEXT_ENCODER_TARGET_REPLACE_MODULE = ["CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"]
+    LORA_PREFIX_UNET = "lora_unet"
+    LORA_PREFIX_TEXT_ENCODER = "lora_te"
+    LORA_PREFIX_TEXT_ENCODER1 = "lora_te1"
+    LORA_PREFIX_TEXT_ENCODER2 = "lora_te2"
+
+    def __init__(self, text_encoder, unet, multiplier: float = 1.0, lora_dim: int = 4, alpha: float = 1,
+                 dropout: Optional[float] = None, rank_dropout: Optional[float] = None,
+                 module_dropout: Optional[float] = None, conv_lora_dim: Optional[int] = None,
+                 conv_alpha: Optional[float] = None, block_dims: Optional[List[int]] = None,
+                 block_alphas: Optional[List[float]] = None, conv_block_dims: Optional[List[int]] = None,
+                 conv_block_alphas: Optional[List[float]] = None, modules_dim: Optional[Dict[str, int]] = None,
+                 modules_alpha: Optional[Dict[str, float]] = None, module_class=LoRAModule,
+                 varbose: Optional[bool] = False, is_sdxl: Optional[bool] = False):
+        self.multiplier = multiplier
+        self.lora_dim = lora_dim
+        self.alpha = alpha
+        self.conv_lora_dim = conv_lora_dim
+        self.conv_alpha = conv_alpha
+        self.dropout = dropout
+        self.rank_dropout = rank_dropout
+        self.module_dropout = module_dropout
+        self.loraplus_lr_ratio = None
+        self.loraplus_unet_lr_ratio = None
+        self.loraplus_text_encoder_lr_ratio = None
+        self.is_sdxl = is_sdxl
+        self.training = True
+
+        if modules_dim is not None:
+            logger.info("create LoRA network from weights")
+        elif block_dims is not None:
+            logger.info("create LoRA network from block_dims: %s, alphas %s; conv %s, %s", block_dims, block_alphas,
+                        conv_block_dims, conv_block_alphas)
+        else:
+            logger.info("create LoRA network. base dim (rank): %s, alpha: %s; conv dim %s, alpha %s", lora_dim, alpha,
+                        conv_lora_dim, conv_alpha)
+
+        text_encoders = [] if text_encoder is None else (list(text_encoder) if isinstance(text_encoder, (list, tuple))
+                                                        else [text_encoder])
+        self.text_encoder_loras = []
+        self._paths = {}  # lora_name -> (root model, child path)
+        skipped = []
+        for i, te in enumerate(text_encoders):
+            if te is None:
+                continue
+            index = i + 1 if len(text_encoders) > 1 else None
+            loras, sk = self._create_modules(False, index, te, self.TEXT_ENCODER_TARGET_REPLACE_MODULE, modules_dim,
+                                             modules_alpha, block_dims, block_alphas, conv_block_dims,
+                                             conv_block_alphas, module_class)
+            self.text_encoder_loras.extend(loras)
+            skipped += sk
+        logger.info("create LoRA for Text Encoder: %d modules.", len(self.text_encoder_loras))
+
+        # kohya extends the target list in place (a class-attribute side effect); a copy here
+        targets = list(self.UNET_TARGET_REPLACE_MODULE)
+        if modules_dim is not None or conv_lora_dim is not None or conv_block_dims is not None:
+            targets += self.UNET_TARGET_REPLACE_MODULE_CONV2D_3X3
+        self.unet_loras = []
+        if unet is not None:
+            self.unet_loras, sk = self._create_modules(True, None, unet, targets, modules_dim, modules_alpha,
+                                                       block_dims, block_alphas, conv_block_dims, conv_block_alphas,
+                                                       module_class)
+            skipped += sk
+        logger.info("create LoRA for U-Net: %d modules.", len(self.unet_loras))
+        if varbose and skipped:
+            logger.warning("because block_lr_weight is 0 or dim (rank) is 0, %d LoRA modules are skipped",
+                           len(skipped))
+
+        self.block_lr_weight = None
+        self.block_lr = False
+        names = set()
+        for lora in self.text_encoder_loras + self.unet_loras:
+            assert lora.lora_name not in names, f"duplicated lora name: {lora.lora_name}"
+            names.add(lora.lora_name)
+        self._all_lora_names = names
+
+    # -- creation ------------------------------------------------------------
+
+    @staticmethod
+    def target_modules(root, target_replace_modules):
+        """[(child path, child cell)] for every Linear/Conv2d under a target module, in kohya's order."""
+        classes = set()
+        for t in target_replace_modules:
+            classes.update(MODULE_CLASS_EQUIVALENTS.get(t, (t,)))
+        found = []
+        for name, module in root.cells_and_names():
+            if type(module).__name__ not in classes:
+                continue
+            for child_name, child in module.cells_and_names():
+                if _is_linear(child) or _is_conv(child):
+                    found.append((name + "." + child_name if name else child_name, child))
+        return found
+
+    @classmethod
+    def lora_names(cls, root, target_replace_modules, prefix):
+        """kohya's module names ``<prefix>_<path with _>`` for a model (no LoRA is created)."""
+        return [(prefix + "." + path).replace(".", "_") for path, _ in cls.target_modules(root, target_replace_modules)]
+
+    def _create_modules(self, is_unet, text_encoder_idx, root, target_replace_modules, modules_dim, modules_alpha,
+                        block_dims, block_alphas, conv_block_dims, conv_block_alphas, module_class):
+        if is_unet:
+            prefix = self.LORA_PREFIX_UNET
+        elif text_encoder_idx is None:
+            prefix = self.LORA_PREFIX_TEXT_ENCODER
+        else:
+            prefix = self.LORA_PREFIX_TEXT_ENCODER1 if text_encoder_idx == 1 else self.LORA_PREFIX_TEXT_ENCODER2
+        loras, skipped = [], []
+        for path, child in self.target_modules(root, target_replace_modules):
+            is_linear = _is_linear(child)
+            is_conv2d_1x1 = _is_conv(child) and _kernel(child) == (1, 1)
+            lora_name = (prefix + "." + path).replace(".", "_")
+            dim = alpha = None
+            if modules_dim is not None:
+                if lora_name in modules_dim:
+                    dim, alpha = modules_dim[lora_name], modules_alpha[lora_name]
+            elif is_unet and block_dims is not None:
+                block_idx = get_block_index(lora_name, self.is_sdxl)
+                if is_linear or is_conv2d_1x1:
+                    dim, alpha = block_dims[block_idx], block_alphas[block_idx]
+                elif conv_block_dims is not None:
+                    dim, alpha = conv_block_dims[block_idx], conv_block_alphas[block_idx]
+            else:
+                if is_linear or is_conv2d_1x1:
+                    dim, alpha = self.lora_dim, self.alpha
+                elif self.conv_lora_dim is not None:
+                    dim, alpha = self.conv_lora_dim, self.conv_alpha
+            if dim is None or dim == 0:
+                if is_linear or is_conv2d_1x1 or (self.conv_lora_dim is not None or conv_block_dims is not None):
+                    skipped.append(lora_name)
+                continue
+            lora = module_class(lora_name, child, self.multiplier, dim, alpha, dropout=self.dropout,
+                                rank_dropout=self.rank_dropout, module_dropout=self.module_dropout)
+            self._paths[lora_name] = (root, path)
+            loras.append(lora)
+        return loras, skipped
+
+    # -- switches --------------------------------------------------------------
+
+    @property
+    def loras(self):
+        return self.text_encoder_loras + self.unet_loras
+
+    def set_multiplier(self, multiplier):
+        """Change the multiplier of every module (a Parameter: compiled graphs stay valid)."""
+        self.multiplier = multiplier
+        for lora in self.loras:
+            lora.set_multiplier(multiplier)
+
+    def set_enabled(self, is_enabled):
+        for lora in self.loras:
+            lora.enabled = bool(is_enabled)
+            lora.set_multiplier(self.multiplier if is_enabled else 0.0)
+
+    def set_train(self, mode=True):
+        self.training = bool(mode)
+        for lora in self.loras:
+            lora.set_train(mode)
+
+    def train(self):
+        self.set_train(True)
+
+    def eval(self):
+        self.set_train(False)
+
+    def is_mergeable(self):
+        return True
+
+    # -- apply / merge -----------------------------------------------------------
+
+    def apply_to(self, text_encoder, unet, apply_text_encoder=True, apply_unet=True):
+        """Replace the target layers inside the models by the LoRA modules (for training or unmerged inference)."""
+        if apply_text_encoder:
+            logger.info("enable LoRA for text encoder: %d modules", len(self.text_encoder_loras))
+        else:
+            self.text_encoder_loras = []
+        if apply_unet:
+            logger.info("enable LoRA for U-Net: %d modules", len(self.unet_loras))
+        else:
+            self.unet_loras = []
+        roots = {}
+        for lora in self.loras:
+            if lora.applied:
+                continue
+            root, path = self._paths[lora.lora_name]
+            parent, key = _resolve(root, path)
+            current = parent._cells.get(key)
+            if current is not lora.org_module:
+                raise UserError(f"cannot apply LoRA module {lora.lora_name}: the layer at '{path}' is not the one "
+                                "it was created for (another LoRA already applied?)")
+            prefix = lora.org_module.weight.name[:-len("weight")]
+            if isinstance(parent, (nn.SequentialCell, nn.CellList)):
+                parent[int(key)] = lora
+            else:
+                setattr(parent, key, lora)
+            for name, p in lora.parameters_and_names():
+                p.name = prefix + name
+            lora.applied = True
+            roots[id(root)] = root
+        for root in roots.values():
+            _refresh_compile_cache(root)
+
+    def check_weights_fit(self, weights_sd, source="LoRA weights"):
+        """UserError naming the first module of ``weights_sd`` that the network's modules do not fit."""
+        by_name = {lora.lora_name: lora for lora in self.loras}
+        for key, value in weights_sd.items():
+            name, leaf = key.split(".", 1)
+            lora = by_name.get(name)
+            if lora is None:
+                where = "this network" if name in self._all_lora_names else "the model"
+                raise UserError(f"{source}: LoRA module {name} does not exist in {where}")
+            shape = tuple(np.asarray(value).shape)
+            if leaf == "alpha":
+                if int(np.prod(shape)) != 1:
+                    raise UserError(f"{source}: {key} should be a scalar, has shape {shape}")
+                continue
+            expected = tuple(lora.lora_down.weight.shape if leaf == "lora_down.weight" else lora.lora_up.weight.shape)
+            if shape != expected:
+                kind = "conv" if lora.is_conv else "linear"
+                raise UserError(f"{source}: {key} has shape {shape} but module {name} ({kind} "
+                                f"{lora.in_dim}->{lora.out_dim}) needs {expected}")
+
+    def merge_to(self, text_encoder, unet, weights_sd, dtype=None, device=None):
+        """Merge ``weights_sd`` into the original weights: ``W += multiplier * up@down * alpha/dim``.
+
+        Every module is checked and every new weight computed before any is written: a file that does not
+        fit leaves the models unchanged.
+        """
+        apply_text_encoder = any(k.startswith(self.LORA_PREFIX_TEXT_ENCODER) for k in weights_sd)
+        apply_unet = any(k.startswith(self.LORA_PREFIX_UNET) for k in weights_sd)
+        if not apply_text_encoder:
+            self.text_encoder_loras = []
+        if not apply_unet:
+            self.unet_loras = []
+        self.check_weights_fit(weights_sd)
+        per_module = {}
+        for key, value in weights_sd.items():
+            name, leaf = key.split(".", 1)
+            per_module.setdefault(name, {})[leaf] = value
+        updates = []
+        for lora in self.loras:
+            sd = per_module.get(lora.lora_name)
+            if sd is None:
+                continue
+            org = lora.org_module
+            up = np.asarray(sd["lora_up.weight"], np.float32)
+            down = np.asarray(sd["lora_down.weight"], np.float32)
+            alpha = float(np.asarray(sd["alpha"], np.float32).reshape(-1)[0]) if "alpha" in sd else None
+            delta = lora_delta(up, down, alpha, float(lora.multiplier.asnumpy()))
+            weight = _param_numpy(org.weight).astype(np.float32)
+            if delta.shape != weight.shape:
+                raise UserError(f"LoRA module {lora.lora_name}: merged shape {delta.shape} does not fit the layer "
+                                f"weight {weight.shape}")
+            updates.append((org.weight, weight + delta))
+        target = None if dtype is None else (dtype if isinstance(dtype, ms.Type) else
+                                             {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}[
+                                                 normalize_dtype(dtype)])
+        for param, value in updates:
+            _set_param(param, value, target)
+        logger.info("weights are merged: %d modules", len(updates))
+
+    # -- weights -----------------------------------------------------------------
+
+    def state_dict(self):
+        """kohya's state dict: ``<lora_name>.alpha``, ``.lora_down.weight``, ``.lora_up.weight`` (fp32 numpy)."""
+        sd = OrderedDict()
+        for lora in self.loras:
+            sd[f"{lora.lora_name}.alpha"] = np.asarray(lora.alpha.asnumpy(), np.float32)
+            sd[f"{lora.lora_name}.lora_down.weight"] = _param_numpy(lora.lora_down.weight).astype(np.float32)
+            sd[f"{lora.lora_name}.lora_up.weight"] = _param_numpy(lora.lora_up.weight).astype(np.float32)
+        return sd
+
+    def load_state_dict(self, weights_sd, strict=False, source="LoRA weights"):
+        """Copy kohya-named arrays into the modules. Keys of modules that exist in the model but were not
+        applied (e.g. text encoder with --network_train_unet_only) are reported as unexpected with a warning;
+        keys that fit no module of the model, or shapes that differ, raise ``UserError``."""
+        by_name = {lora.lora_name: lora for lora in self.loras}
+        unexpected = [k for k in weights_sd if k.split(".", 1)[0] not in by_name]
+        for key in unexpected:
+            if key.split(".", 1)[0] not in self._all_lora_names:
+                raise UserError(f"{source}: LoRA module {key.split('.', 1)[0]} does not exist in the model")
+        fit = OrderedDict((k, v) for k, v in weights_sd.items() if k not in unexpected)
+        self.check_weights_fit(fit, source)
+        missing = []
+        for name, lora in by_name.items():
+            for leaf, param in (("lora_down.weight", lora.lora_down.weight), ("lora_up.weight", lora.lora_up.weight)):
+                key = f"{name}.{leaf}"
+                if key in fit:
+                    _set_param(param, np.asarray(fit[key], np.float32))
+                else:
+                    missing.append(key)
+            if f"{name}.alpha" in fit:
+                lora.alpha.set_data(Tensor(np.float32(np.asarray(fit[f'{name}.alpha'], np.float32).reshape(-1)[0])))
+            else:
+                missing.append(f"{name}.alpha")
+        if unexpected:
+            logger.warning("%s: %d weights of modules not applied were not loaded (e.g. %s)", source,
+                           len(unexpected), unexpected[0])
+        if strict and (missing or unexpected):
+            raise UserError(f"{source}: weights do not match the network: {len(missing)} missing "
+                            f"({missing[:3]}), {len(unexpected)} unexpected ({unexpected[:3]})")
+        return missing, unexpected
+
+    def load_weights(self, file):
+        """Load a LoRA file (ours or torch kohya's; .safetensors / .ckpt; diffusers/PEFT keys converted)."""
+        unet = None
+        for lora in self.unet_loras:
+            unet = self._paths[lora.lora_name][0]
+            break
+        weights_sd, _, _ = load_lora_weights_file(file, unet)
+        return self.load_state_dict(weights_sd, False, file)
+
+    def save_weights(self, file, dtype, metadata):
+        """kohya's ``save_weights``: .safetensors (with sshs_* hashes in the metadata) or MindSpore .ckpt,
+        every tensor in ``dtype`` (None: as trained, fp32); written atomically."""
+        if metadata is not None and len(metadata) == 0:
+            metadata = None
+        state_dict = self.state_dict()
+        dtype = _dtype_name(dtype)
+        dtypes = None
+        if dtype is not None:
+            for key in list(state_dict):
+                state_dict[key] = cast_array(state_dict[key], dtype)
+            dtypes = {k: dtype for k in state_dict}
+        if os.path.splitext(file)[1].lower() == SAFETENSORS_EXT:
+            if metadata is None:
+                metadata = {}
+            model_hash, legacy_hash = precalculate_safetensors_hashes(state_dict, metadata, dtypes)
+            metadata["sshs_model_hash"] = model_hash
+            metadata["sshs_legacy_hash"] = legacy_hash
+        save_state_dict_file(file, state_dict, metadata, dtypes)
+
+    # -- optimizer -------------------------------------------------------------
+
+    def set_block_lr_weight(self, block_lr_weight: Optional[List[float]]):
+        self.block_lr = True
+        self.block_lr_weight = block_lr_weight
+
+    def get_lr_weight(self, block_idx: int) -> float:
+        if not self.block_lr or self.block_lr_weight is None:
+            return 1.0
+        return self.block_lr_weight[block_idx]
+
+    def set_loraplus_lr_ratio(self, loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio):
+        self.loraplus_lr_ratio = loraplus_lr_ratio
+        self.loraplus_unet_lr_ratio = loraplus_unet_lr_ratio
+        self.loraplus_text_encoder_lr_ratio = loraplus_text_encoder_lr_ratio
+        logger.info("LoRA+ UNet LR Ratio: %s", self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio)
+        logger.info("LoRA+ Text Encoder LR Ratio: %s", self.loraplus_text_encoder_lr_ratio or self.loraplus_lr_ratio)
+
+    def prepare_optimizer_params(self, text_encoder_lr, unet_lr, default_lr):
+        """kohya's parameter groups ``[{"params": [...], "lr": lr}, ...]`` and their descriptions.
+
+        Groups: text encoder, then UNet (one per block with block lr weights); LoRA+ puts each module's
+        ``lora_up`` in a second group with ``lr * ratio``; groups whose lr is 0 or None are left out.
+        """
+        self.requires_grad_(True)
+        all_params, lr_descriptions = [], []
+
+        def assemble_params(loras, lr, ratio):
+            groups = {"lora": [], "plus": []}
+            for lora in loras:
+                for p in (lora.lora_down.weight, lora.lora_up.weight):
+                    is_up = p is lora.lora_up.weight
+                    groups["plus" if ratio is not None and is_up else "lora"].append(p)
+            params, descriptions = [], []
+            for key, plist in groups.items():
+                if not plist:
+                    continue
+                data = {"params": plist}
+                if lr is not None:
+                    data["lr"] = lr * ratio if key == "plus" else lr
+                if data.get("lr", None) == 0 or data.get("lr", None) is None:
+                    logger.info("NO LR skipping!")
+                    continue
+                params.append(data)
+                descriptions.append("plus" if key == "plus" else "")
+            return params, descriptions
+
+        if self.text_encoder_loras:
+            params, descriptions = assemble_params(
+                self.text_encoder_loras, text_encoder_lr if text_encoder_lr is not None else default_lr,
+                self.loraplus_text_encoder_lr_ratio or self.loraplus_lr_ratio)
+            all_params.extend(params)
+            lr_descriptions.extend(["textencoder" + (" " + d if d else "") for d in descriptions])
+
+        if self.unet_loras:
+            base_lr = unet_lr if unet_lr is not None else default_lr
+            ratio = self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio
+            if self.block_lr:
+                is_sdxl = any("input_blocks" in l.lora_name or "output_blocks" in l.lora_name for l in self.unet_loras)
+                block_idx_to_lora = OrderedDict()
+                for lora in self.unet_loras:
+                    block_idx_to_lora.setdefault(get_block_index(lora.lora_name, is_sdxl), []).append(lora)
+                for idx, block_loras in block_idx_to_lora.items():
+                    params, descriptions = assemble_params(
+                        block_loras, None if base_lr is None else base_lr * self.get_lr_weight(idx), ratio)
+                    all_params.extend(params)
+                    lr_descriptions.extend([f"unet_block{idx}" + (" " + d if d else "") for d in descriptions])
+            else:
+                params, descriptions = assemble_params(self.unet_loras, base_lr, ratio)
+                all_params.extend(params)
+                lr_descriptions.extend(["unet" + (" " + d if d else "") for d in descriptions])
+        return all_params, lr_descriptions
+
+    def requires_grad_(self, value=True):
+        for lora in self.loras:
+            lora.lora_down.weight.requires_grad = value
+            lora.lora_up.weight.requires_grad = value
+
+    def enable_gradient_checkpointing(self):
+        pass  # not supported, as kohya
+
+    def prepare_grad_etc(self, text_encoder, unet):
+        self.requires_grad_(True)
+
+    def on_epoch_start(self, text_encoder, unet):
+        self.train()
+
+    def get_trainable_params(self):
+        return [p for lora in self.loras for p in (lora.lora_down.weight, lora.lora_up.weight)]
+
+    def trainable_params(self):
+        return self.get_trainable_params()
+
+    def apply_max_norm_regularization(self, max_norm_value, device=None):
+        """kohya's max-norm regularisation of each module's ``up@down*scale``; returns
+        (keys_scaled, mean norm, max norm)."""
+        keys_scaled, norms = 0, []
+        for lora in self.loras:
+            down = _param_numpy(lora.lora_down.weight).astype(np.float32)
+            up = _param_numpy(lora.lora_up.weight).astype(np.float32)
+            updown = lora_delta(up, down, float(lora.alpha.asnumpy()), 1.0)
+            norm = max(float(np.linalg.norm(updown)), max_norm_value / 2)
+            desired = min(norm, max_norm_value)
+            ratio = desired / norm
+            if ratio != 1:
+                keys_scaled += 1
+                s = np.float32(ratio ** 0.5)
+                _set_param(lora.lora_up.weight, up * s)
+                _set_param(lora.lora_down.weight, down * s)
+            norms.append(float(np.linalg.norm(updown)) * ratio)
+        return keys_scaled, sum(norms) / max(len(norms), 1), max(norms) if norms else 0.0
+
+
+def _dtype_name(dtype):
+    if dtype is None:
+        return None
+    if isinstance(dtype, ms.Type):
+        return {ms.float32: "fp32", ms.float16: "fp16", ms.bfloat16: "bf16"}[dtype]
+    return normalize_dtype(dtype)
