@@ -33,6 +33,7 @@ def _apply_epoch_step(dataset, epoch: int, step: int):
 
 
 def _worker_loop(dataset, tasks, results, current_epoch, current_step):
+    results.cancel_join_thread()  # exit without waiting for unread results (stopped iterations)
     while True:
         task = tasks.get()
         if task is None:
