@@ -70,7 +70,9 @@ def float32_to_bf16_bits(a):
 
 
 def bf16_bits_to_float32(bits):
-    return (np.asarray(bits, np.uint16).astype(np.uint32) << 16).view(np.float32)
+    bits = np.asarray(bits, np.uint16)
+    wide = bits.reshape(-1).astype(np.uint32) << np.uint32(16)
+    return wide.view(np.float32).reshape(bits.shape)
 
 
 def cast_array(a, dtype):
