@@ -7,10 +7,12 @@ are held as the float32 arrays they convert to exactly, and written back as
 bf16 bit for bit (bf16 -> fp32 -> bf16 is the identity).
 
 ``.safetensors`` files are written with the ``safetensors`` package, so the
-bytes are those torch kohya's ``save_file`` produces for the same tensors and
-metadata (kohya's hash fields depend on that); bf16 tensors go through it as
-uint16 bit patterns and the header's dtype is rewritten to ``BF16`` with the
-package's own JSON layout (checked byte for byte against torch in the tests).
+tensor layout and data bytes are those torch kohya's ``save_file`` produces
+(kohya's hash fields depend on them); bf16 tensors go through it as uint16 bit
+patterns with the header's dtype rewritten to ``BF16``. The header is written
+back in the package's JSON layout with the metadata in the caller's order (the
+package itself orders metadata keys arbitrarily), so equal inputs give equal
+bytes (checked against torch's ``safetensors`` in the tests).
 
 Every problem with a file is a ``UserError`` with one line naming the file.
 Writes are atomic: a temporary file in the same folder, then ``os.replace``.
@@ -112,12 +114,16 @@ def serialize_safetensors(tensors, metadata=None, dtypes=None):
     if metadata is not None:
         metadata = {str(k): str(v) for k, v in metadata.items()}
     data = safetensors.numpy.save(arrays, metadata=metadata)
-    if not bf16:
-        return data
+    # Rewrite the header: the package serialises metadata from a hash map (key order varies from run to
+    # run); ours keeps the caller's order, so equal inputs give equal bytes. Tensor entries, offsets and
+    # data are the package's.
     n = struct.unpack("<Q", data[:8])[0]
     header = json.loads(data[8:8 + n].decode("utf-8"), object_pairs_hook=OrderedDict)
+    header.pop("__metadata__", None)
     for name in bf16:
         header[name]["dtype"] = "BF16"  # same element size as U16: offsets and order unchanged
+    if metadata is not None:
+        header = OrderedDict([("__metadata__", metadata)] + list(header.items()))
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     text += b" " * ((8 - len(text) % 8) % 8)
     return struct.pack("<Q", len(text)) + text + data[8 + n:]
