@@ -1,4 +1,9 @@
-"""SDXL model utilities: state-dict layout conversion (checkpoint loading comes later).
+"""SDXL model utilities (kohya's names): checkpoint loading/saving and state-dict layout conversion.
+
+``load_models_from_sdxl_checkpoint``, ``save_stable_diffusion_checkpoint``,
+``load_vae`` and ``CheckpointInfo`` live in ``library.sdxl_checkpoint`` (key
+maps and shape-inferred configs in ``library.sdxl_checkpoint_keys``, file I/O
+in ``library.safetensors_io``) and are re-exported here.
 
 UNet key conversion between diffusers' ``UNet2DConditionModel`` names and the
 original SAI/SGM layout used by ``sdxl_original_unet`` (and by the
@@ -124,3 +129,15 @@ def convert_sdxl_unet_state_dict_to_diffusers(sd):
     up_attn = [any(k.startswith(f"output_blocks.{i * (num_res + 1) + num_res}.2.conv.") for k in keys)
                for i in range(num_levels)]
     return _convert(sd, _block_prefix_pairs(num_levels, num_res, up_attn), to_sgm=False)
+
+
+# kohya's loading/saving entry points (imported last: sdxl_checkpoint uses the conversions above)
+from library.sdxl_checkpoint import (  # noqa: E402,F401
+    CheckpointInfo,
+    load_models_from_sdxl_checkpoint,
+    load_vae,
+    save_stable_diffusion_checkpoint,
+)
+from library.autoencoder_kl import VAE_SCALE_FACTOR  # noqa: E402,F401
+
+MODEL_VERSION_SDXL_BASE_V1_0 = "sdxl_base_v1-0"
