@@ -155,7 +155,6 @@ def test_our_lora_loads_in_diffusers(base, tmp_path):
     rng = np.random.default_rng(7)
     for m in net.loras:  # "trained": random up weights
         m.lora_up.weight.set_data(Tensor(0.2 * rng.standard_normal(m.lora_up.weight.shape).astype(np.float32)))
-    applied = _run_ours(te1, te2, unet, inputs)
     path = str(tmp_path / "ours.safetensors")
     net.save_weights(path, None, {"ss_network_module": "networks.lora"})
 
@@ -163,9 +162,7 @@ def test_our_lora_loads_in_diffusers(base, tmp_path):
     merge_net, weights_sd = lora.create_network_from_weights(1.0, path, None, [te1m, te2m], unetm,
                                                              for_inference=True)
     merge_net.merge_to([te1m, te2m], unetm, weights_sd)
-    merged = _run_ours(te1m, te2m, unetm, inputs)
-    for k in merged:  # unmerged LoRA forward == merged-weight forward
-        assert_close(applied[k], merged[k], what=f"applied vs merged {k}")
+    merged = _run_ours(te1m, te2m, unetm, inputs)  # (unmerged == merged: test_lora_network.py)
 
     ref = _run_diffusers(sds, inputs, path)
     errs = _compare(merged, ref, _run_diffusers(sds, inputs, None))
