@@ -241,3 +241,81 @@ def torch_outputs(models, inp):
 def write_json(path, obj):
     with open(path, "w") as f:
         json.dump(obj, f)
+
+
+# -- full-size SDXL-shaped file (slow test / bench) ----------------------------------------
+
+SDXL_UNET_KWARGS = dict(
+    in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280), layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816, norm_num_groups=32, sample_size=128)
+SDXL_VAE_KWARGS = dict(in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                       down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                       latent_channels=4, norm_num_groups=32, scaling_factor=0.13025, sample_size=1024)
+SDXL_TE1 = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+                bos_token_id=0, eos_token_id=2, pad_token_id=1)
+SDXL_TE2 = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280,
+                bos_token_id=0, eos_token_id=2, pad_token_id=1)
+
+
+def full_size_meta_models():
+    """SDXL-sized torch models on the meta device (shapes only, nothing allocated)."""
+    import transformers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    with torch.device("meta"):
+        return dict(
+            unet=UNet2DConditionModel(**SDXL_UNET_KWARGS),
+            vae=AutoencoderKL(**SDXL_VAE_KWARGS),
+            text_encoder=transformers.CLIPTextModel(transformers.CLIPTextConfig(**SDXL_TE1)),
+            text_encoder_2=transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**SDXL_TE2)))
+
+
+def full_size_sai_shapes():
+    """{SAI key: shape} of SDXL base (plus logit_scale and TE1 position_ids)."""
+    models = full_size_meta_models()
+    sd = {}
+    sd.update(unet_to_sai(models["unet"].state_dict()))
+    sd.update({"conditioner.embedders.0.transformer." + k: v
+               for k, v in models["text_encoder"].state_dict().items() if not k.endswith("position_ids")})
+    sd.update(te2_to_sai({k: v for k, v in models["text_encoder_2"].state_dict().items()}))
+    sd.update(vae_to_sai(models["vae"].state_dict(), levels=4))
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    shapes["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] = (1, 77)
+    return shapes
+
+
+def write_full_size_sai(path, seed=0, dtype="F16"):
+    """Random SDXL-shaped SAI file, streamed tensor by tensor (about 7 GB in fp16)."""
+    from library import safetensors_io as sio
+
+    rng = np.random.default_rng(seed)
+    entries = []
+    for key, shape in full_size_sai_shapes().items():
+        if key.endswith("position_ids"):
+            entries.append((key, "I64", shape, lambda: np.arange(77, dtype=np.int64)[None]))
+            continue
+        if key.endswith("logit_scale"):
+            entries.append((key, dtype, shape, lambda: np.array(4.6052, np.float32)))
+            continue
+
+        def produce(key=key, shape=shape):
+            n = rng.standard_normal(shape, dtype=np.float32)
+            if ("norm" in key or "ln_" in key or "layer_norm" in key) and key.endswith("weight"):
+                return 1.0 + 0.1 * n
+            if key.endswith("bias") or len(shape) < 2:
+                return 0.02 * n
+            if "embedding" in key:
+                return 0.02 * n
+            fan_in = int(np.prod(shape[1:])) if not key.endswith("text_projection") else shape[0]
+            n *= np.float32(1.0 / np.sqrt(fan_in))
+            return n
+
+        entries.append((key, dtype, shape, produce))
+    sio.write_safetensors(path, entries)
+    return path
