@@ -61,9 +61,17 @@ class Linear(nn.Cell):
         self.weight = _param((out_features, in_features), bound, name="weight")
         self.bias = _param((out_features,), bound, name="bias") if bias else None
 
+        self.bias_add = ops.BiasAdd()
+
     def construct(self, x):
-        return ops.dense(x, self.weight.astype(x.dtype),
-                         None if self.bias is None else self.bias.astype(x.dtype))
+        y = ops.dense(x, self.weight.astype(x.dtype))
+        if self.bias is None:
+            return y
+        # BiasAdd on the 2-D view, not dense's broadcast add: the CPU graph
+        # backend does not reuse memory of implicitly broadcasting binary ops
+        # (40 biased Linear layers on 65536x64 tokens: 3.0 GB vs 0.5 GB).
+        shape = y.shape
+        return self.bias_add(y.reshape(-1, shape[-1]), self.bias.astype(x.dtype)).reshape(shape)
 
 
 class Conv2d(nn.Cell):
@@ -109,7 +117,14 @@ class LayerNorm(nn.Cell):
 
 
 class GroupNorm(nn.Cell):
-    """torch.nn.GroupNorm for NC... inputs; statistics computed in fp32."""
+    """torch.nn.GroupNorm for NC... inputs; statistics computed in fp32.
+
+    Every broadcast is explicit (``ops.broadcast_to``) and the bias goes through
+    ``BiasAdd``: in graph mode the CPU backend does not reuse the memory of
+    binary ops that broadcast implicitly, which made a stack of 20 GroupNorms
+    at 1x64x256x256 peak at 14.9 GB in forward+backward (2.5 GB this way) and
+    run about 2x slower.
+    """
 
     def __init__(self, num_groups, num_channels, eps=1e-5, affine=True):
         super().__init__()
@@ -121,15 +136,20 @@ class GroupNorm(nn.Cell):
         self.bias = _param((num_channels,), fill=0.0, name="bias")
         self.weight.requires_grad = affine
         self.bias.requires_grad = affine
+        self.bias_add = ops.BiasAdd()
 
     def construct(self, x):
         shape = x.shape
         h = x.astype(ms.float32).reshape(shape[0], self.num_groups, -1)
-        mean = h.mean(axis=-1, keep_dims=True)
-        var = ops.square(h - mean).mean(axis=-1, keep_dims=True)
-        h = ((h - mean) * ops.rsqrt(var + self.eps)).reshape(shape)
+        centered = h - ops.broadcast_to(h.mean(axis=-1, keep_dims=True), h.shape)
+        var = (centered * centered).mean(axis=-1, keep_dims=True)
+        h = (centered * ops.broadcast_to(ops.rsqrt(var + self.eps), h.shape)).reshape(shape)
         bshape = (1, -1) + (1,) * (len(shape) - 2)
-        h = h * self.weight.reshape(bshape) + self.bias.reshape(bshape)
+        h = h * ops.broadcast_to(self.weight.reshape(bshape), shape)
+        if len(shape) == 4:
+            h = self.bias_add(h, self.bias)
+        else:
+            h = h + ops.broadcast_to(self.bias.reshape(bshape), shape)
         return h.astype(x.dtype)
 
 

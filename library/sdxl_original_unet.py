@@ -184,7 +184,8 @@ class ResBlock(nn.Cell):
     def construct(self, x, emb, context):
         h = self.in_layers(x)
         e = self.emb_layers(emb).astype(h.dtype)
-        h = h + e.reshape(e.shape[0], e.shape[1], 1, 1)
+        # explicit broadcast: the CPU graph backend does not reuse memory of implicit broadcasts
+        h = h + ops.broadcast_to(e.reshape(e.shape[0], e.shape[1], 1, 1), h.shape)
         h = self.out_layers(h)
         return self.skip_connection(x) + h
 
