@@ -120,6 +120,7 @@ class LoRAModule(nn.Cell):
             self.lora_down = layers.Linear(in_dim, self.lora_dim, bias=False)
             self.lora_up = layers.Linear(self.lora_dim, out_dim, bias=False)
             fan_in = in_dim
+            self.bias_add = ops.BiasAdd()
         self.lora_down.weight.set_data(Tensor(_kaiming_uniform(self.lora_down.weight.shape, fan_in)))
         self.lora_up.weight.set_data(Tensor(np.zeros(self.lora_up.weight.shape, np.float32)))
 
@@ -150,7 +151,7 @@ class LoRAModule(nn.Cell):
             if self.bias is not None:
                 org = self.bias_add(org, self.bias.astype(x.dtype))
         else:
-            org = ops.dense(x, self.weight.astype(x.dtype), None if self.bias is None else self.bias.astype(x.dtype))
+            org = layers.linear(x, self.weight, self.bias, self.bias_add)
 
         lx = self.lora_down(x)
         scale = self.alpha / self.lora_dim

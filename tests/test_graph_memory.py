@@ -1,0 +1,58 @@
+"""Graph-mode memory regression: the CPU backend does not reuse the memory of
+binary ops that broadcast implicitly, so ``layers.GroupNorm`` and
+``layers.Linear`` broadcast explicitly (BiasAdd, ``ops.broadcast_to``).
+Measured: GroupNorm stack forward+backward 0.98 GB (2.77 GB with implicit
+broadcasts), Linear stack forward 0.50 GB (2.99 GB with dense's bias add)."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import ROOT
+
+SCRIPT = textwrap.dedent("""
+    import resource, sys
+    sys.path.insert(0, %r)
+    import library
+    import numpy as np, mindspore as ms
+    from mindspore import nn, ops, Tensor
+    from library import layers
+    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+    kind = sys.argv[1]
+
+    class Stack(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            if kind == "groupnorm":
+                self.blocks = nn.CellList([layers.GroupNorm(32, 64) for _ in range(20)])
+            else:
+                self.blocks = nn.CellList([layers.Linear(64, 64) for _ in range(40)])
+        def construct(self, x):
+            for blk in self.blocks:
+                x = ops.silu(blk(x))
+            return x
+
+    net = Stack()
+    rng = np.random.default_rng(0)
+    if kind == "groupnorm":  # forward + backward, 1x64x128x128 (4 MiB per activation)
+        x = Tensor(rng.standard_normal((1, 64, 128, 128)).astype(np.float32))
+        grad = ms.jit(ms.grad(net, grad_position=0, weights=net.trainable_params()))
+        grad(x)[0].asnumpy()
+    else:  # forward, 65536 tokens x 64 (16 MiB per activation)
+        x = Tensor(rng.standard_normal((1, 65536, 64)).astype(np.float32))
+        net(x).asnumpy()
+    print("PEAK_GB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2)
+""") % ROOT
+
+
+@pytest.mark.parametrize("kind,bound_gb", [("groupnorm", 1.6), ("linear", 1.2)])
+def test_stack_memory_graph_mode(tmp_path, kind, bound_gb):
+    script = tmp_path / "stack.py"  # graph mode compiles from source files only
+    script.write_text(SCRIPT)
+    r = subprocess.run([sys.executable, str(script), kind], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ))
+    assert r.returncode == 0, r.stderr[-2000:]
+    peak = float([l for l in r.stdout.splitlines() if l.startswith("PEAK_GB")][-1].split()[1])
+    assert peak < bound_gb, f"{kind} stack peaked at {peak:.2f} GB in graph mode"
