@@ -1,0 +1,435 @@
+"""SDXL text-to-image generation with LoRAs merged (kohya's ``sdxl_minimal_inference.py``, MindSpore).
+
+    python sdxl_minimal_inference.py --ckpt_path sd_xl_base_1.0.safetensors \\
+        --prompt "a photo of a cat" --lora_weights my_lora.safetensors;0.8 --output_dir out
+
+Text conditioning as SDXL/diffusers: text encoder 1's penultimate hidden state (kohya's
+``hidden_states[11]`` of its 12 layers) and text encoder 2's penultimate hidden state, concatenated;
+the pooled embedding is text encoder 2's final-layer-normed EOS state through ``text_projection``
+(SGM/diffusers orientation, as in training). ``--prompt2`` goes to text encoder 2 with its own
+tokenizer (pads with "!"); kohya feeds text encoder 1's tokens there and ignores ``--prompt2``.
+Classifier-free guidance with the encoded negative prompt (for both encoders). The U-Net step
+(both guidance branches in one batch) runs in graph mode and compiles once per image size.
+"""
+import argparse
+import datetime
+import logging
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import library  # noqa: E402,F401  (sets the CPU runtime env before mindspore loads)
+from library.device_utils import (  # noqa: E402
+    UserError, add_device_arguments, check_dtype_supported, run_main, setup_device_from_args)
+import mindspore as ms  # noqa: E402
+from mindspore import nn, ops  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+MAX_TOKENS = 77
+DEFAULT_SIZE = 1024
+
+
+def setup_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt_path", type=str, required=True,
+                   help="SDXL checkpoint: SAI single file (.safetensors / MindSpore .ckpt) or diffusers folder")
+    p.add_argument("--prompt", type=str, default="A photo of a cat")
+    p.add_argument("--prompt2", type=str, default=None,
+                   help="prompt for text encoder 2 (default: --prompt)")
+    p.add_argument("--negative_prompt", type=str, default="")
+    p.add_argument("--output_dir", type=str, default=".")
+    p.add_argument("--lora_weights", type=str, nargs="*", default=[],
+                   help="LoRA files (ours or kohya's torch .safetensors/.ckpt), each 'path;multiplier' "
+                        "(multiplier default 1.0); several are merged in order")
+    p.add_argument("--interactive", action="store_true",
+                   help="read prompt, prompt2, negative prompt and seed from stdin until an empty prompt")
+    p.add_argument("--width", type=int, default=DEFAULT_SIZE, help="image width in pixels (multiple of 32 for SDXL)")
+    p.add_argument("--height", type=int, default=DEFAULT_SIZE, help="image height in pixels (multiple of 32 for SDXL)")
+    p.add_argument("--steps", type=int, default=50, help="number of sampling steps")
+    p.add_argument("--guidance_scale", type=float, default=7.0,
+                   help="classifier-free guidance scale (<= 1: no guidance, negative prompt unused)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (image i uses seed + i); random if unset")
+    p.add_argument("--num_images", type=int, default=1, help="images per prompt")
+    p.add_argument("--sampler", type=str, default="euler", help="euler (default) or euler_a")
+    p.add_argument("--original_size", type=int, nargs=2, default=None, metavar=("HEIGHT", "WIDTH"),
+                   help="SDXL size conditioning: original image size (default: --height --width)")
+    p.add_argument("--crop", type=int, nargs=2, default=(0, 0), metavar=("TOP", "LEFT"),
+                   help="SDXL size conditioning: crop top-left coordinates (default 0 0)")
+    p.add_argument("--target_size", type=int, nargs=2, default=None, metavar=("HEIGHT", "WIDTH"),
+                   help="SDXL size conditioning: target size (default: --height --width)")
+    p.add_argument("--vae", type=str, default=None, help="a separate VAE (file or diffusers folder)")
+    p.add_argument("--dtype", type=str, default="fp32",
+                   help="U-Net weights/compute dtype: fp32 (default), fp16, bf16 (not on CPU)")
+    p.add_argument("--vae_dtype", type=str, default="fp32", help="VAE dtype: fp32 (default) or fp16")
+    p.add_argument("--init_latents", type=str, default=None,
+                   help=".npy of initial noise, (4, H/8, W/8) or (N, 4, H/8, W/8) with N >= --num_images, "
+                        "used instead of seeded noise (scaled by the sampler's init_noise_sigma), for "
+                        "reproducing another implementation's run")
+    p.add_argument("--save_latents", action="store_true",
+                   help="also write <image>.npz with the final latents and the decoded float pixels")
+    add_device_arguments(p)
+    return p
+
+
+# ---------------------------------------------------------------------------
+# argument checks (before any model is loaded)
+
+
+def parse_lora_spec(spec):
+    """'path;multiplier' -> (path, multiplier); the multiplier defaults to 1.0."""
+    path, sep, mult = spec.rpartition(";")
+    if not sep:
+        path, mult = spec, "1.0"
+    try:
+        multiplier = float(mult)
+    except ValueError:
+        raise UserError(f"--lora_weights '{spec}': multiplier '{mult}' is not a number (use path;multiplier)") \
+            from None
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: LoRA file not found")
+    return path, multiplier
+
+
+def check_output_dir(output_dir):
+    """Create the output folder and check it is writable (one line on failure)."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{output_dir}: cannot create output folder ({e.strerror or e})") from None
+    if not os.path.isdir(output_dir):
+        raise UserError(f"{output_dir}: output path is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=output_dir, prefix=".write_test_")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"{output_dir}: output folder is not writable ({e.strerror or e})") from None
+
+
+def check_args(args):
+    for name in ("width", "height"):
+        v = getattr(args, name)
+        if v <= 0 or v % 8:
+            raise UserError(f"--{name} {v} must be a positive multiple of 8 (SDXL needs a multiple of 32)")
+    if args.steps < 1:
+        raise UserError(f"--steps {args.steps} must be at least 1")
+    if args.num_images < 1:
+        raise UserError(f"--num_images {args.num_images} must be at least 1")
+    for name in ("original_size", "target_size"):
+        v = getattr(args, name)
+        if v is not None and min(v) <= 0:
+            raise UserError(f"--{name} {v[0]} {v[1]} must be positive")
+    if min(args.crop) < 0:
+        raise UserError(f"--crop {args.crop[0]} {args.crop[1]} must not be negative")
+    from library.sdxl_schedulers import get_scheduler
+
+    get_scheduler(args.sampler)  # unknown sampler: clear error now
+    if not os.path.exists(args.ckpt_path):
+        raise UserError(f"{args.ckpt_path}: checkpoint not found")
+    if args.vae is not None and not os.path.exists(args.vae):
+        raise UserError(f"{args.vae}: VAE not found")
+    loras = [parse_lora_spec(s) for s in args.lora_weights]
+    if args.init_latents is not None and not os.path.isfile(args.init_latents):
+        raise UserError(f"{args.init_latents}: initial latents file not found")
+    check_output_dir(args.output_dir)
+    return loras
+
+
+# ---------------------------------------------------------------------------
+# models
+
+
+def load_models(ckpt_path, vae_path=None):
+    try:
+        from library.sdxl_model_util import load_models_from_sdxl_checkpoint
+    except ImportError:  # older tree: the loader lives in sdxl_checkpoint only
+        from library.sdxl_checkpoint import load_models_from_sdxl_checkpoint
+    te1, te2, vae, unet, _, _ = load_models_from_sdxl_checkpoint(ckpt_path, vae_path=vae_path)
+    return te1, te2, vae, unet
+
+
+def use_penultimate_hidden_state(text_encoder):
+    """Return only the penultimate hidden state (kohya's te1 ``hidden_states[11]`` of 12 layers, te2 [-2])."""
+    tm = text_encoder.text_model
+    tm.hidden_state_indices = (tm.num_layers - 1,)
+
+
+def merge_loras(loras, te1, te2, vae, unet):
+    """Merge each (path, multiplier) into the fp32 weights, in order."""
+    from networks.lora import create_network_from_weights
+
+    for path, multiplier in loras:
+        logger.info("merging LoRA %s (multiplier %s)", path, multiplier)
+        network, weights_sd = create_network_from_weights(multiplier, path, vae, [te1, te2], unet,
+                                                          for_inference=True)
+        network.merge_to([te1, te2], unet, weights_sd)
+
+
+class Denoise(nn.Cell):
+    """(latents, sqrt(sigma^2+1), t, context, y, scale) -> guided epsilon (float32)."""
+
+    def __init__(self, unet, guided, dtype):
+        super().__init__(auto_prefix=False)
+        self.unet = unet
+        self.guided = guided
+        self.dtype = dtype
+
+    def construct(self, x, input_scale, t, context, y, guidance_scale):
+        if self.guided:
+            x = ops.concat((x, x), 0)
+        x = x / input_scale
+        eps = self.unet(x.astype(self.dtype), t, context.astype(self.dtype),
+                        y.astype(self.dtype)).astype(ms.float32)
+        if self.guided:
+            b = eps.shape[0] // 2
+            uncond = eps[:b]
+            cond = eps[b:]
+            eps = uncond + guidance_scale * (cond - uncond)
+        return eps
+
+
+
+class Generator:
+    """Text encoding, denoising (graph mode) and decoding for one loaded model."""
+
+    def __init__(self, te1, te2, vae, unet, dtype_name="fp32", vae_dtype_name="fp32"):
+        from library.autoencoder_kl import VAEDecode
+        from library.clip_tokenizer import load_tokenizers
+
+        self.ms = ms
+        self.te1, self.te2, self.vae, self.unet = te1, te2, vae, unet
+        for cell in (te1, te2, vae, unet):
+            cell.set_train(False)
+        use_penultimate_hidden_state(te1)
+        use_penultimate_hidden_state(te2)
+        self.tokenizer1, self.tokenizer2 = load_tokenizers()
+        dtypes = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
+        self.dtype = dtypes[dtype_name]
+        if self.dtype != ms.float32:
+            unet.to_dtype(self.dtype)
+        vae_dtype = dtypes[vae_dtype_name]
+        if vae_dtype != ms.float32:
+            from library.sdxl_checkpoint import _cast_compute_params
+            _cast_compute_params(vae, vae_dtype)
+        self.vae_dtype = vae_dtype
+        self.vae_decode = VAEDecode(vae)
+        self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.unet_factor = 2 ** (len(unet.config.channel_mult) - 1)
+        self.pixel_multiple = self.vae_factor * self.unet_factor
+
+        self._denoisers = {}
+
+    def check_size(self, width, height):
+        m = self.pixel_multiple
+        for name, v in (("width", width), ("height", height)):
+            if v % m:
+                raise UserError(f"--{name} {v} is not a multiple of {m}: the VAE downsamples {self.vae_factor}x "
+                                f"and the U-Net {self.unet_factor}x more")
+
+    def _tokens(self, tokenizer, texts):
+        import numpy as np
+
+        ids = tokenizer(texts, padding="max_length", max_length=MAX_TOKENS, truncation=True)["input_ids"]
+        return self.ms.Tensor(np.asarray(ids, np.int32).reshape(len(texts), MAX_TOKENS))
+
+    def encode(self, prompts1, prompts2):
+        """-> (context (B,77,C1+C2), pooled (B,P)) as numpy float32."""
+        import numpy as np
+
+        _, _, hidden1 = self.te1(self._tokens(self.tokenizer1, prompts1))
+        _, _, pooled2, hidden2 = self.te2(self._tokens(self.tokenizer2, prompts2))
+        context = np.concatenate([hidden1[0].asnumpy(), hidden2[0].asnumpy()], -1).astype(np.float32)
+        return context, pooled2.asnumpy().astype(np.float32)
+
+    def denoiser(self, guided):
+        if guided not in self._denoisers:
+            self._denoisers[guided] = Denoise(self.unet, guided, self.dtype)
+        return self._denoisers[guided]
+
+    def sample(self, noise, scheduler, steps, context, y, guidance_scale, rng=None):
+        """Euler-family sampling from unscaled ``noise`` (1,4,h,w); returns final latents (numpy float32)."""
+        import numpy as np
+
+        ms = self.ms
+        guided = guidance_scale > 1.0
+        scheduler.set_timesteps(steps)
+        latents = (np.asarray(noise, np.float32) * scheduler.init_noise_sigma).astype(np.float32)
+        step_cell = self.denoiser(guided)
+        batch = 2 if guided else 1
+        context_t = ms.Tensor(context)
+        y_t = ms.Tensor(y)
+        scale_t = ms.Tensor(np.float32(guidance_scale))
+        for i, t in enumerate(scheduler.timesteps):
+            eps = step_cell(ms.Tensor(latents), ms.Tensor(scheduler.input_scale(i)),
+                            ms.Tensor(np.full((batch,), t, np.float32)), context_t, y_t, scale_t).asnumpy()
+            latents = scheduler.step(eps, i, latents, rng)
+        return latents
+
+    def decode(self, latents):
+        """Latents -> float pixels in [0, 1], (H, W, 3), as diffusers' output_type='np'."""
+        import numpy as np
+
+        z = self.ms.Tensor((latents / np.float32(self.vae.scaling_factor)).astype(np.float32))
+        image = self.vae_decode(z.astype(self.vae_dtype)).astype(self.ms.float32).asnumpy()[0]
+        return np.clip(image / 2 + 0.5, 0, 1).transpose(1, 2, 0)
+
+
+# ---------------------------------------------------------------------------
+# generation
+
+
+def size_conditioning(args, width, height, dim=256):
+    import numpy as np
+
+    from library.sdxl_original_unet import get_size_embeddings
+
+    original = args.original_size or (height, width)
+    target = args.target_size or (height, width)
+    return get_size_embeddings(np.array([original], np.float32), np.array([args.crop], np.float32),
+                               np.array([target], np.float32), dim).astype(np.float32)
+
+
+def load_init_latents(path, num_images, shape):
+    import numpy as np
+
+    try:
+        arr = np.load(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read initial latents ({e})") from None
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or tuple(arr.shape[1:]) != tuple(shape) or arr.shape[0] < num_images:
+        raise UserError(f"{path}: initial latents have shape {tuple(arr.shape)}; need ({num_images}, "
+                        f"{', '.join(map(str, shape))}) for this size and --num_images")
+    return arr.astype(np.float32)
+
+
+def save_png(output_dir, name, pixels, info):
+    import numpy as np
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    path = os.path.join(output_dir, name + ".png")
+    k = 1
+    while os.path.exists(path):  # same second in --interactive mode: never overwrite
+        path = os.path.join(output_dir, f"{name}_{k}.png")
+        k += 1
+    meta = PngInfo()
+    for key, value in info.items():
+        meta.add_text(key, str(value))
+    image = Image.fromarray((pixels * 255).round().astype(np.uint8))
+    fd, tmp = tempfile.mkstemp(dir=output_dir, prefix=".tmp_", suffix=".png")
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG", pnginfo=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def generate_images(gen, args, prompt, prompt2, negative_prompt, seed, model_name, lora_desc, init_latents=None):
+    import numpy as np
+
+    from library.sdxl_schedulers import get_scheduler
+
+    prompt2 = prompt if prompt2 is None else prompt2
+    guided = args.guidance_scale > 1.0
+    if guided:
+        context, pooled = gen.encode([negative_prompt, prompt], [negative_prompt, prompt2])
+    else:
+        context, pooled = gen.encode([prompt], [prompt2])
+    # 256 sinusoids per size value in SDXL; tiny models of the same topology may use fewer
+    size_emb = size_conditioning(args, args.width, args.height, (gen.unet.adm_in_channels - pooled.shape[-1]) // 6)
+    y = np.concatenate([pooled, np.repeat(size_emb, pooled.shape[0], 0)], -1).astype(np.float32)
+    if seed is None:
+        seed = int(np.random.SeedSequence().entropy % (2 ** 31))
+    shape = (gen.unet.in_channels, args.height // gen.vae_factor, args.width // gen.vae_factor)
+    timestamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    paths = []
+    for i in range(args.num_images):
+        image_seed = seed + i
+        rng = np.random.default_rng(image_seed)
+        noise = init_latents[i:i + 1] if init_latents is not None else \
+            rng.standard_normal((1,) + shape, dtype=np.float32)
+        scheduler = get_scheduler(args.sampler)
+        latents = gen.sample(noise, scheduler, args.steps, context, y, args.guidance_scale, rng)
+        pixels = gen.decode(latents)
+        info = {"prompt": prompt, "prompt2": prompt2, "negative_prompt": negative_prompt,
+                "seed": image_seed if init_latents is None else f"{image_seed} (initial latents from "
+                                                                 f"{os.path.basename(args.init_latents)})",
+                "steps": args.steps, "scale": args.guidance_scale, "sampler": args.sampler,
+                "width": args.width, "height": args.height,
+                "original_size": " ".join(map(str, args.original_size or (args.height, args.width))),
+                "crop": " ".join(map(str, args.crop)),
+                "target_size": " ".join(map(str, args.target_size or (args.height, args.width))),
+                "model": model_name, "loras": lora_desc, "dtype": args.dtype}
+        path = save_png(args.output_dir, f"image_{timestamp}_{i:03d}", pixels, info)
+        if args.save_latents:
+            np.savez(os.path.splitext(path)[0] + ".npz", latents=latents, pixels=pixels)
+        logger.info("saved %s", path)
+        print(path)
+        paths.append(path)
+    return paths
+
+
+def interactive_loop(generate):
+    while True:
+        try:
+            print("prompt:")
+            prompt = input()
+            if prompt == "":
+                break
+            print("prompt2:")
+            prompt2 = input() or prompt
+            print("negative prompt:")
+            negative_prompt = input()
+            print("seed:")
+            seed_text = input().strip()
+        except EOFError:
+            break
+        try:
+            seed = int(seed_text) if seed_text else None
+        except ValueError:
+            print(f"seed '{seed_text}' is not an integer; try again", file=sys.stderr)
+            continue
+        generate(prompt, prompt2, negative_prompt, seed)
+
+
+def main(argv=None):
+    args = setup_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    loras = check_args(args)
+    target = setup_device_from_args(args)
+    dtype_name = check_dtype_supported(args.dtype, target)
+    vae_dtype_name = check_dtype_supported(args.vae_dtype, target)
+
+    te1, te2, vae, unet = load_models(args.ckpt_path, args.vae)
+    merge_loras(loras, te1, te2, vae, unet)
+    gen = Generator(te1, te2, vae, unet, dtype_name, vae_dtype_name)
+    gen.check_size(args.width, args.height)
+    init_latents = None
+    if args.init_latents is not None:
+        shape = (unet.in_channels, args.height // gen.vae_factor, args.width // gen.vae_factor)
+        init_latents = load_init_latents(args.init_latents, args.num_images, shape)
+
+    model_name = os.path.basename(os.path.normpath(args.ckpt_path))
+    lora_desc = ", ".join(f"{os.path.basename(p)}:{m:g}" for p, m in loras) or "none"
+
+    def generate(prompt, prompt2, negative_prompt, seed):
+        return generate_images(gen, args, prompt, prompt2, negative_prompt, seed, model_name, lora_desc,
+                               init_latents)
+
+    if args.interactive:
+        interactive_loop(generate)
+    else:
+        generate(args.prompt, args.prompt2, args.negative_prompt, args.seed)
+
+
+if __name__ == "__main__":
+    run_main(main)
