@@ -1,0 +1,126 @@
+"""kohya's ``sdxl_train_network.py``: SDXL LoRA training (``SdxlNetworkTrainer``).
+
+    python sdxl_train_network.py --pretrained_model_name_or_path sd_xl_base_1.0.safetensors \\
+        --dataset_config dataset.toml --network_module networks.lora --network_dim 16 \\
+        --learning_rate 1e-4 --max_train_steps 1000 --output_dir out --output_name my_lora
+
+See ``train_network.py`` for the loop and the list of arguments not implemented yet.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import library  # noqa: E402,F401  (sets the CPU runtime env before mindspore loads)
+import train_network  # noqa: E402
+from library.device_utils import UserError, run_main  # noqa: E402
+
+SDXL_MODEL_VERSION = "sdxl_base_v1-0"
+
+
+def _build_sdxl_loss_cell():
+    import mindspore as ms
+    from mindspore import nn, ops
+
+    from library.sdxl_train_util import get_hidden_states_sdxl
+
+    class SdxlNetworkLoss(nn.Cell):
+        """One SDXL training loss (kohya's train_network step for SDXL), graph-compilable.
+
+        Inputs: latents (B,4,h,w) already x0.13025; noise (target noise), noisy_noise (the noise
+        mixed into the latents: noise, or noise + ip_noise_gamma * N(0,1)); timesteps float (B,);
+        sqrt_alpha_bar, sqrt_one_minus_alpha_bar (B,); weights (B,) (loss_weights x SNR-type
+        factors); input_ids1, input_ids2 (B, n, 77) int32; size_emb (B, 1536).
+        loss = mean_b(weights_b * mean_chw((pred - target)^2)), target = noise or v.
+        """
+
+        def __init__(self, text_encoder1, text_encoder2, unet, max_token_length=None, v_parameterization=False):
+            super().__init__(auto_prefix=False)
+            self.text_encoder1 = text_encoder1
+            self.text_encoder2 = text_encoder2
+            self.unet = unet
+            self.max_token_length = max_token_length
+            self.v_parameterization = v_parameterization
+
+        def construct(self, latents, noise, noisy_noise, timesteps, sqrt_ab, sqrt_1mab, weights, input_ids1,
+                      input_ids2, size_emb):
+            hidden1, hidden2, pool2 = get_hidden_states_sdxl(self.max_token_length, input_ids1, input_ids2, None,
+                                                             None, self.text_encoder1, self.text_encoder2)
+            context = ops.concat((hidden1, hidden2), 2)
+            y = ops.concat((pool2.astype(ms.float32), size_emb), 1)
+            shape = latents.shape
+            a = ops.broadcast_to(sqrt_ab.reshape(-1, 1, 1, 1), shape)
+            s = ops.broadcast_to(sqrt_1mab.reshape(-1, 1, 1, 1), shape)
+            noisy = a * latents + s * noisy_noise
+            pred = self.unet(noisy, timesteps, context, y).astype(ms.float32)
+            if self.v_parameterization:
+                target = a * noise - s * latents  # diffusers get_velocity
+            else:
+                target = noise
+            per_sample = ops.mean(ops.square(pred - target), (1, 2, 3))
+            return ops.mean(per_sample * weights)
+
+    return SdxlNetworkLoss
+
+
+class SdxlNetworkTrainer(train_network.NetworkTrainer):
+    def __init__(self):
+        super().__init__()
+        from library.sdxl_train_util import VAE_SCALE_FACTOR
+
+        self.vae_scale_factor = VAE_SCALE_FACTOR
+        self.is_sdxl = True
+
+    def assert_extra_args(self, args, train_dataset_group):
+        train_dataset_group.verify_bucket_reso_steps(32)
+        for d in train_dataset_group.datasets:
+            if getattr(d, "network_multiplier", 1.0) != 1.0:
+                raise UserError("network_multiplier in the dataset config is not implemented yet in this port")
+            for s in d.subsets:
+                if getattr(s, "alpha_mask", False):
+                    raise UserError("alpha_mask (masked loss) is not implemented yet in this port")
+
+    def load_tokenizers(self, args):
+        from library.clip_tokenizer import load_tokenizers
+
+        return load_tokenizers()
+
+    def load_target_model(self, args):
+        from library.sdxl_model_util import load_models_from_sdxl_checkpoint
+
+        te1, te2, vae, unet, _logit_scale, _info = load_models_from_sdxl_checkpoint(
+            args.pretrained_model_name_or_path, None, args.vae)
+        self.text_encoder_widths = (te1.config.hidden_size, te2.config.hidden_size)
+        pooled = te2.config.projection_dim
+        if unet.adm_in_channels != pooled + 6 * 256:
+            raise UserError(f"{args.pretrained_model_name_or_path}: UNet adm_in_channels {unet.adm_in_channels} "
+                            f"!= text encoder 2 projection {pooled} + 6*256")
+        return SDXL_MODEL_VERSION, [te1, te2], vae, unet
+
+    def build_loss_net(self, args, text_encoders, unet):
+        return _build_sdxl_loss_cell()(text_encoders[0], text_encoders[1], unet, args.max_token_length,
+                                       args.v_parameterization)
+
+    def step_inputs(self, args, batch, latents, noise, noisy_noise, timesteps, weights, noise_schedule):
+        import numpy as np
+        from mindspore import Tensor
+
+        from library.sdxl_train_util import size_embeddings_for_batch
+
+        sqrt_ab, sqrt_1mab = noise_schedule.coefficients(timesteps)
+        ids1, ids2 = batch["input_ids_list"]
+        return (Tensor(latents), Tensor(noise), Tensor(noisy_noise), Tensor(np.asarray(timesteps, np.float32)),
+                Tensor(sqrt_ab), Tensor(sqrt_1mab), Tensor(weights), Tensor(np.asarray(ids1, np.int32)),
+                Tensor(np.asarray(ids2, np.int32)), Tensor(size_embeddings_for_batch(batch)))
+
+
+def setup_parser():
+    return train_network.setup_parser()
+
+
+def main(argv=None):
+    train_network.main(argv, SdxlNetworkTrainer)
+
+
+if __name__ == "__main__":
+    run_main(main)

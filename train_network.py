@@ -1,0 +1,798 @@
+"""kohya's ``train_network.py``: ``NetworkTrainer``, the generic LoRA training loop.
+
+Model-specific parts (loading, tokenizers, the loss cell that conditions and
+calls the UNet, the batch -> step inputs) are methods that
+``sdxl_train_network.SdxlNetworkTrainer`` provides; this file holds the
+arguments, data, network, optimizer, schedule, the compiled step, saving and
+the loop.
+
+The step: forward (text encoders + UNet with LoRA), backward over the LoRA
+parameters only (base weights frozen), global-norm clipping and the AdamW
+update are ONE graph-mode cell (``TrainStep``); with
+``--gradient_accumulation_steps`` > 1 one cell accumulates gradients and a
+second small one clips and updates. Random numbers (noise, timesteps, noise
+offsets) are drawn on the host from one numpy generator seeded by ``--seed``
+and fed to the step, so the graph does not depend on the loss options.
+
+Graph mode compiles once per input shape: each (bucket resolution, batch
+size) pair compiles its own graph on first use (MindSpore caches it); the
+smaller last batch of a bucket is another shape. Dynamic shapes
+(``set_inputs``) are not used yet.
+
+Arguments: kohya's names and defaults. An argument that this port does not
+implement yet stops the run at start with one line naming it (see
+``NOT_IMPLEMENTED``) when it is given a non-default value.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import library  # noqa: E402,F401  (sets the CPU runtime env before mindspore loads)
+from library import config_util, train_util  # noqa: E402
+from library.device_utils import UserError, add_device_arguments  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# arguments
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + error
+        raise UserError(message)
+
+
+# kohya arguments accepted by the parser that this port does not implement yet: (name, kwargs).
+# Given any value other than the default, the run stops at start naming the argument.
+NOT_IMPLEMENTED = [
+    ("--v2", dict(action="store_true")),
+    ("--tokenizer_cache_dir", dict(type=str, default=None)),
+    ("--huggingface_repo_id", dict(type=str, default=None)),
+    ("--huggingface_repo_type", dict(type=str, default=None)),
+    ("--huggingface_path_in_repo", dict(type=str, default=None)),
+    ("--huggingface_token", dict(type=str, default=None)),
+    ("--huggingface_repo_visibility", dict(type=str, default=None)),
+    ("--save_state_to_huggingface", dict(action="store_true")),
+    ("--resume_from_huggingface", dict(action="store_true")),
+    ("--async_upload", dict(action="store_true")),
+    ("--save_n_epoch_ratio", dict(type=int, default=None)),
+    ("--save_last_n_epochs_state", dict(type=int, default=None)),
+    ("--save_last_n_steps_state", dict(type=int, default=None)),
+    ("--save_state", dict(action="store_true")),
+    ("--save_state_on_train_end", dict(action="store_true")),
+    ("--resume", dict(type=str, default=None)),
+    ("--torch_compile", dict(action="store_true")),
+    ("--dynamo_backend", dict(type=str, default="inductor")),
+    ("--xformers", dict(action="store_true")),
+    ("--sdpa", dict(action="store_true")),
+    ("--full_fp16", dict(action="store_true")),
+    ("--full_bf16", dict(action="store_true")),
+    ("--fp8_base", dict(action="store_true")),
+    ("--fp8_base_unet", dict(action="store_true")),
+    ("--ddp_timeout", dict(type=int, default=None)),
+    ("--ddp_gradient_as_bucket_view", dict(action="store_true")),
+    ("--ddp_static_graph", dict(action="store_true")),
+    ("--clip_skip", dict(type=int, default=None)),
+    ("--logging_dir", dict(type=str, default=None)),
+    ("--log_with", dict(type=str, default=None)),
+    ("--log_prefix", dict(type=str, default=None)),
+    ("--log_tracker_name", dict(type=str, default=None)),
+    ("--wandb_run_name", dict(type=str, default=None)),
+    ("--log_tracker_config", dict(type=str, default=None)),
+    ("--wandb_api_key", dict(type=str, default=None)),
+    ("--log_config", dict(action="store_true")),
+    ("--multires_noise_iterations", dict(type=int, default=None)),
+    ("--multires_noise_discount", dict(type=float, default=0.3)),
+    ("--loss_type", dict(type=str, default="l2")),
+    ("--huber_schedule", dict(type=str, default="snr")),
+    ("--huber_c", dict(type=float, default=0.1)),
+    ("--huber_scale", dict(type=float, default=1.0)),
+    ("--lowram", dict(action="store_true")),
+    ("--highvram", dict(action="store_true")),
+    ("--sample_every_n_steps", dict(type=int, default=None)),
+    ("--sample_at_first", dict(action="store_true")),
+    ("--sample_every_n_epochs", dict(type=int, default=None)),
+    ("--sample_prompts", dict(type=str, default=None)),
+    ("--sample_sampler", dict(type=str, default="ddim")),
+    ("--output_config", dict(action="store_true")),
+    ("--masked_loss", dict(action="store_true")),
+    ("--weighted_captions", dict(action="store_true")),
+    ("--dim_from_weights", dict(action="store_true")),
+    ("--scale_weight_norms", dict(type=float, default=None)),
+    ("--base_weights", dict(type=str, default=None, nargs="*")),
+    ("--base_weights_multiplier", dict(type=float, default=None, nargs="*")),
+    ("--network_train_text_encoder_only", dict(action="store_true")),
+    ("--no_half_vae_placeholder_unused", dict(action="store_true")),
+    ("--fused_backward_pass", dict(action="store_true")),
+    ("--lr_scheduler_timescale", dict(type=int, default=None)),
+    ("--lr_scheduler_min_lr_ratio", dict(type=float, default=None)),
+    ("--lr_decay_steps", dict(type=str, default="0")),
+    ("--lr_scheduler_type", dict(type=str, default="")),
+    ("--lr_scheduler_args", dict(type=str, default=None, nargs="*")),
+    ("--cpu_offload_checkpointing", dict(action="store_true")),
+    ("--disable_mmap_load_safetensors", dict(action="store_true")),
+    ("--skip_until_initial_step", dict(action="store_true")),
+    ("--initial_epoch", dict(type=int, default=None)),
+    ("--initial_step", dict(type=int, default=None)),
+    ("--validation_seed", dict(type=int, default=None)),
+    ("--validation_split", dict(type=float, default=0.0)),
+    ("--validate_every_n_steps", dict(type=int, default=None)),
+    ("--validate_every_n_epochs", dict(type=int, default=None)),
+    ("--max_validation_steps", dict(type=int, default=None)),
+    ("--use_8bit_adam", dict(action="store_true")),
+    ("--use_lion_optimizer", dict(action="store_true")),
+    ("--cache_text_encoder_outputs", dict(action="store_true")),
+    ("--cache_text_encoder_outputs_to_disk", dict(action="store_true")),
+    ("--debug_dataset", dict(action="store_true")),
+    ("--cache_info", dict(action="store_true")),
+]
+_NOT_IMPLEMENTED_NAMES = [n for n, _ in NOT_IMPLEMENTED if n != "--no_half_vae_placeholder_unused"]
+# dataset arguments of train_util.add_dataset_arguments that the trainer does not honour yet
+_DATASET_ARGS_NOT_IMPLEMENTED = ("--debug_dataset", "--cache_info", "--cache_text_encoder_outputs",
+                                 "--cache_text_encoder_outputs_to_disk")
+
+
+def setup_parser() -> argparse.ArgumentParser:
+    parser = _Parser(description="LoRA training (kohya's train_network arguments)")
+    add = parser.add_argument
+    # models
+    add("--pretrained_model_name_or_path", type=str, default=None,
+        help="SDXL checkpoint: SAI single file (.safetensors / MindSpore .ckpt) or diffusers folder")
+    add("--v_parameterization", action="store_true", help="v-prediction target")
+    add("--vae", type=str, default=None, help="a separate VAE (file or diffusers folder)")
+    # dataset
+    train_util.add_dataset_arguments(parser, True, True, True)
+    train_util.add_data_loader_arguments(parser)
+    config_util.add_config_arguments(parser)
+    # training
+    add("--output_dir", type=str, default=None, help="directory to output trained model")
+    add("--output_name", type=str, default=None, help="base name of trained model file")
+    add("--save_precision", type=str, default=None, choices=[None, "float", "fp32", "fp16", "bf16"],
+        help="precision in saving (fp32 is accepted as float)")
+    add("--save_every_n_epochs", type=int, default=None, help="save checkpoint every N epochs")
+    add("--save_every_n_steps", type=int, default=None, help="save checkpoint every N steps")
+    add("--save_last_n_epochs", type=int, default=None, help="keep only the last N epoch files")
+    add("--save_last_n_steps", type=int, default=None, help="keep step files of the last N steps only")
+    add("--save_model_as", type=str, default="safetensors", choices=[None, "ckpt", "safetensors"],
+        help="format to save the model (default is .safetensors)")
+    add("--train_batch_size", type=int, default=1, help="batch size for training")
+    add("--max_token_length", type=int, default=None, choices=[None, 150, 225],
+        help="max token length of text encoder (default for 75, 150 or 225)")
+    add("--mem_eff_attn", action="store_true", help="memory-efficient (chunked) attention in the UNet")
+    add("--flash_attn", action="store_true", help="flash attention in the UNet (Ascend only)")
+    add("--max_train_steps", type=int, default=1600, help="training steps")
+    add("--max_train_epochs", type=int, default=None, help="training epochs (overrides max_train_steps)")
+    add("--seed", type=int, default=None, help="random seed for training")
+    add("--gradient_checkpointing", action="store_true", help="gradient checkpointing (MindSpore recompute)")
+    add("--gradient_accumulation_steps", type=int, default=1,
+        help="number of updates steps to accumulate before performing a backward/update pass")
+    add("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"],
+        help="use mixed precision (only 'no' is implemented yet)")
+    add("--noise_offset", type=float, default=None, help="noise offset (0.1 recommended)")
+    add("--noise_offset_random_strength", action="store_true",
+        help="use random strength between 0~noise_offset for noise offset")
+    add("--ip_noise_gamma", type=float, default=None, help="input perturbation noise (0.1 recommended)")
+    add("--ip_noise_gamma_random_strength", action="store_true",
+        help="use random strength between 0~ip_noise_gamma for input perturbation noise")
+    add("--adaptive_noise_scale", type=float, default=None,
+        help="add latent mean absolute value * this value to noise_offset")
+    add("--zero_terminal_snr", action="store_true", help="fix noise scheduler betas to enforce zero terminal SNR")
+    add("--min_timestep", type=int, default=None, help="minimum timestep (default 0)")
+    add("--max_timestep", type=int, default=None, help="maximum timestep, exclusive (default 1000)")
+    add("--prior_loss_weight", type=float, default=1.0, help="loss weight for regularization images")
+    add("--min_snr_gamma", type=float, default=None, help="gamma for reducing the weight of high loss timesteps")
+    add("--scale_v_pred_loss_like_noise_pred", action="store_true",
+        help="scale v-prediction loss like noise prediction loss")
+    add("--v_pred_like_loss", type=float, default=None, help="add v-prediction like loss multiplied by this value")
+    add("--debiased_estimation_loss", action="store_true", help="debiased estimation loss")
+    add("--config_file", type=str, default=None,
+        help="a .toml with these arguments (sections flattened); the command line overrides it")
+    for name in ("title", "author", "description", "license", "tags"):
+        add(f"--metadata_{name}", type=str, default=None, help=f"{name} for model metadata")
+    add("--no_half_vae", action="store_true", help="keep the VAE in float32 (it is float32 here: always honoured)")
+    # optimizer
+    add("--optimizer_type", type=str, default="", help="AdamW (default); others are not implemented yet")
+    add("--learning_rate", type=float, default=2.0e-6, help="learning rate")
+    add("--max_grad_norm", type=float, default=1.0, help="max gradient norm, 0 for no clipping")
+    add("--optimizer_args", type=str, default=None, nargs="*",
+        help="additional arguments for optimizer (like \"weight_decay=0.01 betas=0.9,0.999\")")
+    add("--lr_scheduler", type=str, default="constant",
+        help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial")
+    add("--lr_warmup_steps", type=str, default="0",
+        help="warmup steps: an int, a ratio < 1 of the training steps, or 'N%%'")
+    add("--lr_scheduler_num_cycles", type=int, default=1, help="restarts for cosine_with_restarts")
+    add("--lr_scheduler_power", type=float, default=1, help="polynomial power")
+    # network
+    add("--no_metadata", action="store_true", help="do not save metadata in output model")
+    add("--unet_lr", type=float, default=None, help="learning rate for U-Net")
+    add("--text_encoder_lr", type=float, default=None, help="learning rate for Text Encoder")
+    add("--network_weights", type=str, default=None, help="pretrained weights for network")
+    add("--network_module", type=str, default=None, help="network module to train (networks.lora)")
+    add("--network_dim", type=int, default=None, help="network dimensions (depends on each network)")
+    add("--network_alpha", type=float, default=1, help="alpha for LoRA weight scaling")
+    add("--network_dropout", type=float, default=None, help="drops neurons out of training every step")
+    add("--network_args", type=str, default=None, nargs="*", help="additional arguments for network (key=value)")
+    add("--network_train_unet_only", action="store_true", help="only training U-Net part")
+    add("--training_comment", type=str, default=None, help="arbitrary comment string stored in metadata")
+    add_device_arguments(parser)
+    existing = {a for action in parser._actions for a in action.option_strings}
+    for name, kwargs in NOT_IMPLEMENTED:
+        if name == "--no_half_vae_placeholder_unused" or name in existing:
+            continue
+        parser.add_argument(name, help="not implemented yet in this port: stops the run when given", **kwargs)
+    return parser
+
+
+def read_config_from_file(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """kohya's ``--config_file``: a .toml whose sections are flattened; the command line wins.
+    Unknown keys stop the run (kohya accepts them silently)."""
+    if not args.config_file:
+        return args
+    import toml
+
+    path = args.config_file if args.config_file.endswith(".toml") else args.config_file + ".toml"
+    if not os.path.exists(path):
+        raise UserError(f"{path}: config file not found")
+    try:
+        config = toml.load(path)
+    except (toml.TomlDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot parse config file: {e}") from None
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    known = {a.dest for a in parser._actions}
+    unknown = sorted(k for k in flat if k not in known)
+    if unknown:
+        raise UserError(f"{path}: unknown argument(s) {', '.join(unknown)}")
+    flat.pop("config_file", None)
+    return parser.parse_args(sys.argv[1:] if args._argv is None else args._argv,
+                             namespace=argparse.Namespace(**flat))
+
+
+def parse_args(parser, argv=None):
+    args = parser.parse_args(argv)
+    args._argv = argv
+    if args.config_file:
+        args = read_config_from_file(args, parser)
+    return args
+
+
+def check_not_implemented(args, parser):
+    """Stop at start for any not-yet-implemented kohya argument given a non-default value."""
+    for name in _NOT_IMPLEMENTED_NAMES + list(_DATASET_ARGS_NOT_IMPLEMENTED):
+        dest = name[2:]
+        default = parser.get_default(dest)
+        value = getattr(args, dest, default)
+        if value != default and not (value in (None, "", [], False) and default in (None, "", [], False)):
+            raise UserError(f"{name} is not implemented yet in this port (remove it to train)")
+
+
+# ---------------------------------------------------------------------------------------------
+# file names (kohya's train_util)
+
+EPOCH_FILE_NAME = "{}-{:06d}"
+STEP_FILE_NAME = "{}-step{:08d}"
+
+
+def get_epoch_ckpt_name(args, ext, epoch_no):
+    return EPOCH_FILE_NAME.format(args.output_name, epoch_no) + ext
+
+
+def get_step_ckpt_name(args, ext, step_no):
+    return STEP_FILE_NAME.format(args.output_name, step_no) + ext
+
+
+def get_last_ckpt_name(args, ext):
+    return args.output_name + ext
+
+
+def write_loss_curve_png(path, losses, width=640, height=360):
+    """Loss per step (grey) and its moving average (blue) as a PNG, drawn with PIL."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    if len(losses) >= 1:
+        import numpy as np
+
+        y = np.asarray(losses, np.float64)
+        k = max(1, len(y) // 10)
+        avg = np.convolve(y, np.ones(k) / k, mode="valid")
+        lo, hi = float(y.min()), float(y.max())
+        hi = hi if hi > lo else lo + 1e-8
+        m = 40
+
+        def pt(i, v, n):
+            return (m + (width - 2 * m) * (i / max(1, n - 1)), height - m - (height - 2 * m) * (v - lo) / (hi - lo))
+
+        d.rectangle([m, m, width - m, height - m], outline="black")
+        d.line([pt(i, v, len(y)) for i, v in enumerate(y)], fill=(160, 160, 160), width=1)
+        off = (len(y) - len(avg)) / 2
+        d.line([pt(i + off, v, len(y)) for i, v in enumerate(avg)], fill=(30, 80, 220), width=2)
+        d.text((m, 8), f"loss per step ({len(y)} steps), moving average of {k}", fill="black")
+        d.text((4, m - 12), f"{hi:.4g}", fill="black")
+        d.text((4, height - m), f"{lo:.4g}", fill="black")
+    tmp = path + ".tmp.png"
+    img.save(tmp)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# the compiled step
+
+def _build_step_cells():
+    """Cells are defined lazily so that importing this module does not import mindspore."""
+    import mindspore as ms
+    from mindspore import ParameterTuple, nn, ops
+
+    class LossAndGrads(nn.Cell):
+        """(loss, grads of the loss w.r.t. ``params``) of ``loss_net(*inputs)``."""
+
+        def __init__(self, loss_net, params):
+            super().__init__(auto_prefix=False)
+            self.loss_net = loss_net
+            self.weights = ParameterTuple(params)
+            self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
+
+        def construct(self, *inputs):
+            loss = self.loss_net(*inputs)
+            sens = ops.ones_like(loss)
+            grads = self.grad(self.loss_net, self.weights)(*inputs, sens)
+            return loss, grads
+
+    square_sum = ops.MultitypeFuncGraph("square_sum")
+
+    @square_sum.register("Tensor")
+    def _square_sum(g):
+        return ops.reduce_sum(ops.square(g.astype(ms.float32)))
+
+    scale_grad = ops.MultitypeFuncGraph("scale_grad")
+
+    @scale_grad.register("Tensor", "Tensor")
+    def _scale_grad(coef, g):
+        return g * coef.astype(g.dtype)
+
+    accumulate = ops.MultitypeFuncGraph("accumulate")
+
+    @accumulate.register("Tensor", "Tensor", "Tensor")
+    def _accumulate(scale, buf, g):
+        return ops.assign_add(buf, g * scale)
+
+    zero = ops.MultitypeFuncGraph("zero")
+
+    @zero.register("Tensor")
+    def _zero(buf):
+        return ops.assign(buf, ops.zeros_like(buf))
+
+    copy = ops.MultitypeFuncGraph("copy")
+
+    @copy.register("Tensor")
+    def _copy(buf):
+        return buf * 1.0
+
+    hyper_map = ops.HyperMap()
+
+    def clip_grads(grads, max_norm):
+        """torch's clip_grad_norm_: coef = max_norm / (total_norm + 1e-6), clamped to 1."""
+        total = ops.sqrt(ops.addn(hyper_map(square_sum, grads)))
+        coef = ops.minimum(max_norm / (total + 1e-6), ops.ones((), ms.float32))
+        return hyper_map(ops.partial(scale_grad, coef), grads)
+
+    class TrainStep(nn.Cell):
+        """forward + backward + clip + optimizer update in one graph; returns the loss."""
+
+        def __init__(self, loss_net, params, optimizer, max_grad_norm):
+            super().__init__(auto_prefix=False)
+            self.loss_and_grads = LossAndGrads(loss_net, params)
+            self.optimizer = optimizer
+            self.max_grad_norm = float(max_grad_norm or 0.0)
+
+        def construct(self, *inputs):
+            loss, grads = self.loss_and_grads(*inputs)
+            if self.max_grad_norm > 0:
+                grads = clip_grads(grads, self.max_grad_norm)
+            return ops.depend(loss, self.optimizer(grads))
+
+    class AccumulateStep(nn.Cell):
+        """forward + backward; adds grads / accumulation_steps to buffers (accelerate's loss scaling)."""
+
+        def __init__(self, loss_net, params, accum_buffers, accumulation_steps):
+            super().__init__(auto_prefix=False)
+            self.loss_and_grads = LossAndGrads(loss_net, params)
+            self.accum = accum_buffers
+            self.scale = ms.Tensor(1.0 / accumulation_steps, ms.float32)
+
+        def construct(self, *inputs):
+            loss, grads = self.loss_and_grads(*inputs)
+            done = hyper_map(ops.partial(accumulate, self.scale), self.accum, grads)
+            return ops.depend(loss, done)
+
+    class ApplyAccumulated(nn.Cell):
+        """clip + optimizer update from the buffers, then zero them."""
+
+        def __init__(self, accum_buffers, optimizer, max_grad_norm):
+            super().__init__(auto_prefix=False)
+            self.accum = accum_buffers
+            self.optimizer = optimizer
+            self.max_grad_norm = float(max_grad_norm or 0.0)
+
+        def construct(self):
+            grads = hyper_map(copy, self.accum)
+            if self.max_grad_norm > 0:
+                grads = clip_grads(grads, self.max_grad_norm)
+            done = self.optimizer(grads)
+            grads = ops.depend(grads, done)
+            return ops.depend(hyper_map(zero, self.accum), grads)
+
+    return LossAndGrads, TrainStep, AccumulateStep, ApplyAccumulated
+
+
+# ---------------------------------------------------------------------------------------------
+# trainer
+
+class NetworkTrainer:
+    """kohya's NetworkTrainer; the model-specific hooks raise here and are implemented by subclasses."""
+
+    def __init__(self):
+        self.vae_scale_factor = 0.18215
+        self.is_sdxl = False
+
+    # -- hooks -----------------------------------------------------------------------------
+    def assert_extra_args(self, args, train_dataset_group):
+        pass
+
+    def load_tokenizers(self, args):
+        raise NotImplementedError
+
+    def load_target_model(self, args):
+        """-> (model_version, text_encoders list, vae, unet)."""
+        raise NotImplementedError
+
+    def build_loss_net(self, args, text_encoders, unet):
+        """-> a Cell taking ``step_inputs(...)`` and returning the scalar loss."""
+        raise NotImplementedError
+
+    def step_inputs(self, args, batch, latents, noise, noisy_noise, timesteps, weights):
+        raise NotImplementedError
+
+    # -- checks ----------------------------------------------------------------------------
+    def verify_args(self, args, parser):
+        check_not_implemented(args, parser)
+        if args.pretrained_model_name_or_path is None:
+            raise UserError("--pretrained_model_name_or_path is required")
+        if args.output_dir is None:
+            raise UserError("--output_dir is required")
+        if args.network_module is None:
+            raise UserError("--network_module is required (networks.lora)")
+        if args.network_module != "networks.lora":
+            raise UserError(f"--network_module {args.network_module} is not implemented yet in this port "
+                            "(networks.lora only)")
+        if args.mixed_precision != "no":
+            raise UserError(f"--mixed_precision {args.mixed_precision} is not implemented yet in this port "
+                            "(use --mixed_precision no)")
+        if args.save_precision == "fp32":
+            args.save_precision = "float"
+        if args.gradient_accumulation_steps < 1:
+            raise UserError(f"--gradient_accumulation_steps must be >= 1, got {args.gradient_accumulation_steps}")
+        if args.train_batch_size < 1:
+            raise UserError(f"--train_batch_size must be >= 1, got {args.train_batch_size}")
+        if args.max_grad_norm is not None and args.max_grad_norm < 0:
+            raise UserError(f"--max_grad_norm must be >= 0, got {args.max_grad_norm}")
+        if args.scale_v_pred_loss_like_noise_pred and not args.v_parameterization:
+            raise UserError("scale_v_pred_loss_like_noise_pred can be enabled only with v_parameterization")
+        if args.v_pred_like_loss and args.v_parameterization:
+            raise UserError("v_pred_like_loss cannot be enabled with v_parameterization")
+        if args.adaptive_noise_scale is not None and args.noise_offset is None:
+            raise UserError("adaptive_noise_scale requires noise_offset")
+        min_t = 0 if args.min_timestep is None else args.min_timestep
+        max_t = 1000 if args.max_timestep is None else args.max_timestep
+        if not (0 <= min_t < max_t <= 1000):
+            raise UserError(f"--min_timestep/--max_timestep must satisfy 0 <= min < max <= 1000, got {min_t}, {max_t}")
+        if args.output_name is None:
+            args.output_name = "last"
+        if args.mem_eff_attn and args.flash_attn:
+            raise UserError("--mem_eff_attn and --flash_attn cannot be used together")
+        if args.network_train_unet_only and args.text_encoder_lr is not None and args.text_encoder_lr != 0:
+            logger.warning("--text_encoder_lr is not used with --network_train_unet_only")
+
+    # -- training --------------------------------------------------------------------------
+    def train(self, args, parser=None):
+        parser = parser or setup_parser()
+        self.verify_args(args, parser)
+        train_util.prepare_dataset_args(args, True)
+        from library.device_utils import setup_device_from_args
+
+        target = setup_device_from_args(args)
+
+        import numpy as np
+        import mindspore as ms
+        from mindspore import Parameter, ParameterTuple, Tensor
+        from tqdm import tqdm
+
+        from library import custom_train_functions as ctf
+        from library import lora_metadata
+        from library.latent_cache import make_vae_encode_fn
+        from library.train_optimizers import create_lr_schedule, create_optimizer
+        from networks import lora as network_module
+
+        session_id = random.randint(0, 2 ** 32)
+        training_started_at = time.time()
+        if args.seed is None:
+            args.seed = random.randint(0, 2 ** 32 - 1)
+        random.seed(args.seed)
+        np.random.seed(args.seed % (2 ** 32))
+        ms.set_seed(args.seed % (2 ** 31))
+
+        tokenizers = self.load_tokenizers(args)
+        train_group, val_group = config_util.build_dataset_groups(args, tokenizers)
+        if val_group is not None:
+            raise UserError("validation_split in the dataset config is not implemented yet in this port")
+        train_util.verify_dataset_args(args, train_group, None, args.network_train_unet_only)
+        self.assert_extra_args(args, train_group)
+        train_util.scan_dataset_group(train_group)
+
+        model_version, text_encoders, vae, unet = self.load_target_model(args)
+        if args.mem_eff_attn:
+            unet.set_attention_impl("chunked")
+        if args.flash_attn:
+            if target != "Ascend":
+                raise UserError(f"--flash_attn needs Ascend (device is {target}); use --mem_eff_attn or neither")
+            unet.set_attention_impl("flash")
+        if args.gradient_checkpointing:
+            unet.set_gradient_checkpointing(True)
+
+        vae_encode = None
+        if args.cache_latents:
+            logger.info("caching latents")
+            train_group.cache_latents(make_vae_encode_fn(vae, sample=True, seed=args.seed), args.vae_batch_size,
+                                      args.cache_latents_to_disk, args.skip_cache_check)
+        else:
+            vae_encode = make_vae_encode_fn(vae, sample=True, seed=args.seed)
+
+        # network
+        net_kwargs = {}
+        for net_arg in args.network_args or []:
+            if "=" not in net_arg:
+                raise UserError(f"--network_args: '{net_arg}' is not key=value")
+            key, value = net_arg.split("=", 1)
+            net_kwargs[key] = value
+        network = network_module.create_network(1.0, args.network_dim, args.network_alpha, vae, text_encoders, unet,
+                                                neuron_dropout=args.network_dropout, **net_kwargs)
+        train_unet = True
+        train_text_encoder = not args.network_train_unet_only
+        network.apply_to(text_encoders, unet, train_text_encoder, train_unet)
+        if args.network_weights is not None:
+            network.load_weights(args.network_weights)
+            logger.info("load network weights from %s", args.network_weights)
+        for model in list(text_encoders) + [unet, vae]:
+            for p in model.get_parameters():
+                p.requires_grad = False
+        param_groups, lr_descriptions = network.prepare_optimizer_params(args.text_encoder_lr, args.unet_lr,
+                                                                         args.learning_rate)
+        if not param_groups:
+            raise UserError("no trainable LoRA parameters (all learning rates are 0?)")
+        params = [p for g in param_groups for p in g["params"]]
+        optimizer, optimizer_name, optimizer_args, base_lrs = create_optimizer(args, param_groups)
+
+        # steps
+        loader = train_util.DataLoader(train_group, shuffle=True, num_workers=args.max_data_loader_n_workers,
+                                       persistent_workers=args.persistent_data_loader_workers, seed=args.seed)
+        num_batches = len(loader)
+        accum = args.gradient_accumulation_steps
+        if args.max_train_epochs is not None:
+            args.max_train_steps = train_util.max_train_steps_for_epochs(args.max_train_epochs, num_batches, 1, accum)
+            logger.info("override steps. steps for %d epochs is: %d", args.max_train_epochs, args.max_train_steps)
+        if args.max_train_steps < 1:
+            raise UserError(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
+        train_group.set_max_train_steps(args.max_train_steps)
+        num_update_steps_per_epoch = train_util.num_update_steps_per_epoch(num_batches, accum)
+        num_train_epochs = train_util.num_train_epochs(args.max_train_steps, num_batches, accum)
+        schedule = create_lr_schedule(args, base_lrs, args.max_train_steps)
+        noise_schedule = ctf.NoiseSchedule(zero_terminal_snr=args.zero_terminal_snr)
+
+        # compiled cells
+        LossAndGrads, TrainStep, AccumulateStep, ApplyAccumulated = _build_step_cells()
+        loss_net = self.build_loss_net(args, text_encoders, unet)
+        if accum == 1:
+            step_cell = TrainStep(loss_net, params, optimizer, args.max_grad_norm)
+            apply_cell = None
+        else:
+            buffers = ParameterTuple(params).clone(prefix="grad_accum", init="zeros")
+            step_cell = AccumulateStep(loss_net, params, buffers, accum)
+            apply_cell = ApplyAccumulated(buffers, optimizer, args.max_grad_norm)
+        step_cell.set_train(True)
+        for te in text_encoders:
+            te.set_train(train_text_encoder)
+        unet.set_train(True)
+
+        # metadata
+        os.makedirs(args.output_dir, exist_ok=True)
+        num_train_images = sum(d.num_train_images for d in train_group.datasets)
+        num_reg_images = sum(d.num_reg_images for d in train_group.datasets)
+        dataset_md = {
+            "ss_num_train_images": num_train_images, "ss_num_reg_images": num_reg_images,
+            "ss_num_batches_per_epoch": num_batches, "ss_num_epochs": num_train_epochs,
+            "ss_batch_size_per_device": args.train_batch_size,
+            "ss_total_batch_size": args.train_batch_size * accum,
+            "ss_network_module": args.network_module, "ss_network_dim": args.network_dim,
+            "ss_network_alpha": args.network_alpha, "ss_network_dropout": args.network_dropout,
+            "ss_lr_warmup_steps": args.lr_warmup_steps, "ss_lr_scheduler": args.lr_scheduler,
+            "ss_max_train_steps": args.max_train_steps, "ss_seed": args.seed,
+            "ss_training_comment": args.training_comment, "ss_mixed_precision": args.mixed_precision,
+        }
+        text_encoder_lr = args.text_encoder_lr if args.text_encoder_lr is not None else args.learning_rate
+        metadata = lora_metadata.build_training_metadata(
+            args, session_id=session_id, training_started_at=training_started_at, text_encoder_lr=text_encoder_lr,
+            optimizer_name=optimizer_name, optimizer_args=optimizer_args, model_version=model_version,
+            network_kwargs=net_kwargs, dataset_metadata=dataset_md)
+        minimum_metadata = lora_metadata.minimum_metadata(metadata)
+        ext = "." + (args.save_model_as or "safetensors")
+
+        def save_model(ckpt_name, steps, epoch_no, force_sync_upload=False):
+            path = os.path.join(args.output_dir, ckpt_name)
+            md = dict(metadata)
+            md["ss_training_finished_at"] = str(time.time())
+            md["ss_steps"] = str(steps)
+            md["ss_epoch"] = str(epoch_no)
+            md.update(lora_metadata.get_sai_model_spec(args, sdxl=self.is_sdxl, lora=True))
+            md_to_save = lora_metadata.minimum_metadata(md) if args.no_metadata else md
+            for p in params:
+                if not np.all(np.isfinite(p.asnumpy())):
+                    raise UserError(f"LoRA weights contain NaN/inf at step {steps}: not saving {path}")
+            logger.info("saving checkpoint: %s", path)
+            network.save_weights(path, args.save_precision, md_to_save)
+
+        def remove_model(name):
+            path = os.path.join(args.output_dir, name)
+            if os.path.exists(path):
+                logger.info("removing old checkpoint: %s", path)
+                os.remove(path)
+
+        del minimum_metadata
+        logger.info("running training: %d images (%d reg), %d batches/epoch, %d epochs, %d steps, accumulation %d",
+                    num_train_images, num_reg_images, num_batches, num_train_epochs, args.max_train_steps, accum)
+        logger.info("lr groups: %s", ", ".join(f"{d or 'all'}={lr}" for d, lr in zip(lr_descriptions, base_lrs)))
+
+        rng = np.random.default_rng(args.seed)
+        min_t = 0 if args.min_timestep is None else args.min_timestep
+        max_t = 1000 if args.max_timestep is None else args.max_timestep
+        progress = tqdm(range(args.max_train_steps), smoothing=0, desc="steps", dynamic_ncols=True)
+        global_step = 0
+        losses, loss_rows = [], []
+        micro = 0
+        step_times = []
+        compile_times = {}
+        loss_recorder_window = []
+
+        def run_update_bookkeeping(loss_value, step_seconds):
+            nonlocal global_step
+            global_step += 1
+            progress.update(1)
+            losses.append(loss_value)
+            loss_recorder_window.append(loss_value)
+            avr = sum(loss_recorder_window[-num_update_steps_per_epoch:]) / len(
+                loss_recorder_window[-num_update_steps_per_epoch:])
+            loss_rows.append((global_step, loss_value, avr, schedule.lrs(global_step - 1)[0]))
+            progress.set_postfix(avr_loss=f"{avr:.4f}", loss=f"{loss_value:.4f}", s_step=f"{step_seconds:.2f}")
+            if not math.isfinite(loss_value):
+                raise UserError(f"loss is {loss_value} at step {global_step}: stopping (no LoRA saved for it)")
+            if args.save_every_n_steps is not None and global_step % args.save_every_n_steps == 0 \
+                    and global_step < args.max_train_steps:
+                save_model(get_step_ckpt_name(args, ext, global_step), global_step, epoch + 1)
+                if args.save_last_n_steps is not None:
+                    remove_no = global_step - args.save_every_n_steps * (args.save_last_n_steps // args.save_every_n_steps + 1)
+                    if remove_no > 0 and remove_no % args.save_every_n_steps == 0:
+                        remove_model(get_step_ckpt_name(args, ext, remove_no))
+
+        optimizer.set_lrs(schedule.lrs(0))
+        micro_losses = []
+        t_update = time.perf_counter()
+        for epoch in range(num_train_epochs):
+            if global_step >= args.max_train_steps:
+                break
+            network.on_epoch_start(text_encoders, unet)
+            loader.current_epoch.value = epoch + 1
+            train_group.set_current_epoch(epoch + 1)
+            n_in_epoch = 0
+            for batch in loader:
+                loader.current_step.value = global_step
+                n_in_epoch += 1
+                latents = batch["latents"]
+                if latents is None:
+                    latents = np.concatenate([vae_encode(batch["images"][i:i + args.vae_batch_size])
+                                              for i in range(0, len(batch["images"]), args.vae_batch_size)])
+                latents = (latents * self.vae_scale_factor).astype(np.float32)
+                b = latents.shape[0]
+                noise = rng.standard_normal(latents.shape).astype(np.float32)
+                noise = ctf.apply_noise_offset(latents, noise, args.noise_offset, args.adaptive_noise_scale, rng,
+                                               args.noise_offset_random_strength)
+                timesteps = rng.integers(min_t, max_t, size=(b,))
+                noisy_noise = ctf.input_perturbation_noise(noise, args.ip_noise_gamma, rng,
+                                                           args.ip_noise_gamma_random_strength)
+                weights = (np.asarray(batch["loss_weights"], np.float32)
+                           * ctf.post_process_loss_weights(args, timesteps, noise_schedule)).astype(np.float32)
+                inputs = self.step_inputs(args, batch, latents, noise, noisy_noise, timesteps, weights,
+                                          noise_schedule)
+                key = tuple(latents.shape)
+                t0 = time.perf_counter()
+                loss = float(step_cell(*inputs).asnumpy())
+                dt = time.perf_counter() - t0
+                if key not in compile_times:
+                    compile_times[key] = dt
+                    logger.info("compiled the step for latents %s in %.1f s", key, dt)
+                micro_losses.append(loss)
+                micro += 1
+                last_in_epoch = n_in_epoch == num_batches
+                if apply_cell is None or micro % accum == 0 or last_in_epoch:
+                    if apply_cell is not None:
+                        apply_cell()
+                    micro = 0
+                    step_loss = sum(micro_losses) / len(micro_losses)
+                    micro_losses = []
+                    now = time.perf_counter()
+                    step_seconds = now - t_update
+                    t_update = now
+                    if key in compile_times and compile_times[key] != dt:
+                        step_times.append(step_seconds)
+                    run_update_bookkeeping(step_loss, step_seconds)
+                    optimizer.set_lrs(schedule.lrs(global_step))
+                    if global_step >= args.max_train_steps:
+                        break
+            if args.save_every_n_epochs is not None and (epoch + 1) % args.save_every_n_epochs == 0 \
+                    and (epoch + 1) < num_train_epochs and global_step < args.max_train_steps:
+                save_model(get_epoch_ckpt_name(args, ext, epoch + 1), global_step, epoch + 1)
+                if args.save_last_n_epochs is not None:
+                    remove_epoch_no = epoch + 1 - args.save_every_n_epochs * args.save_last_n_epochs
+                    if remove_epoch_no > 0:
+                        remove_model(get_epoch_ckpt_name(args, ext, remove_epoch_no))
+        progress.close()
+        loader.close()
+
+        save_model(get_last_ckpt_name(args, ext), global_step, num_train_epochs)
+        csv_path = os.path.join(args.output_dir, f"{args.output_name}_loss.csv")
+        with open(csv_path + ".tmp", "w", encoding="utf-8") as f:
+            f.write("step,loss,avr_loss,lr\n")
+            for row in loss_rows:
+                f.write(f"{row[0]},{row[1]:.8g},{row[2]:.8g},{row[3]:.8g}\n")
+        os.replace(csv_path + ".tmp", csv_path)
+        write_loss_curve_png(os.path.join(args.output_dir, f"{args.output_name}_loss.png"), losses)
+        summary = {"steps": global_step, "epochs": num_train_epochs,
+                   "compile_s": {"x".join(map(str, k)): round(v, 2) for k, v in compile_times.items()},
+                   "s_per_step": round(sum(step_times) / len(step_times), 4) if step_times else None,
+                   "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
+        logger.info("training finished: %s", json.dumps(summary))
+        print(f"model saved: {os.path.join(args.output_dir, get_last_ckpt_name(args, ext))} "
+              f"(loss curve {args.output_name}_loss.png); {json.dumps(summary)}")
+        return summary
+
+
+def main(argv=None, trainer_cls=None):
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if trainer_cls is None:
+        raise UserError("train_network.py trains SD 1.x/2.x networks, which this port does not implement yet: "
+                        "use sdxl_train_network.py")
+    parser = setup_parser()
+    trainer = trainer_cls()
+    if hasattr(trainer, "add_arguments"):
+        trainer.add_arguments(parser)
+    args = parse_args(parser, argv)
+    trainer.train(args, parser)
+
+
+if __name__ == "__main__":
+    from library.device_utils import run_main
+
+    run_main(main)
