@@ -16,28 +16,29 @@ bytes (checked against torch's ``safetensors`` in the tests).
 
 Every problem with a file is a ``UserError`` with one line naming the file.
 Writes are atomic: a temporary file in the same folder, then ``os.replace``.
+
+The format-level pieces (bf16 bit conversion, safetensors dtype map and header
+bytes, atomic write, content sniffing) are ``library.safetensors_io``'s, shared
+with the SDXL checkpoint loader; ``float32_to_bf16_bits`` and
+``bf16_bits_to_float32`` are re-exported here.
 """
 import json
 import os
 import pickle
 import struct
-import tempfile
 import zipfile
 from collections import OrderedDict
 
 import numpy as np
 
 from library.device_utils import UserError
+from library.safetensors_io import (_ST_TO_NP, atomic_write as _atomic_write, bf16_bits_to_float32,  # noqa: F401
+                                    decode_header, encode_header, float32_to_bf16_bits, sniff_format)
 
 SAFETENSORS_EXT = ".safetensors"
 CKPT_EXTS = (".ckpt", ".pt", ".pth", ".bin")
 CKPT_METADATA_KEY = "__metadata__"  # MindSpore .ckpt: safetensors-style metadata, JSON in one string entry
 
-_ST_TO_NP = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
-    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
-}
 _NP_TO_NAME = {np.dtype(np.float32): "fp32", np.dtype(np.float16): "fp16"}
 
 # save_precision / dtype spellings accepted (kohya: "float", "fp16", "bf16")
@@ -53,28 +54,6 @@ def normalize_dtype(dtype):
     if name not in _DTYPE_ALIASES:
         raise UserError(f"unknown precision '{dtype}': choose float (fp32), fp16 or bf16")
     return _DTYPE_ALIASES[name]
-
-
-# ---------------------------------------------------------------------------
-# bfloat16 bit conversion
-
-
-def float32_to_bf16_bits(a):
-    """fp32 array -> uint16 bf16 bit patterns, round to nearest even (as torch's .to(bfloat16))."""
-    u = np.ascontiguousarray(a, np.float32).view(np.uint32)
-    rounded = ((u + (((u >> 16) & 1) + np.uint32(0x7FFF))) >> 16).astype(np.uint16)
-    nan = np.isnan(np.asarray(a, np.float32))
-    if nan.any():  # keep NaN payloads (exact for values that came from bf16); never round to inf
-        top = (u >> 16).astype(np.uint16)
-        top = np.where((top & 0x7F) == 0, top | np.uint16(0x40), top)
-        rounded = np.where(nan, top, rounded).astype(np.uint16)
-    return rounded
-
-
-def bf16_bits_to_float32(bits):
-    bits = np.asarray(bits, np.uint16)
-    wide = bits.reshape(-1).astype(np.uint32) << np.uint32(16)
-    return wide.view(np.float32).reshape(bits.shape)
 
 
 def cast_array(a, dtype):
@@ -118,15 +97,13 @@ def serialize_safetensors(tensors, metadata=None, dtypes=None):
     # run); ours keeps the caller's order, so equal inputs give equal bytes. Tensor entries, offsets and
     # data are the package's.
     n = struct.unpack("<Q", data[:8])[0]
-    header = json.loads(data[8:8 + n].decode("utf-8"), object_pairs_hook=OrderedDict)
+    header = decode_header(data[8:8 + n], "<safetensors output>")
     header.pop("__metadata__", None)
     for name in bf16:
         header[name]["dtype"] = "BF16"  # same element size as U16: offsets and order unchanged
     if metadata is not None:
-        header = OrderedDict([("__metadata__", metadata)] + list(header.items()))
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    text += b" " * ((8 - len(text) % 8) % 8)
-    return struct.pack("<Q", len(text)) + text + data[8 + n:]
+        header = {"__metadata__": metadata, **header}
+    return encode_header(header, ensure_ascii=False) + data[8 + n:]
 
 
 def parse_safetensors(data: bytes, path="<bytes>"):
@@ -136,12 +113,7 @@ def parse_safetensors(data: bytes, path="<bytes>"):
     n = struct.unpack("<Q", data[:8])[0]
     if n <= 0 or 8 + n > len(data):
         raise UserError(f"{path}: not a safetensors file (bad header length {n})")
-    try:
-        header = json.loads(data[8:8 + n].decode("utf-8"), object_pairs_hook=OrderedDict)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: corrupt safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise UserError(f"{path}: corrupt safetensors header (not a JSON object)")
+    header = decode_header(data[8:8 + n], path)
     metadata = header.pop("__metadata__", None) or {}
     body = memoryview(data)[8 + n:]
     tensors, dtypes = OrderedDict(), {}
@@ -150,13 +122,10 @@ def parse_safetensors(data: bytes, path="<bytes>"):
             st_dtype, shape, (begin, end) = info["dtype"], [int(s) for s in info["shape"]], info["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise UserError(f"{path}: corrupt safetensors header entry for '{name}'") from None
-        if st_dtype == "BF16":
-            itemsize, np_dtype = 2, np.uint16
-        elif st_dtype in _ST_TO_NP:
-            np_dtype = _ST_TO_NP[st_dtype]
-            itemsize = np.dtype(np_dtype).itemsize
-        else:
+        if st_dtype not in _ST_TO_NP:  # BF16 maps to uint16 (bit patterns)
             raise UserError(f"{path}: tensor '{name}' has unsupported dtype {st_dtype}")
+        np_dtype = _ST_TO_NP[st_dtype]
+        itemsize = np.dtype(np_dtype).itemsize
         count = int(np.prod(shape)) if shape else 1
         if not (0 <= begin <= end <= len(body)) or end - begin != count * itemsize:
             raise UserError(f"{path}: tensor '{name}' data is truncated or corrupt "
@@ -339,19 +308,17 @@ def serialize_mindspore_ckpt(path, tensors, metadata=None, dtypes=None):
 # entry points
 
 
+_SNIFFED_KIND = {"safetensors": "safetensors", "mindspore": "mindspore", "torch-zip": "torch",
+                 "torch-pickle": "torch-legacy"}
+
+
 def file_kind(path):
-    """'safetensors' | 'torch' | 'mindspore' from the file's content (extension as fallback)."""
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if len(head) >= 9 and head[8:9] == b"{":
-        return "safetensors"
-    if head[:4] == b"PK\x03\x04":
-        return "torch"
-    if head[:2] == b"\x80\x02" or head[:1] == b"\x80":
-        return "torch-legacy"
-    if path.lower().endswith(SAFETENSORS_EXT):
-        return "safetensors"
-    return "mindspore"
+    """'safetensors' | 'torch' | 'torch-legacy' | 'mindspore' from the file's content
+    (``safetensors_io.sniff_format``); content not recognised: by extension, else 'mindspore'."""
+    kind = sniff_format(path)
+    if kind == "unknown":
+        return "safetensors" if path.lower().endswith(SAFETENSORS_EXT) else "mindspore"
+    return _SNIFFED_KIND[kind]
 
 
 def load_state_dict_file(path):
@@ -379,26 +346,8 @@ def read_safetensors_metadata(path):
         if len(head) < 8:
             raise UserError(f"{path}: not a safetensors file (too short)")
         n = struct.unpack("<Q", head)[0]
-        try:
-            header = json.loads(f.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise UserError(f"{path}: corrupt safetensors header") from None
+        header = decode_header(f.read(n), path)
     return dict(header.get("__metadata__") or {})
-
-
-def _atomic_write(path, write):
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise UserError(f"{path}: output folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_" + os.path.basename(path) + ".", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def save_state_dict_file(path, tensors, metadata=None, dtypes=None):

@@ -20,10 +20,14 @@ Nothing here imports mindspore or torch: tensors are numpy arrays.
   failure never leaves a half-written file under the final name.
 * ``sniff_format``: tells safetensors, MindSpore protobuf checkpoints and torch
   pickles (zip or legacy pickle) apart by content, never by extension.
+* Shared with ``library.lora_file`` (LoRA files): the bf16 bit conversions,
+  the dtype maps, ``encode_header`` / ``decode_header`` (safetensors header
+  bytes), ``atomic_write`` and ``sniff_format``.
 
 Every format problem raises ``library.device_utils.UserError`` with one line
 naming the file.
 """
+import itertools
 import json
 import os
 import struct
@@ -66,19 +70,23 @@ def st_dtype_of(array) -> str:
 
 def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     """uint16 bfloat16 bit patterns -> float32 (exact)."""
-    bits = np.asarray(bits)
-    return (bits.reshape(-1).astype(np.uint32) << 16).view(np.float32).reshape(bits.shape)
+    bits = np.asarray(bits, np.uint16)
+    return (bits.reshape(-1).astype(np.uint32) << np.uint32(16)).view(np.float32).reshape(bits.shape)
 
 
 def float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> uint16 bfloat16 bit patterns, round to nearest even (as torch); NaN stays NaN."""
+    """float32 -> uint16 bfloat16 bit patterns, round to nearest even (as torch's .to(bfloat16)).
+
+    NaN stays NaN and is never rounded to inf: the payload's top bits are kept (so bf16 -> fp32 -> bf16
+    is the identity for every bit pattern); a NaN whose kept payload would be zero gets the quiet bit."""
     shape = np.shape(x)
     x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
     u = x.view(np.uint32)
     rounded = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
     nan = np.isnan(x)
     if nan.any():
-        rounded[nan] = ((u[nan] >> 16) | np.uint32(0x0040)).astype(np.uint16)
+        top = (u[nan] >> 16).astype(np.uint16)
+        rounded[nan] = np.where((top & np.uint16(0x7F)) == 0, top | np.uint16(0x40), top)
     return rounded.reshape(shape)
 
 
@@ -217,12 +225,7 @@ class SafetensorsReader(_Reader):
             if n > MAX_HEADER_BYTES or 8 + n > size:
                 raise UserError(f"{path}: not a valid safetensors file or truncated (header of {n} bytes, "
                                 f"file of {size} bytes)")
-            try:
-                header = json.loads(f.read(n).decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise UserError(f"{path}: corrupt safetensors header ({e})") from None
-        if not isinstance(header, dict):
-            raise UserError(f"{path}: corrupt safetensors header (not a JSON object)")
+            header = decode_header(f.read(n), path)
         self.metadata = header.pop("__metadata__", None) or {}
         base = 8 + n
         end_max = 0
@@ -242,6 +245,25 @@ class SafetensorsReader(_Reader):
         if base + end_max > size:
             raise UserError(f"{path}: file is truncated ({size} bytes, the header describes "
                             f"{base + end_max})")
+
+
+def decode_header(raw: bytes, path) -> dict:
+    """The JSON object of a safetensors header (``raw``: the bytes after the 8-byte length), key order kept."""
+    try:
+        header = json.loads(bytes(raw).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: corrupt safetensors header (not a JSON object)")
+    return header
+
+
+def encode_header(header: dict, ensure_ascii=True) -> bytes:
+    """8-byte little-endian length + compact JSON ``header``, padded with spaces to a multiple of 8 so the
+    data section is aligned (the safetensors package's layout when ``ensure_ascii`` is False)."""
+    blob = json.dumps(header, separators=(",", ":"), ensure_ascii=ensure_ascii).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob
 
 
 def _varint(buf, pos, end):
@@ -370,21 +392,33 @@ def open_weights(path):
     raise UserError(f"{path}: not a checkpoint (neither safetensors nor a MindSpore .ckpt)")
 
 
-def _tmp_path(path):
+_TMP_SERIAL = itertools.count()
+
+
+def atomic_write(path, write):
+    """Call ``write(tmp)`` with the name of a new temporary file in ``path``'s folder (``.tmp_<name>.<pid>.<n>``),
+    then rename it to ``path``: a failure never leaves a half-written file under the final name, and the
+    temporary file is removed."""
     folder = os.path.dirname(os.path.abspath(path))
-    return os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-
-
-def _atomic_write(path, write):
-    tmp = _tmp_path(path)
+    if not os.path.isdir(folder):
+        raise UserError(f"{path}: output folder {folder} does not exist")
+    tmp = os.path.join(folder, f".tmp_{os.path.basename(path)}.{os.getpid()}.{next(_TMP_SERIAL)}")
     try:
-        with open(tmp, "wb") as f:
-            write(f)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _atomic_write_stream(path, write):
+    """``atomic_write`` for a ``write(f)`` that writes to an open binary file."""
+    def to_file(tmp):
+        with open(tmp, "wb") as f:
+            write(f)
+
+    atomic_write(path, to_file)
 
 
 def _nbytes(raw_dtype, shape):
@@ -410,16 +444,14 @@ def write_safetensors(path, entries, metadata=None):
         n = _nbytes(raw_dtype, shape)
         header[name] = {"dtype": raw_dtype, "shape": [int(s) for s in shape], "data_offsets": [offset, offset + n]}
         offset += n
-    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    blob += b" " * (-len(blob) % 8)  # align the data section as the reference writer does
+    blob = encode_header(header)
 
     def write(f):
-        f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for name, raw_dtype, shape, producer in entries:
             f.write(memoryview(_produce(name, raw_dtype, shape, producer)).cast("B"))
 
-    _atomic_write(path, write)
+    _atomic_write_stream(path, write)
 
 
 def _enc_varint(n):
@@ -460,4 +492,4 @@ def write_ms_checkpoint(path, entries):
                 value = _enc_bytes(1, name.encode("utf-8")) + _enc_bytes(2, tensor)
                 f.write(_enc_bytes(1, value))
 
-    _atomic_write(path, write)
+    _atomic_write_stream(path, write)
