@@ -143,8 +143,11 @@ def _reference(setup, loras=()):
     kw = dict(prompt=PROMPT, prompt_2=PROMPT2, negative_prompt=NEGATIVE, height=SIZE, width=SIZE,
               num_inference_steps=STEPS, guidance_scale=7.0)
     with torch.no_grad():
-        latents = pipe(latents=torch.from_numpy(setup["noise"]), output_type="latent", **kw).images.numpy()
-        pixels = pipe(latents=torch.from_numpy(setup["noise"]), output_type="np", **kw).images[0]
+        latents = pipe(latents=torch.from_numpy(setup["noise"]), output_type="latent", **kw).images
+        # the pipeline's own decode path for output_type="np" (fp32 VAE, no latents_mean/std)
+        image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        pixels = pipe.image_processor.postprocess(image, output_type="np")[0]
+        latents = latents.numpy()
     if loras:
         pipe.unload_lora_weights()
     return latents, pixels
