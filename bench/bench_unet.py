@@ -76,11 +76,14 @@ def timed(fn, n):
 def worker_prepare(args):
     import torch
     from diffusers import UNet2DConditionModel
-    from safetensors.torch import save_file
+
+    from library.safetensors_io import write_safetensors
 
     torch.manual_seed(0)
     model = UNet2DConditionModel(**diffusers_config(CONFIGS[args.config]))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.weights)
+    # streamed one tensor at a time: full SDXL is 10 GB in fp32, a second copy would not fit
+    entries = [(k, "F32", tuple(v.shape), (lambda v=v: v.detach().numpy())) for k, v in model.state_dict().items()]
+    write_safetensors(args.weights, entries)
     return {"params": sum(p.numel() for p in model.parameters())}
 
 
@@ -108,9 +111,10 @@ def worker_torch(args):
 
     out = fwd().numpy()
     fwd()
-    res = {"fwd": timed(fwd, args.iters)}
-    fwd_bwd()
-    res["fwd_bwd"] = timed(fwd_bwd, args.iters)
+    res = {"fwd": timed(fwd, args.iters), "fwd_bwd": None}
+    if not args.forward_only:
+        fwd_bwd()
+        res["fwd_bwd"] = timed(fwd_bwd, args.iters)
     res["rss"] = peak_rss_gb()
     import numpy as np
     np.save(args.out_array, out)
@@ -137,9 +141,9 @@ def worker_ms(args):
         unet.set_gradient_checkpointing(True)
     params = {p.name: p for p in unet.get_parameters()}
     with safe_open(args.weights, "np") as f:  # one tensor at a time: no second full copy
-        for key in f.keys():
-            for name, value in convert_diffusers_unet_state_dict_to_sdxl({key: f.get_tensor(key)}).items():
-                params[name].set_data(Tensor(value))
+        # the converter passes values through, so converting {key: key} gives the name map
+        for name, key in convert_diffusers_unet_state_dict_to_sdxl({k: k for k in f.keys()}).items():
+            params[name].set_data(Tensor(f.get_tensor(key)))
     for p in unet.get_parameters():
         p.requires_grad = False
 
@@ -154,18 +158,25 @@ def worker_ms(args):
     if args.mode == "graph":
         grad_fn = ms.jit(grad_fn)
 
-    start = time.perf_counter()
-    out = unet(x, t, ctx, y).asnumpy()
-    first = time.perf_counter() - start
-    res = {"fwd": timed(lambda: unet(x, t, ctx, y).asnumpy(), args.iters)}
-    res["fwd_compile"] = max(first - res["fwd"], 0.0)
-    start = time.perf_counter()
-    grad_fn(x).asnumpy()
-    first = time.perf_counter() - start
-    res["fwd_bwd"] = timed(lambda: grad_fn(x).asnumpy(), args.iters)
-    res["fwd_bwd_compile"] = max(first - res["fwd_bwd"], 0.0)
+    res = {"fwd": None, "fwd_compile": None, "max_err": None}
+    if args.backward_only:  # peak RSS of the training graph alone
+        args.forward_only = False
+    else:
+        start = time.perf_counter()
+        out = unet(x, t, ctx, y).asnumpy()
+        first = time.perf_counter() - start
+        res["fwd"] = timed(lambda: unet(x, t, ctx, y).asnumpy(), args.iters)
+        res["fwd_compile"] = max(first - res["fwd"], 0.0)
+        if os.path.exists(args.ref_array):
+            res["max_err"] = float(np.abs(out - np.load(args.ref_array)).max())
+    res["fwd_bwd"] = res["fwd_bwd_compile"] = None
+    if not args.forward_only:
+        start = time.perf_counter()
+        grad_fn(x).asnumpy()
+        first = time.perf_counter() - start
+        res["fwd_bwd"] = timed(lambda: grad_fn(x).asnumpy(), args.iters)
+        res["fwd_bwd_compile"] = max(first - res["fwd_bwd"], 0.0)
     res["rss"] = peak_rss_gb()
-    res["max_err"] = float(np.abs(out - np.load(args.ref_array)).max()) if os.path.exists(args.ref_array) else None
     return res
 
 
@@ -193,6 +204,9 @@ def main():
     p.add_argument("--pynative_full", action="store_true", help="also time PyNative at full size (slow)")
     p.add_argument("--checkpointing_full", action="store_true",
                    help="also time gradient checkpointing at full size")
+    p.add_argument("--backward_only", action="store_true",
+                   help="MindSpore rows time only forward+backward, so peak RSS is the training graph's")
+    p.add_argument("--forward_only", action="store_true", help="skip forward+backward (memory-bound machines)")
     p.add_argument("--workdir", default=os.path.join(ROOT, "bench", "results"))
     # worker-only
     p.add_argument("--worker", default=None)
@@ -215,16 +229,19 @@ def main():
         weights = os.path.join(args.workdir, f"unet_{config}.safetensors")
         ref = os.path.join(args.workdir, f"unet_{config}_torch_out.npy")
         common = ["--weights", weights, "--latent", str(args.latent), "--iters", str(args.iters)]
+        if args.forward_only:
+            common.append("--forward_only")
+        ms_extra = ["--backward_only"] if args.backward_only else []
         info = run_worker("prepare", config, common)
         print(f"[{config}] {info.get('params', 0) / 1e6:.0f} M parameters", flush=True)
         torch_res = run_worker("torch", config, common + ["--out_array", ref])
         rows.append((config, "torch (diffusers)", torch_res))
         modes = ["graph"] + (["pynative"] if config != "full" or args.pynative_full else [])
         for mode in modes:
-            res = run_worker("ms", config, common + ["--mode", mode, "--ref_array", ref])
+            res = run_worker("ms", config, common + ms_extra + ["--mode", mode, "--ref_array", ref])
             rows.append((config, f"mindspore {mode}", res))
         if config != "full" or args.checkpointing_full:
-            res = run_worker("ms", config, common + ["--mode", "graph", "--checkpointing", "--ref_array", ref])
+            res = run_worker("ms", config, common + ms_extra + ["--mode", "graph", "--checkpointing", "--ref_array", ref])
             rows.append((config, "mindspore graph + checkpointing", res))
         if os.path.exists(weights):
             os.remove(weights)
@@ -239,10 +256,10 @@ def main():
             print(f"| {config} | {impl} | {r['error']} |")
             continue
         tr = torch_by_cfg.get(config, {})
-        ratio_f = r["fwd"] / tr["fwd"] if tr.get("fwd") else None
-        ratio_b = r["fwd_bwd"] / tr["fwd_bwd"] if tr.get("fwd_bwd") else None
-        print(f"| {config} | {impl} | {fmt(r.get('fwd_compile'), '.1f')} | {fmt(r['fwd'], '.3f')} | "
-              f"{fmt(r.get('fwd_bwd_compile'), '.1f')} | {fmt(r['fwd_bwd'], '.3f')} | {fmt(r['rss'])} | "
+        ratio_f = r["fwd"] / tr["fwd"] if r.get("fwd") and tr.get("fwd") else None
+        ratio_b = r["fwd_bwd"] / tr["fwd_bwd"] if r.get("fwd_bwd") and tr.get("fwd_bwd") else None
+        print(f"| {config} | {impl} | {fmt(r.get('fwd_compile'), '.1f')} | {fmt(r.get('fwd'), '.3f')} | "
+              f"{fmt(r.get('fwd_bwd_compile'), '.1f')} | {fmt(r.get('fwd_bwd'), '.3f')} | {fmt(r['rss'])} | "
               f"{fmt(ratio_f)}x | {fmt(ratio_b)}x | {fmt(r.get('max_err'), '.2e')} |")
 
 
