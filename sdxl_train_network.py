@@ -18,6 +18,25 @@ from library.device_utils import UserError, run_main  # noqa: E402
 SDXL_MODEL_VERSION = "sdxl_base_v1-0"
 
 
+TE2_PARAM_PREFIX = "te2."
+
+
+def distinguish_text_encoder_params(text_encoder2):
+    """Text encoder 1 and 2 have the same (transformers) parameter names; one compiled step and the
+    optimizer's state need unique names, so text encoder 2's parameters get a ``te2.`` prefix (names
+    only: LoRA files use kohya's module names, not parameter names)."""
+    for p in text_encoder2.get_parameters():
+        if not p.name.startswith(TE2_PARAM_PREFIX):
+            p.name = TE2_PARAM_PREFIX + p.name
+
+
+def make_sdxl_loss_net(text_encoder1, text_encoder2, unet, max_token_length=None, v_parameterization=False,
+                       eos_token_id2=49407):
+    """The SDXL loss cell of the train step (see ``SdxlNetworkLoss``)."""
+    return _build_sdxl_loss_cell()(text_encoder1, text_encoder2, unet, max_token_length, v_parameterization,
+                                   eos_token_id2)
+
+
 def _build_sdxl_loss_cell():
     import mindspore as ms
     from mindspore import nn, ops
@@ -34,18 +53,21 @@ def _build_sdxl_loss_cell():
         loss = mean_b(weights_b * mean_chw((pred - target)^2)), target = noise or v.
         """
 
-        def __init__(self, text_encoder1, text_encoder2, unet, max_token_length=None, v_parameterization=False):
+        def __init__(self, text_encoder1, text_encoder2, unet, max_token_length=None, v_parameterization=False,
+                     eos_token_id2=49407):
             super().__init__(auto_prefix=False)
             self.text_encoder1 = text_encoder1
             self.text_encoder2 = text_encoder2
             self.unet = unet
             self.max_token_length = max_token_length
             self.v_parameterization = v_parameterization
+            self.eos_token_id2 = eos_token_id2
 
         def construct(self, latents, noise, noisy_noise, timesteps, sqrt_ab, sqrt_1mab, weights, input_ids1,
                       input_ids2, size_emb):
             hidden1, hidden2, pool2 = get_hidden_states_sdxl(self.max_token_length, input_ids1, input_ids2, None,
-                                                             None, self.text_encoder1, self.text_encoder2)
+                                                             None, self.text_encoder1, self.text_encoder2,
+                                                             eos_token_id2=self.eos_token_id2)
             context = ops.concat((hidden1, hidden2), 2)
             y = ops.concat((pool2.astype(ms.float32), size_emb), 1)
             shape = latents.shape
@@ -83,7 +105,8 @@ class SdxlNetworkTrainer(train_network.NetworkTrainer):
     def load_tokenizers(self, args):
         from library.clip_tokenizer import load_tokenizers
 
-        return load_tokenizers()
+        self.tokenizers = load_tokenizers()
+        return self.tokenizers
 
     def load_target_model(self, args):
         from library.sdxl_model_util import load_models_from_sdxl_checkpoint
@@ -98,8 +121,9 @@ class SdxlNetworkTrainer(train_network.NetworkTrainer):
         return SDXL_MODEL_VERSION, [te1, te2], vae, unet
 
     def build_loss_net(self, args, text_encoders, unet):
-        return _build_sdxl_loss_cell()(text_encoders[0], text_encoders[1], unet, args.max_token_length,
-                                       args.v_parameterization)
+        distinguish_text_encoder_params(text_encoders[1])
+        return make_sdxl_loss_net(text_encoders[0], text_encoders[1], unet, args.max_token_length,
+                                  args.v_parameterization, self.tokenizers[1].eos_token_id)
 
     def step_inputs(self, args, batch, latents, noise, noisy_noise, timesteps, weights, noise_schedule):
         import numpy as np

@@ -585,6 +585,7 @@ class NetworkTrainer:
         if not param_groups:
             raise UserError("no trainable LoRA parameters (all learning rates are 0?)")
         params = [p for g in param_groups for p in g["params"]]
+        loss_net = self.build_loss_net(args, text_encoders, unet)  # may rename parameters: before the optimizer
         optimizer, optimizer_name, optimizer_args, base_lrs = create_optimizer(args, param_groups)
 
         # steps
@@ -605,7 +606,6 @@ class NetworkTrainer:
 
         # compiled cells
         LossAndGrads, TrainStep, AccumulateStep, ApplyAccumulated = _build_step_cells()
-        loss_net = self.build_loss_net(args, text_encoders, unet)
         if accum == 1:
             step_cell = TrainStep(loss_net, params, optimizer, args.max_grad_norm)
             apply_cell = None

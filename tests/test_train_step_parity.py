@@ -1,0 +1,181 @@
+"""One SDXL LoRA training step against a torch reference on the same weights.
+
+The tiny SDXL-topology model (diffusers UNet, transformers CLIP text encoders)
+is written as an SAI file and loaded by ``load_models_from_sdxl_checkpoint``;
+LoRA is applied by ``networks.lora`` (text encoders and UNet) with non-zero
+``lora_up`` weights, and the same LoRA (``y = org(x) + up(down(x)) * alpha/dim``)
+is added to the torch modules. Same noise, timesteps, ids and size embeddings:
+the loss (epsilon and v targets, per-sample weights) and every LoRA gradient
+must agree within the fp32 bound; one AdamW update must equal torch.optim.AdamW.
+"""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_close  # noqa: E402  (conftest imports library before mindspore)
+
+import mindspore as ms  # noqa: E402
+from mindspore import Tensor  # noqa: E402
+
+import sdxl_checkpoint_helpers as H  # noqa: E402
+from library import custom_train_functions as ctf  # noqa: E402
+from library.sdxl_model_util import convert_sdxl_unet_state_dict_to_diffusers, load_models_from_sdxl_checkpoint  # noqa: E402
+from library.sdxl_original_unet import get_size_embeddings  # noqa: E402
+from networks import lora as lora_module  # noqa: E402
+from sdxl_train_network import distinguish_text_encoder_params, make_sdxl_loss_net  # noqa: E402
+from train_network import _build_step_cells  # noqa: E402
+
+DIM, ALPHA = 4, 2.0
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    ms.set_device("CPU")
+    ms.set_context(mode=ms.GRAPH_MODE)
+    models = H.build_torch_models(seed=3)
+    path = str(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+    H.save_sai_file(H.sai_state_dict(models), path)
+    te1, te2, vae, unet, _, _ = load_models_from_sdxl_checkpoint(path, head_dim=H.HEAD_DIM)
+    network = lora_module.create_network(1.0, DIM, ALPHA, vae, [te1, te2], unet)
+    network.apply_to([te1, te2], unet, True, True)
+    rng = np.random.default_rng(7)
+    for lora in network.loras:  # non-zero up weights so that every gradient is non-trivial
+        w = lora.lora_up.weight
+        w.set_data(Tensor((0.05 * rng.standard_normal(w.shape)).astype(np.float32)))
+    for model in (te1, te2, unet, vae):
+        for p in model.get_parameters():
+            p.requires_grad = False
+    network.requires_grad_(True)
+    distinguish_text_encoder_params(te2)
+    params = network.get_trainable_params()
+
+    inp = H.make_inputs(0)
+    b = 2
+    schedule = ctf.NoiseSchedule()
+    timesteps = np.array([999, 17])
+    latents = (rng.standard_normal((b, 4, 16, 16)) * 0.8).astype(np.float32)
+    noise = rng.standard_normal(latents.shape).astype(np.float32)
+    noisy_noise = ctf.input_perturbation_noise(noise, 0.1, rng)
+    weights = np.array([1.0, 0.5], np.float32) * ctf.apply_snr_weight(np.ones(2), timesteps, schedule, 5.0)
+    time_ids = inp["time_ids"]
+    size_emb = get_size_embeddings(time_ids[:, 0:2], time_ids[:, 2:4], time_ids[:, 4:6], dim=H.TIME_DIM)
+    ids1 = inp["ids1"].reshape(b, 1, 77)
+    ids2 = inp["ids2"].reshape(b, 1, 77)
+    sqrt_ab, sqrt_1mab = schedule.coefficients(timesteps)
+    data = dict(latents=latents, noise=noise, noisy_noise=noisy_noise, timesteps=timesteps.astype(np.float32),
+                sqrt_ab=sqrt_ab, sqrt_1mab=sqrt_1mab, weights=weights.astype(np.float32), ids1=ids1, ids2=ids2,
+                size_emb=size_emb.astype(np.float32), time_ids=time_ids)
+    return dict(models=models, te1=te1, te2=te2, unet=unet, network=network, params=params, data=data)
+
+
+def _ms_inputs(d):
+    return [Tensor(d[k]) for k in ("latents", "noise", "noisy_noise", "timesteps", "sqrt_ab", "sqrt_1mab",
+                                   "weights")] + [Tensor(d["ids1"].astype(np.int32)), Tensor(d["ids2"].astype(np.int32)),
+                                                  Tensor(d["size_emb"])]
+
+
+def _torch_module_for(lora, models, unet_param_to_diffusers):
+    name = lora.org_module.weight.name  # parameter name in our model (SGM / transformers layout)
+    if lora.lora_name.startswith("lora_unet_"):
+        return models["unet"].get_submodule(unet_param_to_diffusers[name][:-len(".weight")])
+    root = models["text_encoder"] if lora.lora_name.startswith("lora_te1_") else models["text_encoder_2"]
+    if name.startswith("te2."):
+        name = name[len("te2."):]
+    return root.get_submodule(name[:-len(".weight")])
+
+
+def _torch_step(setup, v_parameterization):
+    """Loss and LoRA grads in torch (LoRA by forward hooks with the same weights)."""
+    models, network, d = setup["models"], setup["network"], setup["data"]
+    base_names = [p.name for p in setup["unet"].get_parameters()
+                  if not any(t in p.name for t in ("lora_down", "lora_up", ".alpha", ".multiplier"))]
+    converted = convert_sdxl_unet_state_dict_to_diffusers({n: n for n in base_names})  # values pass through
+    mapping = {sgm: du for du, sgm in converted.items()}
+    hooks, tparams = [], {}
+    for lora in network.loras:
+        mod = _torch_module_for(lora, models, mapping)
+        down = torch.tensor(lora.lora_down.weight.asnumpy(), requires_grad=True)
+        up = torch.tensor(lora.lora_up.weight.asnumpy(), requires_grad=True)
+        scale = float(lora.alpha.asnumpy()) / lora.lora_dim
+        tparams[lora.lora_name] = (down, up)
+
+        def hook(module, args, output, down=down, up=up, scale=scale):
+            x = args[0]
+            return output + torch.nn.functional.linear(torch.nn.functional.linear(x, down), up) * scale
+        hooks.append(mod.register_forward_hook(hook))
+    try:
+        te1 = models["text_encoder"](torch.tensor(d["ids1"].reshape(-1, 77)), output_hidden_states=True)
+        te2 = models["text_encoder_2"](torch.tensor(d["ids2"].reshape(-1, 77)), output_hidden_states=True)
+        h1 = te1.hidden_states[len(te1.hidden_states) - 2]  # kohya's [11] of 13 = penultimate
+        h2 = te2.hidden_states[-2]
+        ids2 = torch.tensor(d["ids2"].reshape(-1, 77))
+        eos_pos = (ids2 == H.TE2["eos_token_id"]).int().argmax(-1)
+        last = te2.last_hidden_state
+        pool2 = models["text_encoder_2"].text_projection(last[torch.arange(last.shape[0]), eos_pos])
+        context = torch.cat([h1, h2], -1)
+        lat, noise = torch.tensor(d["latents"]), torch.tensor(d["noise"])
+        a = torch.tensor(d["sqrt_ab"]).reshape(-1, 1, 1, 1)
+        s = torch.tensor(d["sqrt_1mab"]).reshape(-1, 1, 1, 1)
+        noisy = a * lat + s * torch.tensor(d["noisy_noise"])
+        pred = models["unet"](noisy, torch.tensor(d["timesteps"]), context,
+                              added_cond_kwargs={"text_embeds": pool2,
+                                                 "time_ids": torch.tensor(d["time_ids"])}).sample
+        target = a * noise - s * lat if v_parameterization else noise
+        loss = ((pred - target) ** 2).mean((1, 2, 3))
+        loss = (loss * torch.tensor(d["weights"])).mean()
+        loss.backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    grads = {}
+    for name, (down, up) in tparams.items():
+        # None: the module does not reach the loss (text encoder 1's last layer: kohya uses hidden_states[-2])
+        grads[name] = tuple(np.zeros(t.shape, np.float32) if t.grad is None else t.grad.numpy() for t in (down, up))
+    return float(loss.detach()), grads
+
+
+@pytest.mark.parametrize("v_parameterization", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_loss_and_lora_grads_match_torch(setup, v_parameterization):
+    LossAndGrads, *_ = _build_step_cells()
+    loss_net = make_sdxl_loss_net(setup["te1"], setup["te2"], setup["unet"], None, v_parameterization,
+                                  eos_token_id2=H.TE2["eos_token_id"])
+    cell = LossAndGrads(loss_net, setup["params"])
+    cell.set_train(True)
+    loss, grads = cell(*_ms_inputs(setup["data"]))
+    ref_loss, ref_grads = _torch_step(setup, v_parameterization)
+    assert_close(np.asarray(loss.asnumpy()), np.asarray(ref_loss), what="loss")
+    by_param = dict(zip([p.name for p in setup["params"]], grads))
+    n_checked = n_nonzero = 0
+    for lora in setup["network"].loras:
+        g_down = by_param[lora.lora_down.weight.name].asnumpy()
+        g_up = by_param[lora.lora_up.weight.name].asnumpy()
+        r_down, r_up = ref_grads[lora.lora_name]
+        scale = max(np.abs(r_down).max(), np.abs(r_up).max(), 1e-6)
+        n_nonzero += int(np.abs(r_down).max() > 0)
+        np.testing.assert_allclose(g_down, r_down, atol=2e-4 * scale + 1e-8, err_msg=lora.lora_name)
+        np.testing.assert_allclose(g_up, r_up, atol=2e-4 * scale + 1e-8, err_msg=lora.lora_name)
+        n_checked += 1
+    assert n_checked == len(setup["network"].loras) > 20
+    assert n_nonzero >= n_checked - 6  # only text encoder 1's last layer (6 modules) is unused
+
+
+def test_adamw_update_matches_torch():
+    from library.train_optimizers import AdamW
+
+    rng = np.random.default_rng(0)
+    w0 = [rng.standard_normal((3, 5)).astype(np.float32), rng.standard_normal((4,)).astype(np.float32)]
+    grads = [[rng.standard_normal(w.shape).astype(np.float32) for w in w0] for _ in range(3)]
+    params = [ms.Parameter(Tensor(w.copy()), name=f"p{i}") for i, w in enumerate(w0)]
+    opt = AdamW(params, [0, 1], [1e-2, 3e-3], betas=(0.9, 0.98), eps=1e-8, weight_decay=0.05)
+    tparams = [torch.nn.Parameter(torch.tensor(w.copy())) for w in w0]
+    topt = torch.optim.AdamW([{"params": [tparams[0]], "lr": 1e-2}, {"params": [tparams[1]], "lr": 3e-3}],
+                             betas=(0.9, 0.98), eps=1e-8, weight_decay=0.05)
+    for g in grads:
+        opt(tuple(Tensor(x) for x in g))
+        for tp, x in zip(tparams, g):
+            tp.grad = torch.tensor(x)
+        topt.step()
+    for p, tp in zip(params, tparams):
+        assert_close(p.asnumpy(), tp.detach().numpy(), 1e-6, what=p.name)
