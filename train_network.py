@@ -483,6 +483,9 @@ class NetworkTrainer:
         if args.mixed_precision != "no":
             raise UserError(f"--mixed_precision {args.mixed_precision} is not implemented yet in this port "
                             "(use --mixed_precision no)")
+        from library.train_optimizers import check_optimizer_args
+
+        check_optimizer_args(args)
         if args.save_precision == "fp32":
             args.save_precision = "float"
         if args.gradient_accumulation_steps < 1:

@@ -95,6 +95,29 @@ def _adamw_update_tensor(beta1, beta2, eps, wd, bc1, sqrt_bc2, lr, param, m, v, 
     return ops.assign(param, p_new.astype(param.dtype))
 
 
+def check_optimizer_args(args):
+    """The optimizer/scheduler argument checks of ``create_optimizer``/``create_lr_schedule``, run at start."""
+    if getattr(args, "use_8bit_adam", False) or getattr(args, "use_lion_optimizer", False):
+        raise UserError("--use_8bit_adam / --use_lion_optimizer are not implemented yet in this port "
+                        "(use --optimizer_type AdamW)")
+    opt_type = args.optimizer_type or "AdamW"
+    if opt_type.lower() != "adamw":
+        raise UserError(f"--optimizer_type {opt_type} is not implemented yet in this port (AdamW only)")
+    kwargs = parse_optimizer_args(args.optimizer_args)
+    unknown = sorted(set(kwargs) - {"betas", "eps", "weight_decay"})
+    if unknown:
+        raise UserError(f"--optimizer_args: AdamW takes betas, eps, weight_decay; not {', '.join(unknown)}")
+    if args.lr_scheduler not in SCHEDULERS:
+        raise UserError(f"--lr_scheduler {args.lr_scheduler} is not implemented yet in this port "
+                        f"(available: {', '.join(SCHEDULERS)})")
+    try:
+        warmup = resolve_warmup_steps(args.lr_warmup_steps, 1000)
+    except ValueError:
+        raise UserError(f"--lr_warmup_steps must be an int, a ratio or 'N%', got {args.lr_warmup_steps!r}") from None
+    if args.lr_scheduler == "constant" and warmup:
+        raise UserError("--lr_scheduler constant does not take --lr_warmup_steps (use constant_with_warmup)")
+
+
 def create_optimizer(args, param_groups):
     """(optimizer cell, name, args string, group lrs) for kohya's ``--optimizer_type``/``--optimizer_args``.
 

@@ -1,0 +1,146 @@
+"""sdxl_train_network.py end to end on the tiny SDXL-topology checkpoint, in subprocesses with
+real files (checkpoint, PNGs, dataset .toml, --config_file), and its argument checks."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+TRAIN = os.path.join(ROOT, "sdxl_train_network.py")
+
+
+def _run(args, timeout=900):
+    env = dict(os.environ)
+    env.setdefault("GLOG_v", "3")
+    return subprocess.run([sys.executable, TRAIN] + [str(a) for a in args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=timeout)
+
+
+def _error_lines(proc):
+    return [l for l in proc.stderr.strip().splitlines() if l.strip()]
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    import make_tiny_train_demo as demo
+
+    path = str(tmp_path_factory.mktemp("ckpt") / "tiny_sdxl.safetensors")
+    demo.write_checkpoint(path, seed=0)
+    return path
+
+
+# -- argument checks (fast: they stop before any model work) --------------------------------------
+
+def test_unknown_argument_stops_with_one_line():
+    proc = _run(["--no_such_argument", "1"])
+    assert proc.returncode == 2
+    lines = _error_lines(proc)
+    assert len(lines) == 1 and "unrecognized arguments: --no_such_argument" in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("extra,name", [(["--xformers"], "--xformers"),
+                                        (["--mixed_precision", "fp16"], "--mixed_precision fp16"),
+                                        (["--sample_prompts", "p.txt"], "--sample_prompts"),
+                                        (["--optimizer_type", "Lion"], "--optimizer_type Lion"),
+                                        (["--logging_dir", "logs"], "--logging_dir")])
+def test_not_implemented_argument_stops_with_one_line(tmp_path, extra, name):
+    proc = _run(["--pretrained_model_name_or_path", tmp_path / "missing.safetensors", "--output_dir", tmp_path,
+                 "--network_module", "networks.lora", "--train_data_dir", tmp_path] + extra)
+    assert proc.returncode == 2, proc.stderr
+    lines = _error_lines(proc)
+    assert len(lines) == 1 and name in lines[0] and "not implemented" in lines[0], proc.stderr
+
+
+def test_config_file_unknown_key_stops(tmp_path):
+    cfg = tmp_path / "train.toml"
+    cfg.write_text("[training_arguments]\nmax_train_steps = 3\nno_such_key = 1\n")
+    proc = _run(["--config_file", cfg])
+    assert proc.returncode == 2
+    lines = _error_lines(proc)
+    assert len(lines) == 1 and "no_such_key" in lines[0], proc.stderr
+
+
+# -- end to end -------------------------------------------------------------------------------------
+
+def _lora_file(path):
+    from library.lora_file import load_state_dict_file
+
+    sd, metadata = load_state_dict_file(path)[:2]
+    return sd, metadata
+
+
+def test_dreambooth_class_tokens_buckets_accumulation(tmp_path, tiny_ckpt):
+    """DreamBooth class+identifier, two aspect-ratio buckets, text encoders trained too,
+    gradient accumulation 2, epochs and epoch saves with kohya's names."""
+    import make_tiny_train_demo as demo
+
+    images = tmp_path / "img"
+    demo.write_images(str(images), 4, [(128, 64), (64, 128)], seed=1, captions=False)
+    dataset = tmp_path / "dataset.toml"
+    dataset.write_text(f"""[general]
+enable_bucket = true
+min_bucket_reso = 64
+max_bucket_reso = 128
+bucket_reso_steps = 32
+
+[[datasets]]
+resolution = 96
+batch_size = 2
+
+  [[datasets.subsets]]
+  image_dir = '{images}'
+  class_tokens = 'shq shape'
+  num_repeats = 1
+""")
+    out = tmp_path / "out"
+    proc = _run(["--pretrained_model_name_or_path", tiny_ckpt, "--dataset_config", dataset, "--output_dir", out,
+                 "--output_name", "db", "--network_module", "networks.lora", "--network_dim", 4,
+                 "--network_alpha", 2, "--learning_rate", 1e-3, "--text_encoder_lr", 5e-4,
+                 "--gradient_accumulation_steps", 2, "--max_train_epochs", 2, "--save_every_n_epochs", 1,
+                 "--seed", 1, "--max_data_loader_n_workers", 0, "--lr_scheduler", "cosine",
+                 "--lr_warmup_steps", 1, "--save_precision", "fp32"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = sorted(os.listdir(out))
+    assert "db.safetensors" in files and "db-000001.safetensors" in files, files
+    assert "db_loss.png" in files and "db_loss.csv" in files
+    sd, md = _lora_file(str(out / "db.safetensors"))
+    prefixes = {k.split("_", 2)[1] for k in sd if k.startswith("lora_")}
+    assert {"unet", "te1", "te2"} <= prefixes, prefixes
+    ups = [np.abs(np.asarray(v)).max() for k, v in sd.items() if k.endswith("lora_up.weight")]
+    assert min(ups) > 0, "a lora_up weight stayed zero"
+    assert all(np.asarray(v).dtype == np.float32 for v in sd.values())
+    # 2 buckets x 1 batch each = 2 batches per epoch; accumulation 2 -> 1 update per epoch
+    assert md["ss_steps"] == "2" and md["ss_epoch"] == "2" and md["ss_num_epochs"] == "2", md
+    assert md["ss_network_module"] == "networks.lora" and md["ss_network_dim"] == "4"
+    with open(out / "db_loss.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(np.isfinite(float(r["loss"])) for r in rows)
+    # cosine with 1 warmup step over 2 steps: lr(0) = 0, lr(1) = base
+    assert float(rows[0]["lr"]) == 0.0
+
+
+def test_demo_trains_with_falling_loss(tmp_path):
+    """The README's first command: build the demo files, train from the .toml, loss falls."""
+    import make_tiny_train_demo as demo
+
+    train = demo.make_demo(str(tmp_path / "demo"))
+    proc = _run(["--config_file", train])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "demo" / "lora"
+    files = sorted(os.listdir(out))
+    assert "tiny_lora.safetensors" in files and "tiny_lora_loss.png" in files, files
+    assert any(f.startswith("tiny_lora-step") for f in files), files
+    with open(out / "tiny_lora_loss.csv") as f:
+        losses = [float(r["loss"]) for r in csv.DictReader(f)]
+    n = max(1, len(losses) // 10)
+    first, last = np.mean(losses[:n]), np.mean(losses[-n:])
+    assert last < 0.8 * first, (first, last, losses)
+    summary = json.loads(proc.stdout.strip().splitlines()[-1].split("; ", 1)[1])
+    assert summary["steps"] == len(losses)
