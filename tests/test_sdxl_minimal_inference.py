@@ -113,7 +113,7 @@ def setup(tmp_path_factory):
         path = str(d / f"lora{i}.safetensors")
         save_file(_kohya_lora(models, seed), path, {"ss_network_module": "networks.lora"})
         loras.append(path)
-    noise = np.random.default_rng(5).standard_normal((1, 4, SIZE // 8, SIZE // 8)).astype(np.float32)
+    noise = np.random.default_rng(5).standard_normal((2, 4, SIZE // 8, SIZE // 8)).astype(np.float32)
     np.save(str(d / "noise.npy"), noise)
     return dict(dir=d, models=models, ckpt=ckpt, loras=loras, noise=noise)
 
@@ -138,12 +138,12 @@ def _pipeline(setup, loras=()):
     return pipe
 
 
-def _reference(setup, loras=()):
+def _reference(setup, loras=(), row=0):
     pipe = _pipeline(setup, loras)
     kw = dict(prompt=PROMPT, prompt_2=PROMPT2, negative_prompt=NEGATIVE, height=SIZE, width=SIZE,
               num_inference_steps=STEPS, guidance_scale=7.0)
     with torch.no_grad():
-        latents = pipe(latents=torch.from_numpy(setup["noise"]), output_type="latent", **kw).images
+        latents = pipe(latents=torch.from_numpy(setup["noise"][row:row + 1]), output_type="latent", **kw).images
         # the pipeline's own decode path for output_type="np" (fp32 VAE, no latents_mean/std)
         image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
         pixels = pipe.image_processor.postprocess(image, output_type="np")[0]
@@ -162,27 +162,34 @@ def _ours(setup, out, loras=(), extra=()):
         argv += ["--lora_weights"] + [f"{p};{m}" for p, m in loras]
     smi.main(argv + list(extra))
     pngs = sorted(f for f in os.listdir(out) if f.endswith(".png"))
-    assert len(pngs) == 1
-    data = np.load(os.path.join(out, pngs[0][:-4] + ".npz"))
-    return data["latents"], data["pixels"], os.path.join(out, pngs[0])
+    results = []
+    for png in pngs:
+        data = np.load(os.path.join(out, png[:-4] + ".npz"))
+        results.append((data["latents"], data["pixels"], os.path.join(out, png)))
+    return results
 
 
-def _compare(setup, tmp_path, loras):
-    ref_latents, ref_pixels = _reference(setup, loras)
-    latents, pixels, png = _ours(setup, tmp_path / "out", loras)
-    err_l = assert_close(latents, ref_latents, what="final latents")
-    err_p = np.abs(pixels - ref_pixels).max()
-    print(f"loras={len(loras)}: latents max abs err {err_l:.3g} (max |ref| {np.abs(ref_latents).max():.3g}), "
-          f"pixels max abs err {err_p:.3g}")
-    assert err_p <= 1e-3, f"decoded pixels: max abs error {err_p:.3g}"
-    assert np.abs(ref_pixels - 0.5).max() > 0.05  # not a flat image
-    return ref_latents, png
+def _compare(setup, tmp_path, loras, num_images=1):
+    ours = _ours(setup, tmp_path / "out", loras, ["--num_images", str(num_images)])
+    assert len(ours) == num_images
+    for row, (latents, pixels, png) in enumerate(ours):
+        ref_latents, ref_pixels = _reference(setup, loras, row)
+        err_l = assert_close(latents, ref_latents, what="final latents")
+        err_p = np.abs(pixels - ref_pixels).max()
+        print(f"loras={len(loras)} image {row}: latents max abs err {err_l:.3g} "
+              f"(max |ref| {np.abs(ref_latents).max():.3g}), pixels max abs err {err_p:.3g}")
+        assert err_p <= 1e-3, f"decoded pixels: max abs error {err_p:.3g}"
+        assert np.abs(ref_pixels - 0.5).max() > 0.05  # not a flat image
+        if row == 0:
+            first = (ref_latents, png)
+    return first
 
 
 def test_matches_diffusers_pipeline(setup, tmp_path):
-    ref_latents, png = _compare(setup, tmp_path, ())
+    ref_latents, png = _compare(setup, tmp_path, (), num_images=2)
     name = os.path.basename(png)
     assert re.fullmatch(r"image_\d{8}-\d{6}_000\.png", name), name
+    assert os.path.exists(png.replace("_000.png", "_001.png"))
     from PIL import Image
     info = Image.open(png).text
     assert info["prompt"] == PROMPT and info["prompt2"] == PROMPT2 and info["negative_prompt"] == NEGATIVE
@@ -198,6 +205,40 @@ def test_matches_diffusers_pipeline_with_two_loras(setup, tmp_path):
         assert np.abs(ref_latents - setup["base_latents"]).max() > 1e-2
     from PIL import Image
     assert Image.open(png).text["loras"] == "lora0.safetensors:0.8, lora1.safetensors:-0.5"
+
+
+def test_seeds_unguided_and_interactive(setup, tmp_path, monkeypatch):
+    """Seeded noise (image i uses seed + i, recorded in the PNG), same seed -> same image, guidance <= 1
+    runs the U-Net on the prompt alone; the interactive loop reads prompt/prompt2/negative/seed."""
+    import mindspore as ms
+    from PIL import Image
+
+    ms.set_context(mode=ms.PYNATIVE_MODE)  # tiny model: no graph compilation for this bookkeeping test
+    try:
+        te1, te2, vae, unet = smi.load_models(setup["ckpt"])
+        gen = smi.Generator(te1, te2, vae, unet)
+        args = smi.setup_parser().parse_args(["--ckpt_path", setup["ckpt"], "--width", "64", "--height", "64",
+                                              "--steps", "2", "--num_images", "2", "--output_dir",
+                                              str(tmp_path / "a"), "--save_latents"])
+        os.makedirs(args.output_dir)
+        p1 = smi.generate_images(gen, args, "a cat", None, "", 7, "m", "none")
+        assert [Image.open(p).text["seed"] for p in p1] == ["7", "8"]
+        args.output_dir = str(tmp_path / "b")
+        os.makedirs(args.output_dir)
+        p2 = smi.generate_images(gen, args, "a cat", None, "", 7, "m", "none")
+        a, b = (np.load(p[0][:-4] + ".npz")["pixels"] for p in (p1, p2))
+        np.testing.assert_array_equal(a, b)
+        assert not np.array_equal(a, np.load(p1[1][:-4] + ".npz")["pixels"])
+        args.guidance_scale = 1.0
+        p3 = smi.generate_images(gen, args, "a cat", None, "", 7, "m", "none")
+        assert np.abs(np.load(p3[0][:-4] + ".npz")["latents"] - np.load(p1[0][:-4] + ".npz")["latents"]).max() > 1e-3
+    finally:
+        ms.set_context(mode=ms.GRAPH_MODE)
+    calls = []
+    lines = iter(["a dog", "", "ugly", "12", "a bird", "painting", "", "x", ""])
+    monkeypatch.setattr("builtins.input", lambda: next(lines))
+    smi.interactive_loop(lambda *a: calls.append(a))
+    assert calls == [("a dog", "a dog", "ugly", 12)]  # "x" is not a seed: asked again; "" ends
 
 
 def test_prompt2_reaches_text_encoder2(setup, tmp_path):
