@@ -232,6 +232,11 @@ class Generator:
     def _tokens(self, tokenizer, texts):
         import numpy as np
 
+        for text in texts:
+            n = len(tokenizer(text)["input_ids"])
+            if n > MAX_TOKENS:
+                logger.warning("prompt is %d tokens; truncated to %d (as kohya's minimal inference): %.60s...",
+                               n, MAX_TOKENS, text)
         ids = tokenizer(texts, padding="max_length", max_length=MAX_TOKENS, truncation=True)["input_ids"]
         return self.ms.Tensor(np.asarray(ids, np.int32).reshape(len(texts), MAX_TOKENS))
 
@@ -368,7 +373,8 @@ def generate_images(gen, args, prompt, prompt2, negative_prompt, seed, model_nam
                 "original_size": " ".join(map(str, args.original_size or (args.height, args.width))),
                 "crop": " ".join(map(str, args.crop)),
                 "target_size": " ".join(map(str, args.target_size or (args.height, args.width))),
-                "model": model_name, "loras": lora_desc, "dtype": args.dtype}
+                "model": model_name, "vae": os.path.basename(os.path.normpath(args.vae)) if args.vae else "from model",
+                "loras": lora_desc, "dtype": args.dtype, "vae_dtype": args.vae_dtype}
         path = save_png(args.output_dir, f"image_{timestamp}_{i:03d}", pixels, info)
         if args.save_latents:
             np.savez(os.path.splitext(path)[0] + ".npz", latents=latents, pixels=pixels)

@@ -69,7 +69,6 @@ def _save_sai(models, path):
 def _kohya_lora(models, seed, rank=4):
     """A LoRA in kohya's format by kohya's naming rule on the torch models' names (independent of our code):
     U-Net transformer Linears and ResBlock 3x3 convs (SGM names), text encoders' attention/MLP Linears."""
-    from library.sdxl_model_util import convert_sdxl_unet_state_dict_to_diffusers  # noqa: F401 (same rule)
     gen = torch.Generator().manual_seed(seed)
     sgm = {k[len("model.diffusion_model."):]: v for k, v in unet_to_sai(models["unet"].state_dict()).items()}
     shapes = {}
