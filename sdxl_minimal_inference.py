@@ -54,6 +54,9 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="random seed (image i uses seed + i); random if unset")
     p.add_argument("--num_images", type=int, default=1, help="images per prompt")
     p.add_argument("--sampler", type=str, default="euler", help="euler (default) or euler_a")
+    p.add_argument("--timestep_spacing", type=str, default="leading", choices=("leading", "linspace", "trailing"),
+                   help="sampler timesteps: leading (SDXL's scheduler config, diffusers' SDXL pipeline; default) "
+                        "or linspace (what kohya's script gets from diffusers' class defaults) or trailing")
     p.add_argument("--original_size", type=int, nargs=2, default=None, metavar=("HEIGHT", "WIDTH"),
                    help="SDXL size conditioning: original image size (default: --height --width)")
     p.add_argument("--crop", type=int, nargs=2, default=(0, 0), metavar=("TOP", "LEFT"),
@@ -362,13 +365,14 @@ def generate_images(gen, args, prompt, prompt2, negative_prompt, seed, model_nam
         rng = np.random.default_rng(image_seed)
         noise = init_latents[i:i + 1] if init_latents is not None else \
             rng.standard_normal((1,) + shape, dtype=np.float32)
-        scheduler = get_scheduler(args.sampler)
+        scheduler = get_scheduler(args.sampler, timestep_spacing=args.timestep_spacing)
         latents = gen.sample(noise, scheduler, args.steps, context, y, args.guidance_scale, rng)
         pixels = gen.decode(latents)
         info = {"prompt": prompt, "prompt2": prompt2, "negative_prompt": negative_prompt,
                 "seed": image_seed if init_latents is None else f"{image_seed} (initial latents from "
                                                                  f"{os.path.basename(args.init_latents)})",
                 "steps": args.steps, "scale": args.guidance_scale, "sampler": args.sampler,
+                "timestep_spacing": args.timestep_spacing,
                 "width": args.width, "height": args.height,
                 "original_size": " ".join(map(str, args.original_size or (args.height, args.width))),
                 "crop": " ".join(map(str, args.crop)),
@@ -385,18 +389,15 @@ def generate_images(gen, args, prompt, prompt2, negative_prompt, seed, model_nam
 
 
 def interactive_loop(generate):
+    """kohya's loop: prompt (empty ends), prompt2 (empty: the prompt), negative prompt, seed (empty: random)."""
     while True:
         try:
-            print("prompt:")
-            prompt = input()
+            prompt = input("prompt: ")
             if prompt == "":
                 break
-            print("prompt2:")
-            prompt2 = input() or prompt
-            print("negative prompt:")
-            negative_prompt = input()
-            print("seed:")
-            seed_text = input().strip()
+            prompt2 = input("prompt2: ") or prompt
+            negative_prompt = input("negative prompt: ")
+            seed_text = input("seed: ").strip()
         except EOFError:
             break
         try:

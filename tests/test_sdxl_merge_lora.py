@@ -111,7 +111,8 @@ def test_two_loras_checkpoint_equals_concat_lora(setup, tmp_path):
     _run(["--save_to", cat, "--models", *models, "--ratios", "0.7", "-0.4", "--concat", "--shuffle"])
     sd, meta, _ = load_state_dict_file(cat)
     name = next(k for k in sd if k.endswith(".lora_down.weight"))
-    assert sd[name].shape[0] == 6 and float(np.asarray(sd[name.replace("lora_down.weight", "alpha")]).reshape(-1)[0]) == 6.0
+    alpha = np.asarray(sd[name.replace("lora_down.weight", "alpha")]).reshape(-1)[0]
+    assert sd[name].shape[0] == 6 and float(alpha) == 6.0
     assert meta["ss_network_dim"] == "6" and "sshs_model_hash" in meta
     inp = setup["inputs"]
     errs = _compare(_outputs(*_merged(out), inp), _outputs(*_applied(setup["ckpt"], cat, 1.0), inp))

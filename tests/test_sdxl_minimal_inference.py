@@ -217,7 +217,7 @@ def test_seeds_unguided_and_interactive(setup, tmp_path, monkeypatch):
         te1, te2, vae, unet = smi.load_models(setup["ckpt"])
         gen = smi.Generator(te1, te2, vae, unet)
         args = smi.setup_parser().parse_args(["--ckpt_path", setup["ckpt"], "--width", "64", "--height", "64",
-                                              "--steps", "2", "--num_images", "2", "--output_dir",
+                                              "--steps", "1", "--num_images", "2", "--output_dir",
                                               str(tmp_path / "a"), "--save_latents"])
         os.makedirs(args.output_dir)
         p1 = smi.generate_images(gen, args, "a cat", None, "", 7, "m", "none")
@@ -235,7 +235,7 @@ def test_seeds_unguided_and_interactive(setup, tmp_path, monkeypatch):
         ms.set_context(mode=ms.GRAPH_MODE)
     calls = []
     lines = iter(["a dog", "", "ugly", "12", "a bird", "painting", "", "x", ""])
-    monkeypatch.setattr("builtins.input", lambda: next(lines))
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     smi.interactive_loop(lambda *a: calls.append(a))
     assert calls == [("a dog", "a dog", "ugly", 12)]  # "x" is not a seed: asked again; "" ends
 
