@@ -449,6 +449,7 @@ class NetworkTrainer:
     def __init__(self):
         self.vae_scale_factor = 0.18215
         self.is_sdxl = False
+        self.dynamic_shapes = os.environ.get("KOHYA_MS_DYNAMIC_SHAPES", "0") == "1"
 
     # -- hooks -----------------------------------------------------------------------------
     def assert_extra_args(self, args, train_dataset_group):
@@ -730,6 +731,12 @@ class NetworkTrainer:
                 inputs = self.step_inputs(args, batch, latents, noise, noisy_noise, timesteps, weights,
                                           noise_schedule)
                 key = tuple(latents.shape)
+                if self.dynamic_shapes and not compile_times:
+                    from mindspore import Tensor as _T
+                    step_cell.set_inputs(*[_T(shape=[None] * x.ndim, dtype=x.dtype) for x in inputs])
+                    key = "dynamic"
+                elif self.dynamic_shapes:
+                    key = "dynamic"
                 t0 = time.perf_counter()
                 loss = float(step_cell(*inputs).asnumpy())
                 dt = time.perf_counter() - t0
@@ -773,7 +780,7 @@ class NetworkTrainer:
         os.replace(csv_path + ".tmp", csv_path)
         write_loss_curve_png(os.path.join(args.output_dir, f"{args.output_name}_loss.png"), losses)
         summary = {"steps": global_step, "epochs": num_train_epochs,
-                   "compile_s": {"x".join(map(str, k)): round(v, 2) for k, v in compile_times.items()},
+                   "compile_s": {(k if isinstance(k, str) else "x".join(map(str, k))): round(v, 2) for k, v in compile_times.items()},
                    "s_per_step": round(sum(step_times) / len(step_times), 4) if step_times else None,
                    "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
         logger.info("training finished: %s", json.dumps(summary))

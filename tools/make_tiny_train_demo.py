@@ -23,7 +23,8 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), 
 SHAPES = ("circle", "square")
 
 
-def build_tiny_models(seed=0):
+def build_tiny_models(seed=0, small=False):
+    """The demo's models; ``small``: 2 UNet levels with one ResBlock each (faster to compile, for tests)."""
     from library import layers
     from library.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
     from library.clip_text_model import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -36,17 +37,19 @@ def build_tiny_models(seed=0):
                                                 num_hidden_layers=3, num_attention_heads=2)
     te1 = CLIPTextModel(te1_cfg)
     te2 = CLIPTextModelWithProjection(te2_cfg)
-    unet = SdxlUNet2DConditionModel(model_channels=64, transformer_depth=(0, 1, 1), num_head_channels=64,
+    levels = dict(channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(0, 1)) if small else \
+        dict(transformer_depth=(0, 1, 1))
+    unet = SdxlUNet2DConditionModel(model_channels=64, num_head_channels=64, **levels,
                                     context_dim=te1_cfg.hidden_size + te2_cfg.hidden_size,
                                     adm_in_channels=te2_cfg.projection_dim + 6 * 256, norm_num_groups=32)
     vae = AutoencoderKL(AutoencoderKLConfig.tiny(block_out_channels=(32, 32, 64, 64), norm_num_groups=32))
     return te1, te2, unet, vae
 
 
-def write_checkpoint(path, seed=0):
+def write_checkpoint(path, seed=0, small=False):
     from library.sdxl_model_util import save_stable_diffusion_checkpoint
 
-    te1, te2, unet, vae = build_tiny_models(seed)
+    te1, te2, unet, vae = build_tiny_models(seed, small)
     tmp = path + ".tmp.safetensors"
     save_stable_diffusion_checkpoint(tmp, te1, te2, unet, 0, 0, None, vae, None, {"demo": "tiny random SDXL"})
     os.replace(tmp, path)
@@ -119,12 +122,13 @@ network_module = 'networks.lora'
 network_dim = 8
 network_alpha = 8
 network_train_unet_only = true
+network_args = ['conv_dim=8', 'conv_alpha=8']
 
 [optimizer_arguments]
 optimizer_type = 'AdamW'
-learning_rate = 3e-3
-lr_scheduler = 'constant_with_warmup'
-lr_warmup_steps = 5
+learning_rate = 1e-2
+lr_scheduler = 'cosine'
+lr_warmup_steps = 4
 max_grad_norm = 1.0
 """
 
