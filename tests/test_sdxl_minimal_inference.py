@@ -112,9 +112,14 @@ def setup(tmp_path_factory):
         path = str(d / f"lora{i}.safetensors")
         save_file(_kohya_lora(models, seed), path, {"ss_network_module": "networks.lora"})
         loras.append(path)
+    # the second LoRA also as a MindSpore .ckpt (our format), same tensors
+    from library.lora_file import load_state_dict_file, save_state_dict_file
+    tensors, meta, dtypes = load_state_dict_file(loras[1])
+    ckpt_lora = str(d / "lora1_ms.ckpt")
+    save_state_dict_file(ckpt_lora, tensors, meta, dtypes)
     noise = np.random.default_rng(5).standard_normal((2, 4, SIZE // 8, SIZE // 8)).astype(np.float32)
     np.save(str(d / "noise.npy"), noise)
-    return dict(dir=d, models=models, ckpt=ckpt, loras=loras, noise=noise)
+    return dict(dir=d, models=models, ckpt=ckpt, loras=loras, ckpt_lora=ckpt_lora, noise=noise)
 
 
 def _pipeline(setup, loras=()):
@@ -152,13 +157,13 @@ def _reference(setup, loras=(), row=0):
     return latents, pixels
 
 
-def _ours(setup, out, loras=(), extra=()):
+def _ours(setup, out, loras=(), extra=(), ours_loras=None):
     argv = ["--ckpt_path", setup["ckpt"], "--prompt", PROMPT, "--prompt2", PROMPT2, "--negative_prompt", NEGATIVE,
             "--width", str(SIZE), "--height", str(SIZE), "--steps", str(STEPS), "--guidance_scale", "7",
             "--init_latents", str(setup["dir"] / "noise.npy"), "--save_latents", "--output_dir", str(out),
             "--device_target", "CPU"]
     if loras:
-        argv += ["--lora_weights"] + [f"{p};{m}" for p, m in loras]
+        argv += ["--lora_weights"] + [f"{p};{m}" for p, m in (ours_loras or loras)]
     smi.main(argv + list(extra))
     pngs = sorted(f for f in os.listdir(out) if f.endswith(".png"))
     results = []
@@ -168,8 +173,8 @@ def _ours(setup, out, loras=(), extra=()):
     return results
 
 
-def _compare(setup, tmp_path, loras, num_images=1):
-    ours = _ours(setup, tmp_path / "out", loras, ["--num_images", str(num_images)])
+def _compare(setup, tmp_path, loras, num_images=1, ours_loras=None):
+    ours = _ours(setup, tmp_path / "out", loras, ["--num_images", str(num_images)], ours_loras)
     assert len(ours) == num_images
     for row, (latents, pixels, png) in enumerate(ours):
         ref_latents, ref_pixels = _reference(setup, loras, row)
@@ -198,12 +203,14 @@ def test_matches_diffusers_pipeline(setup, tmp_path):
 
 
 def test_matches_diffusers_pipeline_with_two_loras(setup, tmp_path):
+    """A torch-written kohya .safetensors and the second LoRA as our MindSpore .ckpt; diffusers loads both
+    as .safetensors with load_lora_weights."""
     loras = [(setup["loras"][0], 0.8), (setup["loras"][1], -0.5)]
-    ref_latents, png = _compare(setup, tmp_path, loras)
+    ref_latents, png = _compare(setup, tmp_path, loras, ours_loras=[loras[0], (setup["ckpt_lora"], -0.5)])
     if "base_latents" in setup:  # the LoRAs change the result (the comparison is not vacuous)
         assert np.abs(ref_latents - setup["base_latents"]).max() > 1e-2
     from PIL import Image
-    assert Image.open(png).text["loras"] == "lora0.safetensors:0.8, lora1.safetensors:-0.5"
+    assert Image.open(png).text["loras"] == "lora0.safetensors:0.8, lora1_ms.ckpt:-0.5"
 
 
 def test_seeds_unguided_and_interactive(setup, tmp_path, monkeypatch):
@@ -339,3 +346,31 @@ def test_error_exit_is_one_line(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.safetensors'}: checkpoint not found"]
+
+
+def test_euler_ancestral_step_matches_diffusers(monkeypatch):
+    """Same arithmetic as diffusers' EulerAncestralDiscreteScheduler given the same noise (diffusers' torch
+    noise replaced by the numpy draw our step makes)."""
+    import diffusers.schedulers.scheduling_euler_ancestral_discrete as ea
+
+    ref = diffusers.EulerAncestralDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                                    beta_schedule="scaled_linear", timestep_spacing="leading",
+                                                    steps_offset=1)
+    ours = get_scheduler("euler_a")
+    n = 10
+    ref.set_timesteps(n)
+    ours.set_timesteps(n)
+    np.testing.assert_array_equal(ours.timesteps, ref.timesteps.numpy())
+    np.testing.assert_allclose(ours.init_noise_sigma, float(ref.init_noise_sigma), rtol=2e-6)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((1, 4, 4, 4)).astype(np.float32)
+    for i, t in enumerate(ref.timesteps):
+        eps = rng.standard_normal(x.shape).astype(np.float32)
+        noise = np.random.default_rng(100 + i).standard_normal(x.shape, dtype=np.float32)
+        monkeypatch.setattr(ea, "randn_tensor", lambda *a, **k: torch.from_numpy(noise.copy()))
+        np.testing.assert_allclose(ours.scale_model_input(x, i), ref.scale_model_input(torch.from_numpy(x), t).numpy(),
+                                   rtol=1e-5, atol=1e-6)
+        want = ref.step(torch.from_numpy(eps), t, torch.from_numpy(x)).prev_sample.numpy()
+        got = ours.step(eps, i, x, np.random.default_rng(100 + i))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+        x = want
