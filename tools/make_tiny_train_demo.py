@@ -133,12 +133,14 @@ max_grad_norm = 1.0
 """
 
 
-def make_demo(work, steps=40, seed=0):
+def make_demo(work, steps=40, seed=0, small=False):
+    """Write the demo files under ``work``; returns the train .toml path. ``small``: the 2-level
+    test topology (the pipeline is the same, it compiles ~2x faster)."""
     work = os.path.abspath(work)
     os.makedirs(work, exist_ok=True)
     ckpt = os.path.join(work, "tiny_sdxl.safetensors")
     if not os.path.exists(ckpt):
-        write_checkpoint(ckpt, seed)
+        write_checkpoint(ckpt, seed, small)
     image_dir = os.path.join(work, "images")
     write_images(image_dir, 8, [(64, 64)], seed)
     dataset = os.path.join(work, "dataset.toml")
