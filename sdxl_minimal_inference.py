@@ -145,12 +145,17 @@ def check_args(args):
 # models
 
 
-def load_models(ckpt_path, vae_path=None):
-    try:
-        from library.sdxl_model_util import load_models_from_sdxl_checkpoint
-    except ImportError:  # older tree: the loader lives in sdxl_checkpoint only
-        from library.sdxl_checkpoint import load_models_from_sdxl_checkpoint
-    te1, te2, vae, unet, _, _ = load_models_from_sdxl_checkpoint(ckpt_path, vae_path=vae_path)
+def load_models(ckpt_path, vae_path=None, dtype_name="fp32", vae_dtype_name="fp32"):
+    """(te1, te2, vae, unet): the U-Net is read straight into ``dtype_name`` (half the memory in fp16), the VAE
+    into ``vae_dtype_name`` (read a second time when the two differ), text encoders in fp32."""
+    from library.sdxl_model_util import load_models_from_sdxl_checkpoint, load_vae
+
+    dtype = None if dtype_name == "fp32" else dtype_name
+    vae_dtype = None if vae_dtype_name == "fp32" else vae_dtype_name
+    te1, te2, vae, unet, _, _ = load_models_from_sdxl_checkpoint(ckpt_path, dtype=dtype, vae_path=vae_path)
+    if vae_dtype != dtype:
+        del vae
+        vae = load_vae(vae_path or ckpt_path, dtype=vae_dtype)
     return te1, te2, vae, unet
 
 
@@ -214,9 +219,13 @@ class Generator:
         if self.dtype != ms.float32:
             unet.to_dtype(self.dtype)
         vae_dtype = dtypes[vae_dtype_name]
-        if vae_dtype != ms.float32:
-            from library.sdxl_checkpoint import _cast_compute_params
-            _cast_compute_params(vae, vae_dtype)
+        if vae_dtype != ms.float32:  # Linear/Conv weights (norms stay fp32), as the loader does
+            from library import layers
+            for _, cell in vae.cells_and_names():
+                if isinstance(cell, (layers.Linear, layers.Conv2d)):
+                    for p in cell.get_parameters(expand=False):
+                        if p.dtype != vae_dtype:
+                            p.set_dtype(vae_dtype)
         self.vae_dtype = vae_dtype
         self.vae_decode = VAEDecode(vae)
         self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -416,7 +425,7 @@ def main(argv=None):
     dtype_name = check_dtype_supported(args.dtype, target)
     vae_dtype_name = check_dtype_supported(args.vae_dtype, target)
 
-    te1, te2, vae, unet = load_models(args.ckpt_path, args.vae)
+    te1, te2, vae, unet = load_models(args.ckpt_path, args.vae, dtype_name, vae_dtype_name)
     merge_loras(loras, te1, te2, vae, unet)
     gen = Generator(te1, te2, vae, unet, dtype_name, vae_dtype_name)
     gen.check_size(args.width, args.height)

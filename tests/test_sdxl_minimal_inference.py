@@ -374,3 +374,16 @@ def test_euler_ancestral_step_matches_diffusers(monkeypatch):
         got = ours.step(eps, i, x, np.random.default_rng(100 + i))
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
         x = want
+
+
+def test_load_dtypes(setup):
+    """--dtype fp16: the U-Net is read straight into fp16 (norms fp32); the VAE stays fp32 unless asked."""
+    import mindspore as ms
+
+    te1, te2, vae, unet = smi.load_models(setup["ckpt"], None, "fp16", "fp32")
+    assert unet.time_embed[0].weight.dtype == ms.float16
+    assert {p.dtype for p in unet.out[0].get_parameters()} == {ms.float32}  # GroupNorm
+    assert vae.post_quant_conv.weight.dtype == ms.float32
+    assert {p.dtype for p in te1.get_parameters()} == {ms.float32}
+    _, _, vae16, _ = smi.load_models(setup["ckpt"], None, "fp16", "fp16")
+    assert vae16.post_quant_conv.weight.dtype == ms.float16
