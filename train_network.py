@@ -471,7 +471,7 @@ class NetworkTrainer:
         """-> a Cell taking ``step_inputs(...)`` and returning the scalar loss."""
         raise NotImplementedError
 
-    def step_inputs(self, args, batch, latents, noise, noisy_noise, timesteps, weights):
+    def step_inputs(self, args, batch, latents, noise, noisy_noise, timesteps, weights, noise_schedule):
         raise NotImplementedError
 
     # -- checks ----------------------------------------------------------------------------
@@ -528,7 +528,7 @@ class NetworkTrainer:
 
         import numpy as np
         import mindspore as ms
-        from mindspore import Parameter, ParameterTuple, Tensor
+        from mindspore import ParameterTuple
         from tqdm import tqdm
 
         from library import custom_train_functions as ctf
@@ -698,12 +698,12 @@ class NetworkTrainer:
             progress.set_postfix(avr_loss=f"{avr:.4f}", loss=f"{loss_value:.4f}", s_step=f"{step_seconds:.2f}")
             if not math.isfinite(loss_value):
                 raise UserError(f"loss is {loss_value} at step {global_step}: stopping (no LoRA saved for it)")
-            if args.save_every_n_steps is not None and global_step % args.save_every_n_steps == 0 \
-                    and global_step < args.max_train_steps:
+            if args.save_every_n_steps is not None and global_step % args.save_every_n_steps == 0:
                 save_model(get_step_ckpt_name(args, ext, global_step), global_step, epoch + 1)
-                if args.save_last_n_steps is not None:
-                    remove_no = global_step - args.save_every_n_steps * (args.save_last_n_steps // args.save_every_n_steps + 1)
-                    if remove_no > 0 and remove_no % args.save_every_n_steps == 0:
+                if args.save_last_n_steps is not None:  # kohya's get_remove_step_no
+                    remove_no = global_step - args.save_last_n_steps - 1
+                    remove_no -= remove_no % args.save_every_n_steps
+                    if remove_no > 0:
                         remove_model(get_step_ckpt_name(args, ext, remove_no))
 
         optimizer.set_lrs(schedule.lrs(0))
@@ -767,7 +767,7 @@ class NetworkTrainer:
                     if global_step >= args.max_train_steps:
                         break
             if args.save_every_n_epochs is not None and (epoch + 1) % args.save_every_n_epochs == 0 \
-                    and (epoch + 1) < num_train_epochs and global_step < args.max_train_steps:
+                    and (epoch + 1) < num_train_epochs:
                 save_model(get_epoch_ckpt_name(args, ext, epoch + 1), global_step, epoch + 1)
                 if args.save_last_n_epochs is not None:
                     remove_epoch_no = epoch + 1 - args.save_every_n_epochs * args.save_last_n_epochs
