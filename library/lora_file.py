@@ -89,7 +89,7 @@ def serialize_safetensors(tensors, metadata=None, dtypes=None):
         if dtypes.get(name) == "bf16":
             a = float32_to_bf16_bits(a.astype(np.float32)).reshape(a.shape)
             bf16.add(name)
-        arrays[name] = np.ascontiguousarray(a)
+        arrays[name] = np.ascontiguousarray(a).reshape(a.shape)  # keep 0-d (alpha) 0-d, as kohya's files
     if metadata is not None:
         metadata = {str(k): str(v) for k, v in metadata.items()}
     data = safetensors.numpy.save(arrays, metadata=metadata)
@@ -282,6 +282,8 @@ def read_mindspore_ckpt(path):
         else:
             tensors[name] = value.asnumpy()
             dtypes[name] = dtype_of(tensors[name])
+        if name.endswith(".alpha") and tensors[name].size == 1:
+            tensors[name] = tensors[name].reshape(())  # scalar in kohya's files; a .ckpt stores shape [1]
     return tensors, metadata, dtypes
 
 
