@@ -454,9 +454,11 @@ def load_user_config(file) -> dict:
 def user_config_from_args(args: argparse.Namespace) -> dict:
     """The dataset config for ``args``: the config file, or the command-line-only mode (kohya's train_network)."""
     if getattr(args, "dataset_config", None) is not None:
-        ignored = [a for a in ("train_data_dir", "reg_data_dir", "in_json") if getattr(args, a, None) is not None]
-        if ignored:
-            logger.warning(f"ignoring the following options because config file is found: {', '.join(ignored)}")
+        # kohya warns and ignores these; here an option is honoured or refused
+        both = [a for a in ("train_data_dir", "reg_data_dir", "in_json") if getattr(args, a, None) is not None]
+        if both:
+            raise UserError(f"--{', --'.join(both)} cannot be combined with --dataset_config "
+                            f"(the config file defines the datasets): remove one of them")
         return load_user_config(args.dataset_config)
     if getattr(args, "train_data_dir", None) is None:
         raise UserError("no training data: pass --dataset_config or --train_data_dir")

@@ -103,6 +103,12 @@ def test_json_config_same_as_toml(tmp_path, folder):
     assert {info.caption for info in group.image_data.values()} == {"sks"}
 
 
+def test_dataset_config_with_command_line_data_is_refused(tmp_path, folder):
+    path = write_toml(tmp_path / "ds.toml", f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{folder}'\n")
+    with pytest.raises(UserError, match="--train_data_dir cannot be combined with --dataset_config"):
+        config_util.build_dataset_groups(parse_args(["--dataset_config", path, "--train_data_dir", str(folder)]))
+
+
 def test_command_line_dreambooth_folders(tmp_path):
     write_image(str(tmp_path / "train" / "10_sks dog" / "a.png"), 64, 64)
     write_image(str(tmp_path / "train" / "3_my_thing" / "b.jpg"), 64, 64)
