@@ -113,7 +113,6 @@ NOT_IMPLEMENTED = [
     ("--masked_loss", dict(action="store_true")),
     ("--weighted_captions", dict(action="store_true")),
     ("--dim_from_weights", dict(action="store_true")),
-    ("--scale_weight_norms", dict(type=float, default=None)),
     ("--base_weights", dict(type=str, default=None, nargs="*")),
     ("--base_weights_multiplier", dict(type=float, default=None, nargs="*")),
     ("--network_train_text_encoder_only", dict(action="store_true")),
@@ -209,6 +208,8 @@ def setup_parser() -> argparse.ArgumentParser:
     add("--optimizer_type", type=str, default="", help="AdamW (default); others are not implemented yet")
     add("--learning_rate", type=float, default=2.0e-6, help="learning rate")
     add("--max_grad_norm", type=float, default=1.0, help="max gradient norm, 0 for no clipping")
+    add("--scale_weight_norms", type=float, default=None,
+        help="after each update, scale every LoRA module whose up@down*scale norm exceeds this (kohya's max-norm)")
     add("--optimizer_args", type=str, default=None, nargs="*",
         help="additional arguments for optimizer (like \"weight_decay=0.01 betas=0.9,0.999\")")
     add("--lr_scheduler", type=str, default="constant",
@@ -481,6 +482,8 @@ class NetworkTrainer:
             raise UserError("--pretrained_model_name_or_path is required")
         if args.output_dir is None:
             raise UserError("--output_dir is required")
+        if args.scale_weight_norms is not None and args.scale_weight_norms <= 0:
+            raise UserError(f"--scale_weight_norms must be positive, got {args.scale_weight_norms}")
         if args.network_module is None:
             raise UserError("--network_module is required (networks.lora)")
         if args.network_module != "networks.lora":
@@ -695,7 +698,11 @@ class NetworkTrainer:
             avr = sum(loss_recorder_window[-num_update_steps_per_epoch:]) / len(
                 loss_recorder_window[-num_update_steps_per_epoch:])
             loss_rows.append((global_step, loss_value, avr, schedule.lrs(global_step - 1)[0]))
-            progress.set_postfix(avr_loss=f"{avr:.4f}", loss=f"{loss_value:.4f}", s_step=f"{step_seconds:.2f}")
+            postfix = dict(avr_loss=f"{avr:.4f}", loss=f"{loss_value:.4f}", s_step=f"{step_seconds:.2f}")
+            if args.scale_weight_norms:
+                keys_scaled, mean_norm, _ = network.apply_max_norm_regularization(args.scale_weight_norms)
+                postfix.update(keys_scaled=keys_scaled, avg_norm=f"{mean_norm:.4f}")
+            progress.set_postfix(**postfix)
             if not math.isfinite(loss_value):
                 raise UserError(f"loss is {loss_value} at step {global_step}: stopping (no LoRA saved for it)")
             if args.save_every_n_steps is not None and global_step % args.save_every_n_steps == 0:

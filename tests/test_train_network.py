@@ -76,9 +76,13 @@ def _lora_file(path):
     return sd, metadata
 
 
+MAX_NORM = 1e-4
+
+
 def test_dreambooth_class_tokens_buckets_accumulation(tmp_path, tiny_ckpt):
     """DreamBooth class+identifier, two aspect-ratio buckets, text encoders trained too,
-    gradient accumulation 2, epochs and epoch saves with kohya's names."""
+    gradient accumulation 2, epochs and epoch saves with kohya's names, max-norm
+    regularisation (--scale_weight_norms) after every update."""
     import make_tiny_train_demo as demo
 
     images = tmp_path / "img"
@@ -105,7 +109,7 @@ batch_size = 2
                  "--network_alpha", 2, "--learning_rate", 1e-3, "--text_encoder_lr", 5e-4,
                  "--gradient_accumulation_steps", 2, "--max_train_epochs", 2, "--save_every_n_epochs", 1,
                  "--seed", 1, "--max_data_loader_n_workers", 0, "--lr_scheduler", "cosine",
-                 "--lr_warmup_steps", 1, "--save_precision", "fp32"])
+                 "--lr_warmup_steps", 1, "--save_precision", "fp32", "--scale_weight_norms", MAX_NORM])
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = sorted(os.listdir(out))
     assert "db.safetensors" in files and "db-000001.safetensors" in files, files
@@ -117,6 +121,15 @@ batch_size = 2
     # only text encoder 1's last layer (3 layers here) does not reach the loss (kohya uses hidden_states[-2])
     assert zero_ups and all(k.startswith("lora_te1_text_model_encoder_layers_2_") for k in zero_ups), zero_ups
     assert all(np.asarray(v).dtype == np.float32 for v in sd.values())
+    # kohya's max-norm: every module's |up @ down * alpha/dim| <= MAX_NORM, and it did bind
+    norms = []
+    for key in (k for k in sd if k.endswith(".lora_up.weight")):
+        name = key[: -len(".lora_up.weight")]
+        up, down = np.asarray(sd[key], np.float64), np.asarray(sd[name + ".lora_down.weight"], np.float64)
+        scale = float(np.asarray(sd[name + ".alpha"])) / down.shape[0]
+        norms.append(np.linalg.norm(up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)) * scale)
+    assert max(norms) <= MAX_NORM * (1 + 1e-4), max(norms)
+    assert sum(n > MAX_NORM * 0.999 for n in norms) > 0, max(norms)
     # 2 buckets x 1 batch each = 2 batches per epoch; accumulation 2 -> 1 update per epoch
     assert md["ss_steps"] == "2" and md["ss_epoch"] == "2" and md["ss_num_epochs"] == "2", md
     assert md["ss_network_module"] == "networks.lora" and md["ss_network_dim"] == "4"
