@@ -31,7 +31,6 @@ implement yet stops the run at start with one line naming it (see
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
 import math
@@ -112,7 +111,6 @@ NOT_IMPLEMENTED = [
     ("--output_config", dict(action="store_true")),
     ("--masked_loss", dict(action="store_true")),
     ("--weighted_captions", dict(action="store_true")),
-    ("--dim_from_weights", dict(action="store_true")),
     ("--base_weights", dict(type=str, default=None, nargs="*")),
     ("--base_weights_multiplier", dict(type=float, default=None, nargs="*")),
     ("--network_train_text_encoder_only", dict(action="store_true")),
@@ -223,6 +221,8 @@ def setup_parser() -> argparse.ArgumentParser:
     add("--unet_lr", type=float, default=None, help="learning rate for U-Net")
     add("--text_encoder_lr", type=float, default=None, help="learning rate for Text Encoder")
     add("--network_weights", type=str, default=None, help="pretrained weights for network")
+    add("--dim_from_weights", action="store_true",
+        help="take each module's dim and alpha from --network_weights (kohya's option)")
     add("--network_module", type=str, default=None, help="network module to train (networks.lora)")
     add("--network_dim", type=int, default=None, help="network dimensions (depends on each network)")
     add("--network_alpha", type=float, default=1, help="alpha for LoRA weight scaling")
@@ -482,6 +482,15 @@ class NetworkTrainer:
             raise UserError("--pretrained_model_name_or_path is required")
         if args.output_dir is None:
             raise UserError("--output_dir is required")
+        if args.dim_from_weights:
+            if args.network_weights is None:
+                raise UserError("--dim_from_weights needs --network_weights (the file the dims come from)")
+            # kohya builds the network from the file and drops these silently; here they are refused
+            given = [name for name, value in (("--network_dim", args.network_dim),
+                                              ("--network_dropout", args.network_dropout)) if value is not None]
+            if given:
+                raise UserError(f"{', '.join(given)} cannot be combined with --dim_from_weights "
+                                "(dims and alphas come from --network_weights)")
         if args.scale_weight_norms is not None and args.scale_weight_norms <= 0:
             raise UserError(f"--scale_weight_norms must be positive, got {args.scale_weight_norms}")
         if args.network_module is None:
@@ -581,8 +590,12 @@ class NetworkTrainer:
                 raise UserError(f"--network_args: '{net_arg}' is not key=value")
             key, value = net_arg.split("=", 1)
             net_kwargs[key] = value
-        network = network_module.create_network(1.0, args.network_dim, args.network_alpha, vae, text_encoders, unet,
-                                                neuron_dropout=args.network_dropout, **net_kwargs)
+        if args.dim_from_weights:
+            network, _ = network_module.create_network_from_weights(1, args.network_weights, vae, text_encoders,
+                                                                    unet, **net_kwargs)
+        else:
+            network = network_module.create_network(1.0, args.network_dim, args.network_alpha, vae, text_encoders,
+                                                    unet, neuron_dropout=args.network_dropout, **net_kwargs)
         train_unet = True
         train_text_encoder = not args.network_train_unet_only
         network.apply_to(text_encoders, unet, train_text_encoder, train_unet)

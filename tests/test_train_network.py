@@ -69,6 +69,12 @@ def test_config_file_unknown_key_stops(tmp_path):
 
 # -- end to end -------------------------------------------------------------------------------------
 
+def ms_tensor(array):
+    from mindspore import Tensor
+
+    return Tensor(array)
+
+
 def _lora_file(path):
     from library.lora_file import load_state_dict_file
 
@@ -159,3 +165,47 @@ def test_demo_trains_with_falling_loss(tmp_path):
     assert last < 0.8 * first, (first, last, losses)
     summary = json.loads(proc.stdout.strip().splitlines()[-1].split("; ", 1)[1])
     assert summary["steps"] == len(losses)
+
+
+def test_dim_from_weights_starts_from_the_file(tmp_path, tiny_ckpt):
+    """--dim_from_weights: module dims/alphas and the starting weights come from --network_weights
+    (a LoRA of dim 2 with random up weights); with a negligible learning rate the saved LoRA equals it."""
+    import library  # noqa: F401
+    from library import layers
+    from library.sdxl_model_util import load_models_from_sdxl_checkpoint
+    from networks import lora
+
+    te1, te2, vae, unet, _, _ = load_models_from_sdxl_checkpoint(tiny_ckpt)
+    layers.set_init_seed(3)
+    net = lora.create_network(1.0, 2, 1, vae, [te1, te2], unet)
+    net.apply_to([te1, te2], unet, False, True)
+    rng = np.random.default_rng(0)
+    for module in net.unet_loras:
+        w = module.lora_up.weight
+        w.set_data(ms_tensor(rng.standard_normal(w.shape).astype(np.float32) * 0.01))
+    src = str(tmp_path / "start.safetensors")
+    net.save_weights(src, None, {})
+    start, _ = _lora_file(src)
+
+    refused = _run(["--pretrained_model_name_or_path", tiny_ckpt, "--output_dir", tmp_path / "x",
+                    "--network_module", "networks.lora", "--dim_from_weights", "--network_weights", src,
+                    "--network_dim", 8, "--train_data_dir", tmp_path])
+    assert refused.returncode == 2 and "--network_dim cannot be combined with --dim_from_weights" in refused.stderr
+
+    images = tmp_path / "img"
+    import make_tiny_train_demo as demo
+    demo.write_images(str(images), 2, [(64, 64)], seed=2, captions=False)
+    dataset = tmp_path / "dataset.toml"
+    dataset.write_text(f"[[datasets]]\nresolution = 64\nbatch_size = 1\n[[datasets.subsets]]\n"
+                       f"image_dir = '{images}'\nclass_tokens = 'shq'\n")
+    out = tmp_path / "out"
+    proc = _run(["--pretrained_model_name_or_path", tiny_ckpt, "--dataset_config", dataset, "--output_dir", out,
+                 "--output_name", "fw", "--network_module", "networks.lora", "--dim_from_weights",
+                 "--network_weights", src, "--network_train_unet_only", "--learning_rate", 1e-12,
+                 "--max_train_steps", 1, "--max_data_loader_n_workers", 0, "--save_precision", "fp32"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trained, _ = _lora_file(str(out / "fw.safetensors"))
+    assert set(trained) == set(start)
+    for key, value in start.items():
+        np.testing.assert_allclose(np.asarray(trained[key]), np.asarray(value), atol=1e-6, err_msg=key)
+    assert any(np.abs(np.asarray(v)).max() > 0 for k, v in trained.items() if k.endswith("lora_up.weight"))
