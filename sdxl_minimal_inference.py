@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import library  # noqa: E402,F401  (sets the CPU runtime env before mindspore loads)
 from library.device_utils import (  # noqa: E402
     UserError, add_device_arguments, check_dtype_supported, run_main, setup_device_from_args)
+from library.path_utils import check_writable_folder  # noqa: E402
 import mindspore as ms  # noqa: E402
 from mindspore import nn, ops  # noqa: E402
 
@@ -104,12 +105,7 @@ def check_output_dir(output_dir):
         raise UserError(f"{output_dir}: cannot create output folder ({e.strerror or e})") from None
     if not os.path.isdir(output_dir):
         raise UserError(f"{output_dir}: output path is not a folder")
-    try:
-        fd, probe = tempfile.mkstemp(dir=output_dir, prefix=".write_test_")
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"{output_dir}: output folder is not writable ({e.strerror or e})") from None
+    check_writable_folder(output_dir, "--output_dir")
 
 
 def check_args(args):

@@ -18,14 +18,16 @@ per image on CPU.
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bench_common  # noqa: E402
+from bench_common import fmt, peak_rss_gb  # noqa: E402,F401
 
 PROMPT = "a photo of an astronaut riding a horse on the moon"
 NEGATIVE = "blurry, low quality"
@@ -59,9 +61,6 @@ TINY = dict(
 )
 CONFIGS = {"full": FULL, "tiny": TINY}
 
-
-def peak_rss_gb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
 
 
 # --------------------------------------------------------------------------- workers
@@ -182,17 +181,7 @@ def worker_ms(args):
 
 
 def run_worker(kind, extra):
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind] + extra
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stderr[-3000:])
-        return {"error": f"exit {proc.returncode}"}
-    return json.loads(lines[-1][7:])
-
-
-def fmt(v, spec=".2f"):
-    return "-" if v is None else format(v, spec)
+    return bench_common.run_worker(__file__, ["--worker", kind] + extra)
 
 
 def main():

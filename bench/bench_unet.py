@@ -18,13 +18,15 @@ base weights frozen, as in LoRA training), peak RSS of the process. Batch 1,
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bench_common  # noqa: E402
+from bench_common import fmt, peak_rss_gb  # noqa: E402,F401
 
 CONFIGS = {
     # SDXL base 1.0
@@ -33,9 +35,6 @@ CONFIGS = {
     "mid": dict(model_channels=128, channel_mult=(1, 2, 4), transformer_depth=(0, 1, 2)),
 }
 
-
-def peak_rss_gb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
 
 
 def diffusers_config(cfg):
@@ -183,17 +182,7 @@ def worker_ms(args):
 # --------------------------------------------------------------------------- driver
 
 def run_worker(kind, config, extra, env=None):
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--config", config] + extra
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stderr[-3000:])
-        return {"error": f"exit {proc.returncode}"}
-    return json.loads(lines[-1][7:])
-
-
-def fmt(v, spec=".2f"):
-    return "-" if v is None else format(v, spec)
+    return bench_common.run_worker(__file__, ["--worker", kind, "--config", config] + extra, env)
 
 
 def main():

@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import time
 from collections import OrderedDict
 
@@ -33,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import library  # noqa: E402,F401  (CPU runtime env before mindspore loads)
 from library.device_utils import UserError, add_device_arguments, run_main, setup_device_from_args  # noqa: E402
+from library.path_utils import check_writable_folder  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -93,12 +93,7 @@ def check_args(args):
     folder = os.path.dirname(os.path.abspath(args.save_to))
     if not os.path.isdir(folder):
         raise UserError(f"{args.save_to}: output folder {folder} does not exist")
-    try:
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write_test_")
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"{args.save_to}: output folder {folder} is not writable ({e.strerror or e})") from None
+    check_writable_folder(folder, args.save_to)
 
 
 def _dtype_name(precision):

@@ -1,0 +1,26 @@
+"""Shared pieces of the bench scripts: each measurement runs as a worker process of the
+script itself (so peak RSS is its own) and prints one ``RESULT <json>`` line."""
+import json
+import os
+import resource
+import subprocess
+import sys
+
+
+def peak_rss_gb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+
+
+def run_worker(script, args, env=None):
+    """Run ``script --worker ...`` in a new process; its RESULT dict, or {"error": ...}."""
+    proc = subprocess.run([sys.executable, os.path.abspath(script)] + list(args), capture_output=True,
+                          text=True, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stderr[-3000:])
+        return {"error": f"exit {proc.returncode}"}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def fmt(v, spec=".2f"):
+    return "-" if v is None else format(v, spec)
