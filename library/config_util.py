@@ -88,24 +88,24 @@ class BaseDatasetParams:
 
 
 @dataclass
-class DreamBoothDatasetParams(BaseDatasetParams):
+class _BucketedDatasetParams(BaseDatasetParams):
+    """Batch and aspect-ratio bucket settings both dataset kinds share."""
     batch_size: int = 1
     enable_bucket: bool = False
     min_bucket_reso: int = 256
     max_bucket_reso: int = 1024
     bucket_reso_steps: int = 64
     bucket_no_upscale: bool = False
+
+
+@dataclass
+class DreamBoothDatasetParams(_BucketedDatasetParams):
     prior_loss_weight: float = 1.0
 
 
 @dataclass
-class FineTuningDatasetParams(BaseDatasetParams):
-    batch_size: int = 1
-    enable_bucket: bool = False
-    min_bucket_reso: int = 256
-    max_bucket_reso: int = 1024
-    bucket_reso_steps: int = 64
-    bucket_no_upscale: bool = False
+class FineTuningDatasetParams(_BucketedDatasetParams):
+    pass
 
 
 @dataclass
