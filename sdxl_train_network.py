@@ -31,10 +31,10 @@ def distinguish_text_encoder_params(text_encoder2):
 
 
 def make_sdxl_loss_net(text_encoder1, text_encoder2, unet, max_token_length=None, v_parameterization=False,
-                       eos_token_id2=49407):
+                       eos_token_id2=49407, loss_type="l2"):
     """The SDXL loss cell of the train step (see ``SdxlNetworkLoss``)."""
     return _build_sdxl_loss_cell()(text_encoder1, text_encoder2, unet, max_token_length, v_parameterization,
-                                   eos_token_id2)
+                                   eos_token_id2, loss_type)
 
 
 def _build_sdxl_loss_cell():
@@ -42,6 +42,7 @@ def _build_sdxl_loss_cell():
     from mindspore import nn, ops
 
     from library.sdxl_train_util import get_hidden_states_sdxl
+    from library.train_losses import masked_per_sample_loss
 
     class SdxlNetworkLoss(nn.Cell):
         """One SDXL training loss (kohya's train_network step for SDXL), graph-compilable.
@@ -49,12 +50,13 @@ def _build_sdxl_loss_cell():
         Inputs: latents (B,4,h,w) already x0.13025; noise (target noise), noisy_noise (the noise
         mixed into the latents: noise, or noise + ip_noise_gamma * N(0,1)); timesteps float (B,);
         sqrt_alpha_bar, sqrt_one_minus_alpha_bar (B,); weights (B,) (loss_weights x SNR-type
-        factors); input_ids1, input_ids2 (B, n, 77) int32; size_emb (B, 1536).
-        loss = mean_b(weights_b * mean_chw((pred - target)^2)), target = noise or v.
+        factors); input_ids1, input_ids2 (B, n, 77) int32; size_emb (B, 1536); huber_c (B,) and
+        loss_mask (B, 1, h, w) (``custom_train_functions.loss_extra_inputs``).
+        loss = mean_b(weights_b * mean_chw(loss_mask * conditional_loss(pred, target))), target = noise or v.
         """
 
         def __init__(self, text_encoder1, text_encoder2, unet, max_token_length=None, v_parameterization=False,
-                     eos_token_id2=49407):
+                     eos_token_id2=49407, loss_type="l2"):
             super().__init__(auto_prefix=False)
             self.text_encoder1 = text_encoder1
             self.text_encoder2 = text_encoder2
@@ -62,9 +64,10 @@ def _build_sdxl_loss_cell():
             self.max_token_length = max_token_length
             self.v_parameterization = v_parameterization
             self.eos_token_id2 = eos_token_id2
+            self.loss_type = loss_type
 
         def construct(self, latents, noise, noisy_noise, timesteps, sqrt_ab, sqrt_1mab, weights, input_ids1,
-                      input_ids2, size_emb):
+                      input_ids2, size_emb, huber_c, loss_mask):
             hidden1, hidden2, pool2 = get_hidden_states_sdxl(self.max_token_length, input_ids1, input_ids2, None,
                                                              None, self.text_encoder1, self.text_encoder2,
                                                              eos_token_id2=self.eos_token_id2)
@@ -79,7 +82,7 @@ def _build_sdxl_loss_cell():
                 target = a * noise - s * latents  # diffusers get_velocity
             else:
                 target = noise
-            per_sample = ops.mean(ops.square(pred - target), (1, 2, 3))
+            per_sample = masked_per_sample_loss(pred, target, self.loss_type, huber_c, loss_mask)
             return ops.mean(per_sample * weights)
 
     return SdxlNetworkLoss
@@ -94,13 +97,13 @@ class SdxlNetworkTrainer(train_network.NetworkTrainer):
         self.is_sdxl = True
 
     def assert_extra_args(self, args, train_dataset_group):
+        from library.custom_train_functions import check_loss_args
+
         train_dataset_group.verify_bucket_reso_steps(32)
+        check_loss_args(args, train_dataset_group)
         for d in train_dataset_group.datasets:
             if getattr(d, "network_multiplier", 1.0) != 1.0:
                 raise UserError("network_multiplier in the dataset config is not implemented yet in this port")
-            for s in d.subsets:
-                if getattr(s, "alpha_mask", False):
-                    raise UserError("alpha_mask (masked loss) is not implemented yet in this port")
 
     def load_tokenizers(self, args):
         from library.clip_tokenizer import load_tokenizers
@@ -123,19 +126,22 @@ class SdxlNetworkTrainer(train_network.NetworkTrainer):
     def build_loss_net(self, args, text_encoders, unet):
         distinguish_text_encoder_params(text_encoders[1])
         return make_sdxl_loss_net(text_encoders[0], text_encoders[1], unet, args.max_token_length,
-                                  args.v_parameterization, self.tokenizers[1].eos_token_id)
+                                  args.v_parameterization, self.tokenizers[1].eos_token_id, args.loss_type)
 
     def step_inputs(self, args, batch, latents, noise, noisy_noise, timesteps, weights, noise_schedule):
         import numpy as np
         from mindspore import Tensor
 
+        from library.custom_train_functions import loss_extra_inputs
         from library.sdxl_train_util import size_embeddings_for_batch
 
         sqrt_ab, sqrt_1mab = noise_schedule.coefficients(timesteps)
+        huber_c, loss_mask = loss_extra_inputs(args, batch, timesteps, noise_schedule, latents.shape)
         ids1, ids2 = batch["input_ids_list"]
         return (Tensor(latents), Tensor(noise), Tensor(noisy_noise), Tensor(np.asarray(timesteps, np.float32)),
                 Tensor(sqrt_ab), Tensor(sqrt_1mab), Tensor(weights), Tensor(np.asarray(ids1, np.int32)),
-                Tensor(np.asarray(ids2, np.int32)), Tensor(size_embeddings_for_batch(batch)))
+                Tensor(np.asarray(ids2, np.int32)), Tensor(size_embeddings_for_batch(batch)), Tensor(huber_c),
+                Tensor(loss_mask))
 
 
 def setup_parser():

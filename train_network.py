@@ -95,12 +95,6 @@ NOT_IMPLEMENTED = [
     ("--log_tracker_config", dict(type=str, default=None)),
     ("--wandb_api_key", dict(type=str, default=None)),
     ("--log_config", dict(action="store_true")),
-    ("--multires_noise_iterations", dict(type=int, default=None)),
-    ("--multires_noise_discount", dict(type=float, default=0.3)),
-    ("--loss_type", dict(type=str, default="l2")),
-    ("--huber_schedule", dict(type=str, default="snr")),
-    ("--huber_c", dict(type=float, default=0.1)),
-    ("--huber_scale", dict(type=float, default=1.0)),
     ("--lowram", dict(action="store_true")),
     ("--highvram", dict(action="store_true")),
     ("--sample_every_n_steps", dict(type=int, default=None)),
@@ -109,7 +103,6 @@ NOT_IMPLEMENTED = [
     ("--sample_prompts", dict(type=str, default=None)),
     ("--sample_sampler", dict(type=str, default="ddim")),
     ("--output_config", dict(action="store_true")),
-    ("--masked_loss", dict(action="store_true")),
     ("--weighted_captions", dict(action="store_true")),
     ("--base_weights", dict(type=str, default=None, nargs="*")),
     ("--base_weights_multiplier", dict(type=float, default=None, nargs="*")),
@@ -197,6 +190,20 @@ def setup_parser() -> argparse.ArgumentParser:
         help="scale v-prediction loss like noise prediction loss")
     add("--v_pred_like_loss", type=float, default=None, help="add v-prediction like loss multiplied by this value")
     add("--debiased_estimation_loss", action="store_true", help="debiased estimation loss")
+    add("--multires_noise_iterations", type=int, default=None,
+        help="enable multires (pyramid) noise with this number of iterations (6-10 recommended)")
+    add("--multires_noise_discount", type=float, default=0.3,
+        help="discount of each multires noise level (0.8 recommended; kohya's default 0.3)")
+    add("--loss_type", type=str, default="l2", choices=["l1", "l2", "huber", "smooth_l1"],
+        help="loss function: l2 (default), l1, huber or smooth_l1")
+    add("--huber_schedule", type=str, default="snr", choices=["constant", "exponential", "snr"],
+        help="huber_c over the timesteps for loss_type huber/smooth_l1: constant, exponential or snr (default)")
+    add("--huber_c", type=float, default=0.1, help="huber loss decay parameter for huber/smooth_l1 (default 0.1)")
+    add("--huber_scale", type=float, default=1.0,
+        help="huber loss scale for huber/smooth_l1 (constant and exponential schedules; default 1.0)")
+    add("--masked_loss", action="store_true",
+        help="mask the loss with the alpha mask of alpha_mask subsets (masks from conditioning_data_dir: not "
+             "implemented); a batch with alpha masks is always masked, as kohya")
     add("--config_file", type=str, default=None,
         help="a .toml with these arguments (sections flattened); the command line overrides it")
     for name in ("title", "author", "description", "license", "tags"):
@@ -748,6 +755,7 @@ class NetworkTrainer:
                 noise = rng.standard_normal(latents.shape).astype(np.float32)
                 noise = ctf.apply_noise_offset(latents, noise, args.noise_offset, args.adaptive_noise_scale, rng,
                                                args.noise_offset_random_strength)
+                noise = ctf.pyramid_noise_like(noise, rng, args.multires_noise_iterations, args.multires_noise_discount)
                 timesteps = rng.integers(min_t, max_t, size=(b,))
                 noisy_noise = ctf.input_perturbation_noise(noise, args.ip_noise_gamma, rng,
                                                            args.ip_noise_gamma_random_strength)

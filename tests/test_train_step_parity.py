@@ -71,9 +71,12 @@ def setup(tmp_path_factory):
 
 
 def _ms_inputs(d):
+    b, _, h, w = d["latents"].shape
+    huber_c = d.get("huber_c", np.ones((b,), np.float32))
+    mask = d.get("loss_mask", np.ones((b, 1, h, w), np.float32))  # l2 unmasked: loss_extra_inputs' defaults
     return [Tensor(d[k]) for k in ("latents", "noise", "noisy_noise", "timesteps", "sqrt_ab", "sqrt_1mab",
                                    "weights")] + [Tensor(d["ids1"].astype(np.int32)), Tensor(d["ids2"].astype(np.int32)),
-                                                  Tensor(d["size_emb"])]
+                                                  Tensor(d["size_emb"]), Tensor(huber_c), Tensor(mask)]
 
 
 def _torch_module_for(lora, models, unet_param_to_diffusers):
