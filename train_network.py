@@ -69,12 +69,6 @@ NOT_IMPLEMENTED = [
     ("--save_state_to_huggingface", dict(action="store_true")),
     ("--resume_from_huggingface", dict(action="store_true")),
     ("--async_upload", dict(action="store_true")),
-    ("--save_n_epoch_ratio", dict(type=int, default=None)),
-    ("--save_last_n_epochs_state", dict(type=int, default=None)),
-    ("--save_last_n_steps_state", dict(type=int, default=None)),
-    ("--save_state", dict(action="store_true")),
-    ("--save_state_on_train_end", dict(action="store_true")),
-    ("--resume", dict(type=str, default=None)),
     ("--torch_compile", dict(action="store_true")),
     ("--dynamo_backend", dict(type=str, default="inductor")),
     ("--xformers", dict(action="store_true")),
@@ -87,21 +81,11 @@ NOT_IMPLEMENTED = [
     ("--ddp_gradient_as_bucket_view", dict(action="store_true")),
     ("--ddp_static_graph", dict(action="store_true")),
     ("--clip_skip", dict(type=int, default=None)),
-    ("--logging_dir", dict(type=str, default=None)),
-    ("--log_with", dict(type=str, default=None)),
-    ("--log_prefix", dict(type=str, default=None)),
-    ("--log_tracker_name", dict(type=str, default=None)),
     ("--wandb_run_name", dict(type=str, default=None)),
     ("--log_tracker_config", dict(type=str, default=None)),
     ("--wandb_api_key", dict(type=str, default=None)),
-    ("--log_config", dict(action="store_true")),
     ("--lowram", dict(action="store_true")),
     ("--highvram", dict(action="store_true")),
-    ("--sample_every_n_steps", dict(type=int, default=None)),
-    ("--sample_at_first", dict(action="store_true")),
-    ("--sample_every_n_epochs", dict(type=int, default=None)),
-    ("--sample_prompts", dict(type=str, default=None)),
-    ("--sample_sampler", dict(type=str, default="ddim")),
     ("--output_config", dict(action="store_true")),
     ("--weighted_captions", dict(action="store_true")),
     ("--base_weights", dict(type=str, default=None, nargs="*")),
@@ -109,11 +93,6 @@ NOT_IMPLEMENTED = [
     ("--network_train_text_encoder_only", dict(action="store_true")),
     ("--no_half_vae_placeholder_unused", dict(action="store_true")),
     ("--fused_backward_pass", dict(action="store_true")),
-    ("--lr_scheduler_timescale", dict(type=int, default=None)),
-    ("--lr_scheduler_min_lr_ratio", dict(type=float, default=None)),
-    ("--lr_decay_steps", dict(type=str, default="0")),
-    ("--lr_scheduler_type", dict(type=str, default="")),
-    ("--lr_scheduler_args", dict(type=str, default=None, nargs="*")),
     ("--cpu_offload_checkpointing", dict(action="store_true")),
     ("--disable_mmap_load_safetensors", dict(action="store_true")),
     ("--skip_until_initial_step", dict(action="store_true")),
@@ -124,8 +103,6 @@ NOT_IMPLEMENTED = [
     ("--validate_every_n_steps", dict(type=int, default=None)),
     ("--validate_every_n_epochs", dict(type=int, default=None)),
     ("--max_validation_steps", dict(type=int, default=None)),
-    ("--use_8bit_adam", dict(action="store_true")),
-    ("--use_lion_optimizer", dict(action="store_true")),
     ("--cache_text_encoder_outputs", dict(action="store_true")),
     ("--cache_text_encoder_outputs_to_disk", dict(action="store_true")),
     ("--debug_dataset", dict(action="store_true")),
@@ -160,6 +137,23 @@ def setup_parser() -> argparse.ArgumentParser:
     add("--save_last_n_steps", type=int, default=None, help="keep step files of the last N steps only")
     add("--save_model_as", type=str, default="safetensors", choices=[None, "ckpt", "safetensors"],
         help="format to save the model (default is .safetensors)")
+    add("--save_n_epoch_ratio", type=int, default=None,
+        help="save checkpoint N epoch ratio (for example 5 means save at least 5 files total)")
+    add("--save_state", action="store_true",
+        help="save training state (LoRA, optimizer, step, RNG) with every saved model, for --resume")
+    add("--save_state_on_train_end", action="store_true", help="save training state at the end of training")
+    add("--save_last_n_epochs_state", type=int, default=None,
+        help="keep only the last N epoch states (overrides --save_last_n_epochs for states)")
+    add("--save_last_n_steps_state", type=int, default=None,
+        help="keep only the states of the last N steps (overrides --save_last_n_steps for states)")
+    add("--resume", type=str, default=None, help="continue from this saved state folder")
+    add("--logging_dir", type=str, default=None,
+        help="write TensorBoard logs (loss, average loss, lr per group) under this folder")
+    add("--log_with", type=str, default=None, choices=[None, "tensorboard", "wandb", "all"],
+        help="what logs (tensorboard; wandb is not available in this port)")
+    add("--log_prefix", type=str, default=None, help="prefix of each log folder name")
+    add("--log_tracker_name", type=str, default=None, help="name of the log run subfolder (default network_train)")
+    add("--log_config", action="store_true", help="also log the training arguments (as text)")
     add("--train_batch_size", type=int, default=1, help="batch size for training")
     add("--max_token_length", type=int, default=None, choices=[None, 150, 225],
         help="max token length of text encoder (default for 75, 150 or 225)")
@@ -210,7 +204,11 @@ def setup_parser() -> argparse.ArgumentParser:
         add(f"--metadata_{name}", type=str, default=None, help=f"{name} for model metadata")
     add("--no_half_vae", action="store_true", help="keep the VAE in float32 (it is float32 here: always honoured)")
     # optimizer
-    add("--optimizer_type", type=str, default="", help="AdamW (default); others are not implemented yet")
+    add("--optimizer_type", type=str, default="",
+        help="AdamW (default), SGDNesterov, Lion, AdaFactor (case-insensitive), or a dotted path to a MindSpore "
+             "optimizer cell (see library/train_optimizers.py); 8-bit/paged/DAdapt/Prodigy/schedule-free stop")
+    add("--use_8bit_adam", action="store_true", help="kohya's 8-bit AdamW (bitsandbytes, CUDA-only): stops the run")
+    add("--use_lion_optimizer", action="store_true", help="same as --optimizer_type Lion")
     add("--learning_rate", type=float, default=2.0e-6, help="learning rate")
     add("--max_grad_norm", type=float, default=1.0, help="max gradient norm, 0 for no clipping")
     add("--scale_weight_norms", type=float, default=None,
@@ -218,7 +216,19 @@ def setup_parser() -> argparse.ArgumentParser:
     add("--optimizer_args", type=str, default=None, nargs="*",
         help="additional arguments for optimizer (like \"weight_decay=0.01 betas=0.9,0.999\")")
     add("--lr_scheduler", type=str, default="constant",
-        help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial")
+        help="constant (default), constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial, "
+             "inverse_sqrt, cosine_with_min_lr, warmup_stable_decay, piecewise_constant "
+             "(--lr_scheduler_args step_rules=...), adafactor")
+    add("--lr_scheduler_type", type=str, default="",
+        help="dotted path to a schedule class (base_lrs, **lr_scheduler_args) with lrs(step); torch ones stop")
+    add("--lr_scheduler_args", type=str, default=None, nargs="*",
+        help="additional arguments for the scheduler (like \"step_rules=1:10,0.1:20,0.01\")")
+    add("--lr_decay_steps", type=str, default="0",
+        help="decay steps of warmup_stable_decay: an int, a ratio < 1 of the training steps, or 'N%%'")
+    add("--lr_scheduler_timescale", type=int, default=None,
+        help="inverse_sqrt timescale (default: the warmup steps, or 10000 without warmup)")
+    add("--lr_scheduler_min_lr_ratio", type=float, default=None,
+        help="minimum lr as a ratio of the initial lr (cosine_with_min_lr, warmup_stable_decay)")
     add("--lr_warmup_steps", type=str, default="0",
         help="warmup steps: an int, a ratio < 1 of the training steps, or 'N%%'")
     add("--lr_scheduler_num_cycles", type=int, default=1, help="restarts for cosine_with_restarts")
@@ -237,6 +247,16 @@ def setup_parser() -> argparse.ArgumentParser:
     add("--network_args", type=str, default=None, nargs="*", help="additional arguments for network (key=value)")
     add("--network_train_unet_only", action="store_true", help="only training U-Net part")
     add("--training_comment", type=str, default=None, help="arbitrary comment string stored in metadata")
+    # sample images (library/train_sampling.py)
+    add("--sample_every_n_steps", type=int, default=None, help="generate sample images every N steps")
+    add("--sample_every_n_epochs", type=int, default=None,
+        help="generate sample images every N epochs (overwrites n_steps)")
+    add("--sample_at_first", action="store_true", help="generate sample images before training")
+    add("--sample_prompts", type=str, default=None,
+        help="file of prompts to generate sample images: .txt (kohya's --n --w --h --d --l --s --ss options), "
+             ".toml or .json")
+    add("--sample_sampler", type=str, default="ddim",
+        help="sampler for sample images: ddim (default), euler, euler_a, dpmsolver++ (also k_euler, k_euler_a)")
     add_device_arguments(parser)
     existing = {a for action in parser._actions for a in action.option_strings}
     for name, kwargs in NOT_IMPLEMENTED:
@@ -407,14 +427,19 @@ def _build_step_cells():
     class TrainStep(nn.Cell):
         """forward + backward + clip + optimizer update in one graph; returns the loss."""
 
-        def __init__(self, loss_net, params, optimizer, max_grad_norm):
+        def __init__(self, loss_net, params, optimizer, max_grad_norm, reducer=None):
             super().__init__(auto_prefix=False)
             self.loss_and_grads = LossAndGrads(loss_net, params)
             self.optimizer = optimizer
             self.max_grad_norm = float(max_grad_norm or 0.0)
+            self.reduce = reducer is not None  # data parallel: mean over ranks (library/distributed.py)
+            self.reducer = reducer
 
         def construct(self, *inputs):
             loss, grads = self.loss_and_grads(*inputs)
+            if self.reduce:
+                grads = self.reducer.grads(grads)
+                loss = self.reducer.loss(loss)
             if self.max_grad_norm > 0:
                 grads = clip_grads(grads, self.max_grad_norm)
             return ops.depend(loss, self.optimizer(grads))
@@ -422,28 +447,36 @@ def _build_step_cells():
     class AccumulateStep(nn.Cell):
         """forward + backward; adds grads / accumulation_steps to buffers (accelerate's loss scaling)."""
 
-        def __init__(self, loss_net, params, accum_buffers, accumulation_steps):
+        def __init__(self, loss_net, params, accum_buffers, accumulation_steps, reducer=None):
             super().__init__(auto_prefix=False)
             self.loss_and_grads = LossAndGrads(loss_net, params)
             self.accum = accum_buffers
             self.scale = ms.Tensor(1.0 / accumulation_steps, ms.float32)
+            self.reduce = reducer is not None  # the loss only: gradients are averaged once per update
+            self.reducer = reducer
 
         def construct(self, *inputs):
             loss, grads = self.loss_and_grads(*inputs)
+            if self.reduce:
+                loss = self.reducer.loss(loss)
             done = hyper_map(ops.partial(accumulate, self.scale), self.accum, grads)
             return ops.depend(loss, done)
 
     class ApplyAccumulated(nn.Cell):
         """clip + optimizer update from the buffers, then zero them."""
 
-        def __init__(self, accum_buffers, optimizer, max_grad_norm):
+        def __init__(self, accum_buffers, optimizer, max_grad_norm, reducer=None):
             super().__init__(auto_prefix=False)
             self.accum = accum_buffers
             self.optimizer = optimizer
             self.max_grad_norm = float(max_grad_norm or 0.0)
+            self.reduce = reducer is not None  # data parallel: mean of the accumulated gradients over ranks
+            self.reducer = reducer
 
         def construct(self):
             grads = hyper_map(copy, self.accum)
+            if self.reduce:
+                grads = self.reducer.grads(grads)
             if self.max_grad_norm > 0:
                 grads = clip_grads(grads, self.max_grad_norm)
             done = self.optimizer(grads)
@@ -529,8 +562,21 @@ class NetworkTrainer:
         max_t = 1000 if args.max_timestep is None else args.max_timestep
         if not (0 <= min_t < max_t <= 1000):
             raise UserError(f"--min_timestep/--max_timestep must satisfy 0 <= min < max <= 1000, got {min_t}, {max_t}")
+        from library import train_sampling
+
+        train_sampling.check_sample_args(args)  # prompts file and sampler; before output_name's default
         if args.output_name is None:
             args.output_name = "last"
+        from library import train_logging
+
+        self.log_with = train_logging.check_logging_args(args)
+        for name in ("save_n_epoch_ratio", "save_last_n_epochs_state", "save_last_n_steps_state"):
+            if getattr(args, name) is not None and getattr(args, name) < 1:
+                raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+        if args.resume is not None:
+            from library.train_state import read_state
+
+            self.resume_state = read_state(args.resume)  # a bad folder stops before any model work
         if args.mem_eff_attn and args.flash_attn:
             raise UserError("--mem_eff_attn and --flash_attn cannot be used together")
         if args.network_train_unet_only and args.text_encoder_lr is not None and args.text_encoder_lr != 0:
@@ -542,7 +588,9 @@ class NetworkTrainer:
         self.verify_args(args, parser)
         train_util.prepare_dataset_args(args, True)
         from library.device_utils import setup_device_from_args
+        from library.distributed import init_distributed
 
+        self.dp = init_distributed(args)  # msrun/mpirun: joins the job (rank 0 of 1 otherwise)
         target = setup_device_from_args(args)
 
         import numpy as np
@@ -551,7 +599,7 @@ class NetworkTrainer:
         from tqdm import tqdm
 
         from library import custom_train_functions as ctf
-        from library import lora_metadata
+        from library import lora_metadata, train_logging, train_state
         from library.latent_cache import make_vae_encode_fn
         from library.train_optimizers import create_lr_schedule, create_optimizer
         from networks import lora as network_module
@@ -565,7 +613,9 @@ class NetworkTrainer:
         ms.set_seed(args.seed % (2 ** 31))
 
         tokenizers = self.load_tokenizers(args)
-        train_group, val_group = config_util.build_dataset_groups(args, tokenizers)
+        train_group, val_group = config_util.build_dataset_groups(args, tokenizers,
+                                                                  batch_size_multiplier=self.dp.world_size)
+        self.dp.shard_dataset_group(train_group)  # each rank loads its part of every global batch
         if val_group is not None:
             raise UserError("validation_split in the dataset config is not implemented yet in this port")
         train_util.verify_dataset_args(args, train_group, None, args.network_train_unet_only)
@@ -585,8 +635,9 @@ class NetworkTrainer:
         vae_encode = None
         if args.cache_latents:
             logger.info("caching latents")
-            train_group.cache_latents(make_vae_encode_fn(vae, sample=True, seed=args.seed), args.vae_batch_size,
-                                      args.cache_latents_to_disk, args.skip_cache_check)
+            with self.dp.main_process_first(args.cache_latents_to_disk):  # rank 0 writes the files
+                train_group.cache_latents(make_vae_encode_fn(vae, sample=True, seed=args.seed), args.vae_batch_size,
+                                          args.cache_latents_to_disk, args.skip_cache_check)
         else:
             vae_encode = make_vae_encode_fn(vae, sample=True, seed=args.seed)
 
@@ -617,6 +668,7 @@ class NetworkTrainer:
         if not param_groups:
             raise UserError("no trainable LoRA parameters (all learning rates are 0?)")
         params = [p for g in param_groups for p in g["params"]]
+        self.dp.broadcast_parameters(params)  # the same initial LoRA weights on every rank
         loss_net = self.build_loss_net(args, text_encoders, unet)  # may rename parameters: before the optimizer
         optimizer, optimizer_name, optimizer_args, base_lrs = create_optimizer(args, param_groups)
 
@@ -633,18 +685,21 @@ class NetworkTrainer:
         train_group.set_max_train_steps(args.max_train_steps)
         num_update_steps_per_epoch = train_util.num_update_steps_per_epoch(num_batches, accum)
         num_train_epochs = train_util.num_train_epochs(args.max_train_steps, num_batches, accum)
-        schedule = create_lr_schedule(args, base_lrs, args.max_train_steps)
+        if args.save_n_epoch_ratio is not None:  # kohya: at least N files over the run
+            args.save_every_n_epochs = math.floor(num_train_epochs / args.save_n_epoch_ratio) or 1
+        schedule = self.dp.lr_schedule(create_lr_schedule(args, base_lrs, args.max_train_steps, optimizer=optimizer,
+                                                          num_processes=self.dp.world_size))
         noise_schedule = ctf.NoiseSchedule(zero_terminal_snr=args.zero_terminal_snr)
 
         # compiled cells
         LossAndGrads, TrainStep, AccumulateStep, ApplyAccumulated = _build_step_cells()
         if accum == 1:
-            step_cell = TrainStep(loss_net, params, optimizer, args.max_grad_norm)
+            step_cell = TrainStep(loss_net, params, optimizer, args.max_grad_norm, self.dp.step_reducer(params))
             apply_cell = None
         else:
             buffers = ParameterTuple(params).clone(prefix="grad_accum", init="zeros")
-            step_cell = AccumulateStep(loss_net, params, buffers, accum)
-            apply_cell = ApplyAccumulated(buffers, optimizer, args.max_grad_norm)
+            step_cell = AccumulateStep(loss_net, params, buffers, accum, self.dp.step_reducer(params))
+            apply_cell = ApplyAccumulated(buffers, optimizer, args.max_grad_norm, self.dp.step_reducer(params))
         step_cell.set_train(True)
         for te in text_encoders:
             te.set_train(train_text_encoder)
@@ -658,7 +713,7 @@ class NetworkTrainer:
             "ss_num_train_images": num_train_images, "ss_num_reg_images": num_reg_images,
             "ss_num_batches_per_epoch": num_batches, "ss_num_epochs": num_train_epochs,
             "ss_batch_size_per_device": args.train_batch_size,
-            "ss_total_batch_size": args.train_batch_size * accum,
+            "ss_total_batch_size": args.train_batch_size * self.dp.world_size * accum,
             "ss_network_module": args.network_module, "ss_network_dim": args.network_dim,
             "ss_network_alpha": args.network_alpha, "ss_network_dropout": args.network_dropout,
             "ss_lr_warmup_steps": args.lr_warmup_steps, "ss_lr_scheduler": args.lr_scheduler,
@@ -698,10 +753,12 @@ class NetworkTrainer:
                     num_train_images, num_reg_images, num_batches, num_train_epochs, args.max_train_steps, accum)
         logger.info("lr groups: %s", ", ".join(f"{d or 'all'}={lr}" for d, lr in zip(lr_descriptions, base_lrs)))
 
+        tracker = train_logging.TrainLogger(args, self.log_with)
         rng = np.random.default_rng(args.seed)
         min_t = 0 if args.min_timestep is None else args.min_timestep
         max_t = 1000 if args.max_timestep is None else args.max_timestep
-        progress = tqdm(range(args.max_train_steps), smoothing=0, desc="steps", dynamic_ncols=True)
+        progress = tqdm(range(args.max_train_steps), smoothing=0, desc="steps", dynamic_ncols=True,
+                        disable=not self.dp.is_main)
         global_step = 0
         losses, loss_rows = [], []
         micro = 0
@@ -719,12 +776,16 @@ class NetworkTrainer:
                 loss_recorder_window[-num_update_steps_per_epoch:])
             loss_rows.append((global_step, loss_value, avr, schedule.lrs(global_step - 1)[0]))
             postfix = dict(avr_loss=f"{avr:.4f}", loss=f"{loss_value:.4f}", s_step=f"{step_seconds:.2f}")
+            keys_scaled = mean_norm = max_norm = None
             if args.scale_weight_norms:
-                keys_scaled, mean_norm, _ = network.apply_max_norm_regularization(args.scale_weight_norms)
+                keys_scaled, mean_norm, max_norm = network.apply_max_norm_regularization(args.scale_weight_norms)
                 postfix.update(keys_scaled=keys_scaled, avg_norm=f"{mean_norm:.4f}")
             progress.set_postfix(**postfix)
             if not math.isfinite(loss_value):
                 raise UserError(f"loss is {loss_value} at step {global_step}: stopping (no LoRA saved for it)")
+            sampler.sample(None, global_step)  # --sample_every_n_steps
+            tracker.log(train_logging.step_logs(args, loss_value, avr, schedule.lrs(global_step - 1), lr_descriptions,
+                                                keys_scaled, mean_norm, max_norm), global_step)
             if args.save_every_n_steps is not None and global_step % args.save_every_n_steps == 0:
                 save_model(get_step_ckpt_name(args, ext, global_step), global_step, epoch + 1)
                 if args.save_last_n_steps is not None:  # kohya's get_remove_step_no
@@ -732,17 +793,64 @@ class NetworkTrainer:
                     remove_no -= remove_no % args.save_every_n_steps
                     if remove_no > 0:
                         remove_model(get_step_ckpt_name(args, ext, remove_no))
+                if args.save_state:
+                    save_train_state(train_state.STEP_STATE_NAME.format(args.output_name, global_step))
+                    last_n = args.save_last_n_steps_state or args.save_last_n_steps
+                    if last_n is not None:
+                        remove_no = global_step - last_n - 1
+                        remove_no -= remove_no % args.save_every_n_steps
+                        if remove_no > 0:
+                            train_state.remove_state(os.path.join(
+                                args.output_dir, train_state.STEP_STATE_NAME.format(args.output_name, remove_no)))
 
-        optimizer.set_lrs(schedule.lrs(0))
+        state_params = params + train_state.optimizer_state_parameters(optimizer, params)
+        rng_streams = {"noise": rng, "vae": getattr(vae_encode, "rng", None)}
+        n_in_epoch = 0
+
+        def save_train_state(name):
+            state = {"current_step": global_step, "current_epoch": epoch + (n_in_epoch >= num_batches),
+                     "position": n_in_epoch % num_batches, "rng": train_state.capture_rng(rng_streams),
+                     "losses": losses, "loss_rows": loss_rows, "max_train_steps": args.max_train_steps,
+                     "num_batches": num_batches, "seed": args.seed}
+            logger.info("saving state: %s", name)
+            train_state.save_state(os.path.join(args.output_dir, name), state_params, state)
+
+        start_epoch, start_position, resumed = 0, 0, None
+        if args.resume is not None:
+            resumed = self.resume_state
+            if resumed["num_batches"] != num_batches or resumed["seed"] != args.seed:
+                raise UserError(f"--resume {args.resume}: the state was saved with {resumed['num_batches']} batches "
+                                f"per epoch and seed {resumed['seed']}; this run has {num_batches} and {args.seed} "
+                                "(resume with the same dataset, batch size and --seed)")
+            train_state.load_parameters(args.resume, state_params)
+            global_step = int(resumed["current_step"])
+            start_epoch, start_position = int(resumed["current_epoch"]), int(resumed["position"])
+            losses.extend(float(x) for x in resumed["losses"])
+            loss_recorder_window.extend(losses)
+            loss_rows.extend(tuple(r) for r in resumed["loss_rows"])
+            progress.update(global_step)
+            loader.start_at(start_epoch, start_position)
+            logger.info("resumed from %s at step %d (epoch %d, batch %d)", args.resume, global_step,
+                        start_epoch + 1, start_position)
+
+        from library.train_sampling import TrainingSampler
+
+        sampler = TrainingSampler(args, text_encoders, vae, unet)  # prompt sizes checked against the model
+        sampler.sample(0, global_step)  # --sample_at_first (kohya passes epoch 0)
+        epoch = start_epoch
+        optimizer.set_lrs(schedule.lrs(global_step))
         micro_losses = []
         t_update = time.perf_counter()
-        for epoch in range(num_train_epochs):
+        for epoch in range(start_epoch, num_train_epochs):
             if global_step >= args.max_train_steps:
                 break
             network.on_epoch_start(text_encoders, unet)
             loader.current_epoch.value = epoch + 1
             train_group.set_current_epoch(epoch + 1)
             n_in_epoch = 0
+            if resumed is not None:  # the state's generators, after the epoch's bucket shuffle (kohya's seed+epoch)
+                train_state.restore_rng(resumed["rng"], rng_streams)
+                n_in_epoch, resumed = start_position, None
             for batch in loader:
                 loader.current_step.value = global_step
                 n_in_epoch += 1
@@ -751,6 +859,7 @@ class NetworkTrainer:
                     latents = np.concatenate([vae_encode(batch["images"][i:i + args.vae_batch_size])
                                               for i in range(0, len(batch["images"]), args.vae_batch_size)])
                 latents = (latents * self.vae_scale_factor).astype(np.float32)
+                latents = self.dp.global_rows(batch, latents)  # data parallel: draw for the global batch
                 b = latents.shape[0]
                 noise = rng.standard_normal(latents.shape).astype(np.float32)
                 noise = ctf.apply_noise_offset(latents, noise, args.noise_offset, args.adaptive_noise_scale, rng,
@@ -759,6 +868,8 @@ class NetworkTrainer:
                 timesteps = rng.integers(min_t, max_t, size=(b,))
                 noisy_noise = ctf.input_perturbation_noise(noise, args.ip_noise_gamma, rng,
                                                            args.ip_noise_gamma_random_strength)
+                latents, noise, noisy_noise, timesteps = self.dp.local_rows(batch, latents, noise, noisy_noise,
+                                                                            timesteps)
                 weights = (np.asarray(batch["loss_weights"], np.float32)
                            * ctf.post_process_loss_weights(args, timesteps, noise_schedule)).astype(np.float32)
                 inputs = self.step_inputs(args, batch, latents, noise, noisy_noise, timesteps, weights,
@@ -794,6 +905,9 @@ class NetworkTrainer:
                     optimizer.set_lrs(schedule.lrs(global_step))
                     if global_step >= args.max_train_steps:
                         break
+            if n_in_epoch:
+                tracker.log({"loss/epoch_average": sum(losses[-num_update_steps_per_epoch:])
+                             / len(losses[-num_update_steps_per_epoch:])}, epoch + 1)
             if args.save_every_n_epochs is not None and (epoch + 1) % args.save_every_n_epochs == 0 \
                     and (epoch + 1) < num_train_epochs:
                 save_model(get_epoch_ckpt_name(args, ext, epoch + 1), global_step, epoch + 1)
@@ -801,10 +915,22 @@ class NetworkTrainer:
                     remove_epoch_no = epoch + 1 - args.save_every_n_epochs * args.save_last_n_epochs
                     if remove_epoch_no > 0:
                         remove_model(get_epoch_ckpt_name(args, ext, remove_epoch_no))
+                if args.save_state:
+                    save_train_state(train_state.EPOCH_STATE_NAME.format(args.output_name, epoch + 1))
+                    last_n = args.save_last_n_epochs_state or args.save_last_n_epochs
+                    if last_n is not None:
+                        remove_epoch_no = epoch + 1 - args.save_every_n_epochs * last_n
+                        if remove_epoch_no > 0:
+                            train_state.remove_state(os.path.join(args.output_dir, train_state.EPOCH_STATE_NAME.format(
+                                args.output_name, remove_epoch_no)))
+            sampler.sample(epoch + 1, global_step)  # --sample_every_n_epochs
         progress.close()
         loader.close()
 
         save_model(get_last_ckpt_name(args, ext), global_step, num_train_epochs)
+        if args.save_state or args.save_state_on_train_end:
+            save_train_state(train_state.LAST_STATE_NAME.format(args.output_name))
+        tracker.close()
         csv_path = os.path.join(args.output_dir, f"{args.output_name}_loss.csv")
         with open(csv_path + ".tmp", "w", encoding="utf-8") as f:
             f.write("step,loss,avr_loss,lr\n")

@@ -63,6 +63,7 @@ class DataLoader:
         self.current_epoch = self._ctx.Value("i", 0)
         self.current_step = self._ctx.Value("i", 0)
         self._epoch_counter = 0
+        self._skip = 0
         self._workers = []
         self._tasks = None
         self._results = None
@@ -75,6 +76,12 @@ class DataLoader:
         if self.shuffle:
             np.random.default_rng([self.seed & 0xFFFFFFFF, epoch]).shuffle(order)
         return order.tolist()
+
+    def start_at(self, epoch: int, position: int):
+        """Make the next iteration epoch ``epoch``'s order from its ``position``-th batch on (resume):
+        the skipped batches are not loaded."""
+        self._epoch_counter = int(epoch)
+        self._skip = int(position)
 
     # -- workers -------------------------------------------------------------------
     def _start_workers(self):
@@ -114,7 +121,8 @@ class DataLoader:
     def __iter__(self):
         epoch_order = self._epoch_counter
         self._epoch_counter += 1
-        order = self.indices(epoch_order)
+        order = self.indices(epoch_order)[self._skip:]
+        self._skip = 0
         if self.num_workers == 0:
             for index in order:
                 _apply_epoch_step(self.dataset, self.current_epoch.value, self.current_step.value)

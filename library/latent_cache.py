@@ -149,6 +149,7 @@ def make_vae_encode_fn(vae, sample: bool = True, seed: Optional[int] = None) -> 
         noise = rng.standard_normal(mean.shape).astype(np.float32)
         return (mean + np.exp(0.5 * logvar) * noise).astype(np.float32)
 
+    encode_fn.rng = rng  # its state is part of a saved training state
     return encode_fn
 
 
