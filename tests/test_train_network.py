@@ -49,7 +49,7 @@ def test_unknown_argument_stops_with_one_line():
                                         (["--mixed_precision", "fp16"], "--mixed_precision fp16"),
                                         (["--fp8_base"], "--fp8_base"),
                                         (["--v2"], "--v2"),
-                                        (["--fp8_base"], "--fp8_base")])
+                                        (["--full_fp16"], "--full_fp16")])
 def test_not_implemented_argument_stops_with_one_line(tmp_path, extra, name):
     proc = _run(["--pretrained_model_name_or_path", tmp_path / "missing.safetensors", "--output_dir", tmp_path,
                  "--network_module", "networks.lora", "--train_data_dir", tmp_path] + extra)
