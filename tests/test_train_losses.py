@@ -6,6 +6,7 @@ diffusers' DDPMScheduler for ``alphas_cumprod``. The MindSpore side is the graph
 the SDXL loss cell (``library.train_losses``) and the host-side numpy of ``custom_train_functions``.
 """
 import argparse
+import csv
 import math
 import random
 
@@ -249,3 +250,53 @@ caption_extension = ".txt"
                 assert (masks[j] == 1).all()
         assert (batch["latents"] is None) == (cache == "none")
     assert seen_flip == {True, False}
+
+
+def test_masked_huber_multires_training_end_to_end(tmp_path):
+    """sdxl_train_network.py with an alpha-mask subset (RGBA PNGs, cached latents), --masked_loss,
+    --loss_type huber (snr schedule), multires noise on top of a noise offset: it trains, and the mask
+    reaches the compiled step: the fully transparent image's steps have loss exactly 0, the other's not."""
+    from PIL import Image
+
+    from test_train_network import _run  # also puts tools/ on sys.path
+
+    import make_tiny_train_demo as demo
+
+    ckpt = str(tmp_path / "tiny_sdxl.safetensors")
+    demo.write_checkpoint(ckpt, seed=0, small=True)
+    images = tmp_path / "img"
+    images.mkdir()
+    rng = np.random.default_rng(6)
+    for name, alpha in (("clear", np.zeros((64, 64), np.uint8)),
+                        ("half", np.repeat(np.where(np.arange(64) < 32, 255, 0)[None], 64, 0).astype(np.uint8))):
+        rgb = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(images / f"{name}.png")
+        (images / f"{name}.txt").write_text(f"a {name} picture")
+    dataset = tmp_path / "dataset.toml"
+    dataset.write_text(f"""[general]
+resolution = 64
+batch_size = 1
+caption_extension = '.txt'
+
+[[datasets]]
+  [[datasets.subsets]]
+  image_dir = '{images}'
+  alpha_mask = true
+""")
+    out = tmp_path / "out"
+    proc = _run(["--pretrained_model_name_or_path", ckpt, "--dataset_config", dataset, "--output_dir", out,
+                 "--output_name", "m", "--network_module", "networks.lora", "--network_dim", 4,
+                 "--network_train_unet_only", "--learning_rate", 1e-3, "--max_train_steps", 4, "--seed", 3,
+                 "--max_data_loader_n_workers", 0, "--cache_latents", "--masked_loss", "--loss_type", "huber",
+                 "--huber_schedule", "snr", "--huber_c", 0.2, "--multires_noise_iterations", 4,
+                 "--multires_noise_discount", 0.5, "--noise_offset", 0.05])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out / "m_loss.csv") as f:
+        losses = [float(r["loss"]) for r in csv.DictReader(f)]
+    assert len(losses) == 4 and all(np.isfinite(losses)), losses
+    assert sorted(l == 0.0 for l in losses) == [False, False, True, True], losses  # one of each image per epoch
+    from library.lora_file import load_state_dict_file
+
+    sd = load_state_dict_file(str(out / "m.safetensors"))[0]
+    ups = [np.asarray(v) for k, v in sd.items() if k.endswith("lora_up.weight")]
+    assert all(np.isfinite(u).all() for u in ups) and max(np.abs(u).max() for u in ups) > 0
