@@ -1,28 +1,52 @@
-"""Optimizers and learning-rate schedules of the trainer (kohya's ``get_optimizer`` /
-``get_scheduler_fix`` subset), graph-mode friendly.
+"""Optimizers of the trainer: kohya's ``get_optimizer`` as graph-mode MindSpore cells.
 
-``AdamW`` is torch's ``torch.optim.AdamW`` (bias-corrected, decoupled weight
-decay, defaults lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight_decay 0.01).
-MindSpore's ``nn.AdamWeightDecay`` has no bias correction, so it is not used.
-Each parameter group's learning rate is one element of a ``lrs`` Parameter,
-set from the host before every update: the schedule changes no graph.
+Each optimizer reproduces the torch optimizer kohya creates for ``--optimizer_type``:
 
-The schedules are diffusers' closed forms (kohya calls diffusers' get_scheduler),
-as a function ``lr_lambda(step) -> multiplier`` of the optimizer step.
+- ``AdamW`` (default): ``torch.optim.AdamW`` (bias-corrected, decoupled weight decay; defaults
+  betas (0.9, 0.999), eps 1e-8, weight_decay 0.01). MindSpore's ``nn.AdamWeightDecay`` has no
+  bias correction, so it is not used.
+- ``SGDNesterov``: ``torch.optim.SGD(nesterov=True)``, momentum 0.9 unless given (kohya's default).
+- ``Lion``: lion-pytorch's ``Lion`` (update = sign(beta1 m + (1 - beta1) g), decoupled weight decay
+  p (1 - lr wd), then m = beta2 m + (1 - beta2) g; defaults betas (0.9, 0.99), weight_decay 0).
+- ``AdaFactor``: ``transformers.optimization.Adafactor`` (factored second moments for 2-D+ params,
+  relative_step / scale_parameter / warmup_init), with kohya's argument handling: relative_step
+  defaults to True, and then --learning_rate is only the schedule's reported initial lr, the group
+  lrs are dropped and the lr scheduler becomes ``adafactor:<lr>``.
+- a dotted class path ``mypkg.MyOpt``: a cell following this module's optimizer protocol.
+
+Optimizer protocol (all of them): ``__init__(params, group_of, lrs, **optimizer_args)`` where
+``group_of[i]`` is the parameter group of ``params[i]`` and ``lrs`` one lr per group;
+``set_lrs(lrs)`` (host, before an update); ``construct(grads)`` (one update, in the graph);
+``state_parameters()`` -> the uniquely named Parameters holding its state (for save/resume).
+The learning rates live in a ``lrs`` Parameter (one element per group), so the schedule changes no
+graph; all state is float32.
+
+The schedules are in ``library/lr_schedules.py`` (re-exported here).
 """
 from __future__ import annotations
 
 import ast
+import importlib
+import logging
 import math
-from typing import Callable, Dict, List, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+from mindspore.common.initializer import initializer
 
 from library.device_utils import UserError
+from library.lr_schedules import (SCHEDULERS, AdafactorSchedule, LRSchedule, create_lr_schedule,  # noqa: F401
+                                  get_lr_lambda, parse_scheduler_args, resolve_steps, resolve_warmup_steps)
+
+logger = logging.getLogger(__name__)
 
 ADAMW_DEFAULTS = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+SGD_DEFAULTS = dict(momentum=0.0, dampening=0.0, weight_decay=0.0)
+LION_DEFAULTS = dict(betas=(0.9, 0.99), weight_decay=0.0, decoupled_weight_decay=False)
+ADAFACTOR_DEFAULTS = dict(eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8, beta1=None, weight_decay=0.0,
+                          scale_parameter=True, relative_step=True, warmup_init=False)
 
 
 def parse_optimizer_args(optimizer_args: Sequence[str]) -> Dict:
@@ -43,18 +67,58 @@ def parse_optimizer_args(optimizer_args: Sequence[str]) -> Dict:
     return kwargs
 
 
-class AdamW(nn.Cell):
+# -- the optimizer cells ---------------------------------------------------------------------------
+
+class GroupedOptimizer(nn.Cell):
+    """Shared parts of the protocol: params, one lr per group in ``lrs``, a step counter, fp32 state."""
+
+    def __init__(self, params: List[Parameter], group_of: List[int], lrs: List[float]):
+        super().__init__(auto_prefix=False)
+        if len(params) != len(group_of):
+            raise ValueError("params and group_of differ in length")
+        self.params = ParameterTuple(params)
+        self.group_of = tuple(int(g) for g in group_of)
+        self.num_groups = len(lrs)
+        self.lrs = Parameter(Tensor(np.asarray(lrs, np.float32)), name="optimizer_lrs", requires_grad=False)
+        self.step_count = Parameter(Tensor(np.float32(0)), name="optimizer_step", requires_grad=False)
+        self.group_index = Tensor(np.asarray(self.group_of, np.int32))
+        self.hyper_map = ops.HyperMap()
+        self._state = [self.lrs, self.step_count]
+
+    def _zeros(self, prefix, params=None, shape_fn=None):
+        """fp32 zeros per parameter, named ``<prefix>.<param name>``."""
+        out = []
+        for p in (self.params if params is None else params):
+            shape = tuple(p.shape) if shape_fn is None else shape_fn(tuple(p.shape))
+            out.append(Parameter(initializer("zeros", shape, ms.float32), name=f"{prefix}.{p.name}",
+                                 requires_grad=False))
+        tup = ParameterTuple(out)
+        self._state.extend(out)
+        return tup
+
+    def set_lrs(self, lrs):
+        self.lrs.set_data(Tensor(np.asarray(lrs, np.float32)))
+
+    def state_parameters(self) -> List[Parameter]:
+        return list(self._state)
+
+    def _param_lrs(self):
+        return ops.unstack(ops.gather(self.lrs, self.group_index, 0))
+
+    def _next_step(self):
+        step = self.step_count + 1.0
+        ops.assign(self.step_count, step)
+        return step
+
+
+class AdamW(GroupedOptimizer):
     """torch.optim.AdamW over ``params`` with one learning rate per group (``group_of[i]``)."""
 
     def __init__(self, params: List[Parameter], group_of: List[int], lrs: List[float], betas=(0.9, 0.999),
                  eps=1e-8, weight_decay=0.01):
-        super().__init__(auto_prefix=False)
-        self.params = ParameterTuple(params)
-        self.exp_avg = self.params.clone(prefix="exp_avg", init="zeros")
-        self.exp_avg_sq = self.params.clone(prefix="exp_avg_sq", init="zeros")
-        self.group_of = tuple(int(g) for g in group_of)
-        self.lrs = Parameter(Tensor(np.asarray(lrs, np.float32)), name="optimizer_lrs", requires_grad=False)
-        self.step_count = Parameter(Tensor(np.float32(0)), name="optimizer_step", requires_grad=False)
+        super().__init__(params, group_of, lrs)
+        self.exp_avg = self._zeros("exp_avg")
+        self.exp_avg_sq = self._zeros("exp_avg_sq")
         self.beta1, self.beta2 = float(betas[0]), float(betas[1])
         self.eps = float(eps)
         self.weight_decay = float(weight_decay)
@@ -62,20 +126,14 @@ class AdamW(nn.Cell):
         self.beta2_t = Tensor(np.float32(self.beta2))
         self.eps_t = Tensor(np.float32(self.eps))
         self.wd_t = Tensor(np.float32(self.weight_decay))
-        self.group_index = Tensor(np.asarray(self.group_of, np.int32))
-        self.hyper_map = ops.HyperMap()
-
-    def set_lrs(self, lrs):
-        self.lrs.set_data(Tensor(np.asarray(lrs, np.float32)))
 
     def construct(self, grads):
-        step = self.step_count + 1.0
-        ops.assign(self.step_count, step)
+        step = self._next_step()
         bc1 = 1.0 - ops.pow(self.beta1_t, step)
         sqrt_bc2 = ops.sqrt(1.0 - ops.pow(self.beta2_t, step))
-        lrs = ops.unstack(ops.gather(self.lrs, self.group_index, 0))
         return self.hyper_map(ops.partial(_adamw_update, self.beta1_t, self.beta2_t, self.eps_t, self.wd_t, bc1,
-                                          sqrt_bc2), lrs, self.params, self.exp_avg, self.exp_avg_sq, grads)
+                                          sqrt_bc2), self._param_lrs(), self.params, self.exp_avg, self.exp_avg_sq,
+                              grads)
 
 
 _adamw_update = ops.MultitypeFuncGraph("adamw_update")
@@ -86,153 +144,441 @@ _adamw_update = ops.MultitypeFuncGraph("adamw_update")
 def _adamw_update_tensor(beta1, beta2, eps, wd, bc1, sqrt_bc2, lr, param, m, v, grad):
     """torch.optim.AdamW for one parameter (decoupled decay, bias-corrected)."""
     g = grad.astype(ms.float32)
+    p = param.astype(ms.float32)
     m_new = m * beta1 + g * (1.0 - beta1)
     v_new = v * beta2 + ops.square(g) * (1.0 - beta2)
     denom = ops.sqrt(v_new) / sqrt_bc2 + eps
-    p_new = param * (1.0 - lr * wd) - (lr / bc1) * (m_new / denom)
+    p_new = p * (1.0 - lr * wd) - (lr / bc1) * (m_new / denom)
     ops.assign(m, m_new)
     ops.assign(v, v_new)
     return ops.assign(param, p_new.astype(param.dtype))
 
 
-def check_optimizer_args(args):
-    """The optimizer/scheduler argument checks of ``create_optimizer``/``create_lr_schedule``, run at start."""
-    if getattr(args, "use_8bit_adam", False) or getattr(args, "use_lion_optimizer", False):
-        raise UserError("--use_8bit_adam / --use_lion_optimizer are not implemented yet in this port "
-                        "(use --optimizer_type AdamW)")
-    opt_type = args.optimizer_type or "AdamW"
-    if opt_type.lower() != "adamw":
-        raise UserError(f"--optimizer_type {opt_type} is not implemented yet in this port (AdamW only)")
-    kwargs = parse_optimizer_args(args.optimizer_args)
-    unknown = sorted(set(kwargs) - {"betas", "eps", "weight_decay"})
-    if unknown:
-        raise UserError(f"--optimizer_args: AdamW takes betas, eps, weight_decay; not {', '.join(unknown)}")
-    if args.lr_scheduler not in SCHEDULERS:
-        raise UserError(f"--lr_scheduler {args.lr_scheduler} is not implemented yet in this port "
-                        f"(available: {', '.join(SCHEDULERS)})")
+class SGDNesterov(GroupedOptimizer):
+    """torch.optim.SGD(nesterov=True): buf = momentum buf + g (g with L2 weight decay), p -= lr (g + momentum buf)."""
+
+    def __init__(self, params, group_of, lrs, momentum=0.9, dampening=0.0, weight_decay=0.0):
+        super().__init__(params, group_of, lrs)
+        if momentum <= 0 or dampening != 0:
+            raise UserError("SGDNesterov: Nesterov momentum requires a momentum and zero dampening "
+                            f"(got momentum={momentum}, dampening={dampening})")
+        self.momentum_buffer = self._zeros("momentum_buffer")
+        self.momentum_t = Tensor(np.float32(momentum))
+        self.wd_t = Tensor(np.float32(weight_decay))
+
+    def construct(self, grads):
+        self._next_step()
+        return self.hyper_map(ops.partial(_sgd_nesterov_update, self.momentum_t, self.wd_t), self._param_lrs(),
+                              self.params, self.momentum_buffer, grads)
+
+
+_sgd_nesterov_update = ops.MultitypeFuncGraph("sgd_nesterov_update")
+
+
+@_sgd_nesterov_update.register("Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor")
+def _sgd_nesterov_update_tensor(momentum, wd, lr, param, buf, grad):
+    p = param.astype(ms.float32)
+    g = grad.astype(ms.float32) + wd * p
+    buf_new = buf * momentum + g  # torch: the first step's buffer is g itself (= 0 * momentum + g)
+    d = g + momentum * buf_new
+    ops.assign(buf, buf_new)
+    return ops.assign(param, (p - lr * d).astype(param.dtype))
+
+
+class Lion(GroupedOptimizer):
+    """lion-pytorch's Lion: p *= 1 - lr wd; p -= lr sign(beta1 m + (1 - beta1) g); m = beta2 m + (1 - beta2) g.
+    ``decoupled_weight_decay``: wd / initial lr (lion-pytorch divides by the lr it was created with)."""
+
+    def __init__(self, params, group_of, lrs, betas=(0.9, 0.99), weight_decay=0.0, decoupled_weight_decay=False,
+                 initial_lr=None):
+        super().__init__(params, group_of, lrs)
+        if decoupled_weight_decay:
+            init_lr = initial_lr if initial_lr is not None else float(lrs[0])
+            weight_decay = weight_decay / init_lr
+        self.exp_avg = self._zeros("exp_avg")
+        self.beta1_t = Tensor(np.float32(betas[0]))
+        self.beta2_t = Tensor(np.float32(betas[1]))
+        self.wd_t = Tensor(np.float32(weight_decay))
+
+    def construct(self, grads):
+        self._next_step()
+        return self.hyper_map(ops.partial(_lion_update, self.beta1_t, self.beta2_t, self.wd_t), self._param_lrs(),
+                              self.params, self.exp_avg, grads)
+
+
+_lion_update = ops.MultitypeFuncGraph("lion_update")
+
+
+@_lion_update.register("Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor")
+def _lion_update_tensor(beta1, beta2, wd, lr, param, m, grad):
+    g = grad.astype(ms.float32)
+    p = param.astype(ms.float32) * (1.0 - lr * wd)
+    update = ops.sign(m * beta1 + g * (1.0 - beta1))
+    ops.assign(m, m * beta2 + g * (1.0 - beta2))
+    return ops.assign(param, (p - lr * update).astype(param.dtype))
+
+
+class Adafactor(GroupedOptimizer):
+    """transformers.optimization.Adafactor. Parameters with 2+ dims keep factored second moments (row:
+    mean over the last dim, col: mean over the one before); the others a full one. The lr of a parameter
+    is ``rel * (max(eps2, RMS(p)) if scale_parameter else 1)`` with ``rel`` the group lr, or with
+    relative_step ``min(1e-6 step if warmup_init else 1e-2, 1/sqrt(step))``. ``last_lrs`` holds the lr
+    of each group's first parameter at the last update (what AdafactorSchedule reports)."""
+
+    def __init__(self, params, group_of, lrs, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8, beta1=None,
+                 weight_decay=0.0, scale_parameter=True, relative_step=True, warmup_init=False):
+        super().__init__(params, group_of, lrs)
+        if warmup_init and not relative_step:
+            raise UserError("Adafactor: `warmup_init=True` requires `relative_step=True`")
+        if not (isinstance(eps, (tuple, list)) and len(eps) == 2):
+            raise UserError(f"Adafactor: eps must be two numbers (eps=1e-30,1e-3), got {eps!r}")
+        self.relative_step = bool(relative_step)
+        self.warmup_init = bool(warmup_init)
+        self.use_first_moment = beta1 is not None
+        order = sorted(range(len(params)), key=lambda i: len(params[i].shape) < 2)  # factored first
+        self.factored_idx = [i for i in order if len(params[i].shape) >= 2]
+        self.plain_idx = [i for i in order if len(params[i].shape) < 2]
+        fparams = [params[i] for i in self.factored_idx]
+        pparams = [params[i] for i in self.plain_idx]
+        self.f_params = ParameterTuple(fparams)
+        self.p_params = ParameterTuple(pparams)
+        self.f_groups = Tensor(np.asarray([self.group_of[i] for i in self.factored_idx] or [0], np.int32))
+        self.p_groups = Tensor(np.asarray([self.group_of[i] for i in self.plain_idx] or [0], np.int32))
+        self.has_factored, self.has_plain = bool(fparams), bool(pparams)
+        if self.use_first_moment:
+            self.f_exp_avg = self._zeros("exp_avg", fparams)
+            self.p_exp_avg = self._zeros("exp_avg", pparams)
+        self.exp_avg_sq_row = self._zeros("exp_avg_sq_row", fparams, lambda s: s[:-1])
+        self.exp_avg_sq_col = self._zeros("exp_avg_sq_col", fparams, lambda s: s[:-2] + s[-1:])
+        self.exp_avg_sq = self._zeros("exp_avg_sq", pparams)
+        # position of each group's first parameter in (factored + plain) order
+        pos = {orig: k for k, orig in enumerate(self.factored_idx + self.plain_idx)}
+        firsts = [pos[self.group_of.index(g)] for g in range(self.num_groups)]
+        self.first_of_group = Tensor(np.asarray(firsts, np.int32))
+        self.last_lrs = Parameter(Tensor(np.asarray(lrs, np.float32)), name="optimizer_last_lrs",
+                                  requires_grad=False)
+        self._state.append(self.last_lrs)
+        self.eps1 = Tensor(np.float32(eps[0]))
+        self.eps2 = Tensor(np.float32(eps[1]))
+        self.clip = Tensor(np.float32(clip_threshold))
+        self.decay_rate = Tensor(np.float32(decay_rate))
+        self.beta1_t = Tensor(np.float32(beta1 if beta1 is not None else 0.0))
+        self.wd_t = Tensor(np.float32(weight_decay))
+        self.scale_t = Tensor(np.float32(1.0 if scale_parameter else 0.0))
+
+    def _rel_steps(self, step, groups, n):
+        if self.relative_step:
+            min_step = 1e-6 * step if self.warmup_init else ops.ones_like(step) * 1e-2
+            rel = ops.minimum(min_step, 1.0 / ops.sqrt(step))
+            return ops.unstack(ops.broadcast_to(ops.reshape(rel, (1,)), (n,)))
+        return ops.unstack(ops.gather(self.lrs, groups, 0))
+
+    def construct(self, grads):
+        step = self._next_step()
+        beta2t = 1.0 - ops.pow(step, self.decay_rate)
+        factored = ops.partial(_adafactor_factored, self.eps1, self.eps2, self.clip, beta2t, self.beta1_t, self.wd_t,
+                               self.scale_t)
+        plain = ops.partial(_adafactor_plain, self.eps1, self.eps2, self.clip, beta2t, self.beta1_t, self.wd_t,
+                            self.scale_t)
+        f_grads = tuple([grads[i] for i in self.factored_idx])
+        p_grads = tuple([grads[i] for i in self.plain_idx])
+        lrs = ()
+        if self.has_factored:
+            rel = self._rel_steps(step, self.f_groups, len(self.factored_idx))
+            if self.use_first_moment:
+                lrs = lrs + self.hyper_map(factored, rel, self.f_params,
+                                           self.f_exp_avg, self.exp_avg_sq_row, self.exp_avg_sq_col, f_grads)
+            else:
+                lrs = lrs + self.hyper_map(factored, rel, self.f_params,
+                                           self.exp_avg_sq_row, self.exp_avg_sq_col, f_grads)
+        if self.has_plain:
+            rel = self._rel_steps(step, self.p_groups, len(self.plain_idx))
+            if self.use_first_moment:
+                lrs = lrs + self.hyper_map(plain, rel, self.p_params,
+                                           self.p_exp_avg, self.exp_avg_sq, p_grads)
+            else:
+                lrs = lrs + self.hyper_map(plain, rel, self.p_params,
+                                           self.exp_avg_sq, p_grads)
+        return ops.assign(self.last_lrs, ops.gather(ops.stack(lrs), self.first_of_group, 0))
+
+
+def _rms(x):
+    return ops.sqrt(ops.mean(ops.square(x)))
+
+
+def _adafactor_finish(clip, beta1, wd, lr, param, p, update, m):
+    """clip by RMS, scale by lr, optional first moment, weight decay, apply; returns lr."""
+    update = update / ops.maximum(_rms(update) / clip, 1.0)
+    update = update * lr
+    if m is not None:
+        update = m * beta1 + update * (1.0 - beta1)
+        ops.assign(m, update)
+    p_new = p + p * (-wd * lr)
+    p_new = p_new - update
+    return ops.depend(lr, ops.assign(param, p_new.astype(param.dtype)))
+
+
+def _adafactor_lr(eps2, scale, rel, p):
+    return (ops.maximum(eps2, _rms(p)) * scale + (1.0 - scale)) * rel
+
+
+def _factored(eps1, eps2, clip, beta2t, beta1, wd, scale, rel, param, m, row, col, grad):
+    g = grad.astype(ms.float32)
+    p = param.astype(ms.float32)
+    lr = _adafactor_lr(eps2, scale, rel, p)
+    sq = ops.square(g) + eps1
+    row_new = row * beta2t + ops.mean(sq, -1) * (1.0 - beta2t)
+    col_new = col * beta2t + ops.mean(sq, -2) * (1.0 - beta2t)
+    ops.assign(row, row_new)
+    ops.assign(col, col_new)
+    r_factor = ops.expand_dims(ops.rsqrt(row_new / ops.mean(row_new, -1, keep_dims=True)), -1)
+    c_factor = ops.expand_dims(ops.rsqrt(col_new), -2)
+    update = ops.broadcast_to(r_factor, g.shape) * ops.broadcast_to(c_factor, g.shape) * g
+    return _adafactor_finish(clip, beta1, wd, lr, param, p, update, m)
+
+
+def _plain(eps1, eps2, clip, beta2t, beta1, wd, scale, rel, param, m, v, grad):
+    g = grad.astype(ms.float32)
+    p = param.astype(ms.float32)
+    lr = _adafactor_lr(eps2, scale, rel, p)
+    v_new = v * beta2t + (ops.square(g) + eps1) * (1.0 - beta2t)
+    ops.assign(v, v_new)
+    update = ops.rsqrt(v_new) * g
+    return _adafactor_finish(clip, beta1, wd, lr, param, p, update, m)
+
+
+_adafactor_factored = ops.MultitypeFuncGraph("adafactor_factored")
+_adafactor_plain = ops.MultitypeFuncGraph("adafactor_plain")
+_T = "Tensor"
+
+
+@_adafactor_factored.register(*([_T] * 13))
+def _adafactor_factored_m(eps1, eps2, clip, beta2t, beta1, wd, scale, rel, param, m, row, col, grad):
+    return _factored(eps1, eps2, clip, beta2t, beta1, wd, scale, rel, param, m, row, col, grad)
+
+
+@_adafactor_factored.register(*([_T] * 12))
+def _adafactor_factored_no_m(eps1, eps2, clip, beta2t, beta1, wd, scale, rel, param, row, col, grad):
+    return _factored(eps1, eps2, clip, beta2t, beta1, wd, scale, rel, param, None, row, col, grad)
+
+
+@_adafactor_plain.register(*([_T] * 12))
+def _adafactor_plain_m(eps1, eps2, clip, beta2t, beta1, wd, scale, rel, param, m, v, grad):
+    return _plain(eps1, eps2, clip, beta2t, beta1, wd, scale, rel, param, m, v, grad)
+
+
+@_adafactor_plain.register(*([_T] * 11))
+def _adafactor_plain_no_m(eps1, eps2, clip, beta2t, beta1, wd, scale, rel, param, v, grad):
+    return _plain(eps1, eps2, clip, beta2t, beta1, wd, scale, rel, param, None, v, grad)
+
+
+# -- kohya's get_optimizer -------------------------------------------------------------------------
+
+OPTIMIZERS = {"adamw": "AdamW", "sgdnesterov": "SGDNesterov", "lion": "Lion", "adafactor": "AdaFactor"}
+# option -> (torch class kohya names in ss_optimizer, accepted --optimizer_args)
+_SPECS = {
+    "adamw": ("torch.optim.adamw.AdamW", ("betas", "eps", "weight_decay")),
+    "sgdnesterov": ("torch.optim.sgd.SGD", ("momentum", "dampening", "weight_decay")),
+    "lion": ("lion_pytorch.lion_pytorch.Lion", ("betas", "weight_decay", "decoupled_weight_decay")),
+    "adafactor": ("transformers.optimization.Adafactor", tuple(ADAFACTOR_DEFAULTS)),
+}
+_NOT_AVAILABLE = {  # kohya's other optimizer types: CUDA-only packages or not ported
+    "adamw8bit": "bitsandbytes 8-bit optimizers are CUDA-only", "sgdnesterov8bit": "bitsandbytes (CUDA-only)",
+    "lion8bit": "bitsandbytes (CUDA-only)", "pagedadamw8bit": "bitsandbytes paged optimizers are CUDA-only",
+    "pagedlion8bit": "bitsandbytes (CUDA-only)", "pagedadamw": "bitsandbytes (CUDA-only)",
+    "pagedadamw32bit": "bitsandbytes (CUDA-only)", "prodigy": "not ported",
+    "radamschedulefree": "not ported", "adamwschedulefree": "not ported", "sgdschedulefree": "not ported",
+}
+
+
+def _resolve_type(args) -> str:
+    """kohya's optimizer_type after --use_8bit_adam / --use_lion_optimizer, not lowered."""
+    opt_type = args.optimizer_type or ""
+    if getattr(args, "use_8bit_adam", False):
+        raise UserError("--use_8bit_adam is not available in this port (bitsandbytes 8-bit AdamW is CUDA-only): "
+                        "use --optimizer_type AdamW")
+    if getattr(args, "use_lion_optimizer", False):
+        if opt_type:
+            raise UserError("both option use_lion_optimizer and optimizer_type are specified")
+        opt_type = "Lion"
+    return opt_type or "AdamW"
+
+
+def _custom_optimizer_class(path: str):
+    module_name, attr = path.rsplit(".", 1)
     try:
-        warmup = resolve_warmup_steps(args.lr_warmup_steps, 1000)
-    except ValueError:
-        raise UserError(f"--lr_warmup_steps must be an int, a ratio or 'N%', got {args.lr_warmup_steps!r}") from None
-    if args.lr_scheduler == "constant" and warmup:
-        raise UserError("--lr_scheduler constant does not take --lr_warmup_steps (use constant_with_warmup)")
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UserError(f"--optimizer_type {path}: cannot import {module_name} ({e})") from None
+    cls = getattr(module, attr, None)
+    if not isinstance(cls, type):
+        raise UserError(f"--optimizer_type {path}: {module_name} has no class {attr}")
+    missing = [m for m in ("construct", "set_lrs", "state_parameters") if not callable(getattr(cls, m, None))]
+    if not issubclass(cls, nn.Cell) or missing:
+        raise UserError(f"--optimizer_type {path}: not an optimizer cell of this port (a mindspore.nn.Cell with "
+                        f"__init__(params, group_of, lrs, **kwargs), set_lrs, construct(grads), state_parameters"
+                        f"{'; missing ' + ', '.join(missing) if missing else ''})")
+    return cls
+
+
+def _check_type(opt_type: str):
+    """-> the lowered built-in key, or None for a dotted class path (checked); errors for the rest."""
+    key = opt_type.lower()
+    if key in _SPECS:
+        return key
+    if key in _NOT_AVAILABLE or key.endswith("8bit") or key.startswith("dadapt"):
+        why = _NOT_AVAILABLE.get(key, "bitsandbytes (CUDA-only)" if key.endswith("8bit") else "not ported")
+        raise UserError(f"--optimizer_type {opt_type} is not available in this port ({why}): use AdamW, "
+                        "SGDNesterov, Lion or AdaFactor")
+    if "." in opt_type:
+        _custom_optimizer_class(opt_type)
+        return None
+    raise UserError(f"--optimizer_type {opt_type} is not available in this port (kohya takes it from torch.optim): "
+                    "use AdamW, SGDNesterov, Lion, AdaFactor or a dotted path to a MindSpore optimizer cell")
+
+
+def _optimizer_kwargs(key, kwargs):
+    """Check the --optimizer_args of a built-in optimizer; -> kwargs with kohya's adjustments."""
+    name, accepted = _SPECS[key]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise UserError(f"--optimizer_args: {OPTIMIZERS[key]} takes {', '.join(accepted)}; not {', '.join(unknown)}")
+    kwargs = dict(kwargs)
+    if "betas" in kwargs and not (isinstance(kwargs["betas"], tuple) and len(kwargs["betas"]) == 2):
+        raise UserError(f"--optimizer_args betas must be two numbers (betas=0.9,0.999), got {kwargs['betas']!r}")
+    if key == "adafactor" and "eps" in kwargs and not (isinstance(kwargs["eps"], tuple) and len(kwargs["eps"]) == 2):
+        raise UserError(f"--optimizer_args eps for AdaFactor must be two numbers (eps=1e-30,1e-3), got {kwargs['eps']!r}")
+    if key == "sgdnesterov" and "momentum" not in kwargs:
+        logger.info("SGD with Nesterov must be with momentum, set momentum to 0.9")
+        kwargs["momentum"] = 0.9
+    if key == "sgdnesterov" and (kwargs["momentum"] <= 0 or kwargs.get("dampening", 0) != 0):
+        raise UserError("SGDNesterov: Nesterov momentum requires a momentum and zero dampening "
+                        f"(got momentum={kwargs['momentum']}, dampening={kwargs.get('dampening', 0)})")
+    if key == "adafactor":
+        if "relative_step" not in kwargs:
+            kwargs["relative_step"] = True  # kohya's default
+        if not kwargs["relative_step"] and kwargs.get("warmup_init", False):
+            logger.info("set relative_step to True because warmup_init is True")
+            kwargs["relative_step"] = True
+    return kwargs
+
+
+def effective_lr_scheduler(args) -> str:
+    """``args.lr_scheduler`` as kohya's get_optimizer leaves it (Adafactor relative_step: ``adafactor:<lr>``)."""
+    key = _check_type(_resolve_type(args))
+    if key == "adafactor":
+        kwargs = _optimizer_kwargs(key, parse_optimizer_args(args.optimizer_args))
+        if kwargs["relative_step"]:
+            return f"adafactor:{args.learning_rate}"
+    return args.lr_scheduler
+
+
+def check_optimizer_args(args):
+    """The checks of ``create_optimizer``/``create_lr_schedule``, run at start (nothing is built)."""
+    opt_type = _resolve_type(args)
+    key = _check_type(opt_type)
+    kwargs = parse_optimizer_args(args.optimizer_args)
+    if key is not None:
+        kwargs = _optimizer_kwargs(key, kwargs)
+    if key == "lion" and not (args.learning_rate and args.learning_rate > 0):
+        raise UserError(f"Lion needs --learning_rate > 0, got {args.learning_rate}")
+    if key != "adafactor" and args.lr_scheduler.startswith("adafactor"):
+        raise UserError("adafactor scheduler must be used with Adafactor optimizer (--optimizer_type AdaFactor)")
+    if key == "adafactor" and not kwargs["relative_step"] and args.lr_scheduler.startswith("adafactor"):
+        raise UserError("--lr_scheduler adafactor needs --optimizer_type AdaFactor with relative_step=True "
+                        "(with relative_step=False use e.g. constant_with_warmup)")
+    # the schedule, built with the steps known now (max_train_epochs may change them later)
+    checked = _ArgsView(args, lr_scheduler=effective_lr_scheduler(args),
+                        learning_rate=args.learning_rate if args.learning_rate is not None else 0.0)
+    steps = 10 ** 9 if getattr(args, "max_train_epochs", None) else max(1, args.max_train_steps or 1)
+    create_lr_schedule(checked, [1.0], steps)
+
+
+class _ArgsView:
+    """``args`` with a few attributes replaced (no mutation of the caller's namespace)."""
+
+    def __init__(self, args, **override):
+        self._args, self._override = args, override
+
+    def __getattr__(self, name):
+        if name in self._override:
+            return self._override[name]
+        return getattr(self._args, name)
 
 
 def create_optimizer(args, param_groups):
-    """(optimizer cell, name, args string, group lrs) for kohya's ``--optimizer_type``/``--optimizer_args``.
+    """kohya's ``get_optimizer``: (optimizer cell, name, args string, group lrs).
 
-    ``param_groups``: kohya's ``[{"params": [...], "lr": lr}, ...]``."""
-    opt_type = (args.optimizer_type or "AdamW")
-    if getattr(args, "use_8bit_adam", False) or getattr(args, "use_lion_optimizer", False):
-        raise UserError("--use_8bit_adam / --use_lion_optimizer are not implemented yet in this port "
-                        "(use --optimizer_type AdamW)")
-    if opt_type.lower() != "adamw":
-        raise UserError(f"--optimizer_type {opt_type} is not implemented yet in this port (AdamW only)")
-    kwargs = parse_optimizer_args(args.optimizer_args)
-    unknown = sorted(set(kwargs) - {"betas", "eps", "weight_decay"})
-    if unknown:
-        raise UserError(f"--optimizer_args: AdamW takes betas, eps, weight_decay; not {', '.join(unknown)}")
-    opts = dict(ADAMW_DEFAULTS)
-    opts.update(kwargs)
-    betas = opts["betas"]
-    if not (isinstance(betas, tuple) and len(betas) == 2):
-        raise UserError(f"--optimizer_args betas must be two numbers (betas=0.9,0.999), got {betas!r}")
+    ``param_groups``: kohya's ``[{"params": [...], "lr": lr}, ...]``. As kohya, Adafactor with
+    relative_step sets ``args.learning_rate`` to None, ``args.lr_scheduler`` to ``adafactor:<lr>`` and
+    (when the groups had lrs) ``args.unet_lr`` / ``args.text_encoder_lr`` to None."""
+    check_optimizer_args(args)
+    opt_type = _resolve_type(args)
+    key = _check_type(opt_type)
+    raw_kwargs = parse_optimizer_args(args.optimizer_args)
+    lr = args.learning_rate
     params, group_of, lrs = [], [], []
     for gi, group in enumerate(param_groups):
-        lrs.append(float(group.get("lr", args.learning_rate)))
+        lrs.append(float(group.get("lr", lr)))
         for p in group["params"]:
             params.append(p)
             group_of.append(gi)
-    opt = AdamW(params, group_of, lrs, betas=betas, eps=float(opts["eps"]),
-                weight_decay=float(opts["weight_decay"]))
+
+    if key is None:  # a dotted class path
+        cls = _custom_optimizer_class(opt_type)
+        logger.info("use %s | %s", opt_type, raw_kwargs)
+        try:
+            opt = cls(params, group_of, lrs, **raw_kwargs)
+        except TypeError as e:
+            raise UserError(f"--optimizer_type {opt_type}: cannot create it with --optimizer_args {raw_kwargs} "
+                            f"({e})") from None
+        name = cls.__module__ + "." + cls.__name__
+        return opt, name, ",".join(f"{k}={v}" for k, v in raw_kwargs.items()), lrs
+
+    kwargs = _optimizer_kwargs(key, raw_kwargs)  # what kohya passes (and writes into ss_optimizer)
+    if key == "adamw":
+        logger.info("use AdamW optimizer | %s", kwargs)
+        opts = dict(ADAMW_DEFAULTS, **kwargs)
+        opt = AdamW(params, group_of, lrs, betas=opts["betas"], eps=float(opts["eps"]),
+                    weight_decay=float(opts["weight_decay"]))
+    elif key == "sgdnesterov":
+        logger.info("use SGD with Nesterov optimizer | %s", kwargs)
+        opts = dict(SGD_DEFAULTS, **kwargs)
+        opt = SGDNesterov(params, group_of, lrs, momentum=float(opts["momentum"]),
+                          dampening=float(opts["dampening"]), weight_decay=float(opts["weight_decay"]))
+    elif key == "lion":
+        logger.info("use Lion optimizer | %s", kwargs)
+        opts = dict(LION_DEFAULTS, **kwargs)
+        opt = Lion(params, group_of, lrs, betas=opts["betas"], weight_decay=float(opts["weight_decay"]),
+                   decoupled_weight_decay=bool(opts["decoupled_weight_decay"]), initial_lr=lr)
+    else:
+        logger.info("use Adafactor optimizer | %s", kwargs)
+        opts = dict(ADAFACTOR_DEFAULTS, **kwargs)
+        if opts["relative_step"]:
+            logger.info("relative_step is true")
+            if lr != 0.0:
+                logger.warning("learning rate is used as initial_lr")
+            args.learning_rate = None
+            if any("lr" in g for g in param_groups):
+                logger.warning("unet_lr and text_encoder_lr are ignored")
+                args.unet_lr = None
+                args.text_encoder_lr = None
+            if args.lr_scheduler != "adafactor":
+                logger.info("use adafactor_scheduler")
+            args.lr_scheduler = f"adafactor:{lr}"
+            lrs = [float(lr)] * len(param_groups)  # AdafactorSchedule's initial lr per group (unused by the update)
+        else:
+            if args.max_grad_norm != 0.0:
+                logger.warning("because max_grad_norm is set, clip_grad_norm is enabled. consider set to 0")
+            if args.lr_scheduler != "constant_with_warmup":
+                logger.warning("constant_with_warmup will be good")
+            if opts["clip_threshold"] != 1.0:
+                logger.warning("clip_threshold=1.0 will be good")
+        opt = Adafactor(params, group_of, lrs, eps=tuple(opts["eps"]), clip_threshold=float(opts["clip_threshold"]),
+                        decay_rate=float(opts["decay_rate"]),
+                        beta1=None if opts["beta1"] is None else float(opts["beta1"]),
+                        weight_decay=float(opts["weight_decay"]), scale_parameter=bool(opts["scale_parameter"]),
+                        relative_step=bool(opts["relative_step"]), warmup_init=bool(opts["warmup_init"]))
+    name = _SPECS[key][0]
     args_str = ",".join(f"{k}={v}" for k, v in kwargs.items())
-    return opt, "torch.optim.AdamW", args_str, lrs
-
-
-# -- learning-rate schedules (diffusers' closed forms) -----------------------------------------
-SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-
-
-def resolve_warmup_steps(lr_warmup_steps, max_train_steps) -> int:
-    """kohya: an int, or a float < 1 as a ratio of the training steps (``"10%"`` too)."""
-    v = lr_warmup_steps
-    if isinstance(v, str):
-        v = v.strip()
-        if v.endswith("%"):
-            return int(float(v[:-1]) / 100.0 * max_train_steps)
-        v = float(v) if any(c in v for c in ".eE") else int(v)
-    if isinstance(v, float) and v < 1:
-        return int(v * max_train_steps)
-    return int(v)
-
-
-def get_lr_lambda(name: str, num_warmup_steps: int, num_training_steps: int, num_cycles: int = 1,
-                  power: float = 1.0, lr_end_ratio: float = None) -> Callable[[int], float]:
-    if name not in SCHEDULERS:
-        raise UserError(f"--lr_scheduler {name} is not implemented yet in this port "
-                        f"(available: {', '.join(SCHEDULERS)})")
-    w, n = int(num_warmup_steps), int(num_training_steps)
-    if name == "constant":
-        if w:
-            raise UserError("constant does not require `num_warmup_steps`. Set None or 0 "
-                            "(use --lr_scheduler constant_with_warmup)")
-        return lambda step: 1.0
-
-    def warm(step):
-        return float(step) / float(max(1, w))
-
-    if name == "constant_with_warmup":
-        return lambda step: warm(step) if step < w else 1.0
-    if name == "linear":
-        return lambda step: warm(step) if step < w else max(0.0, float(n - step) / float(max(1, n - w)))
-    if name == "cosine":
-        def cosine(step):
-            if step < w:
-                return warm(step)
-            progress = float(step - w) / float(max(1, n - w))
-            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * float(num_cycles) * 2.0 * 0.5 * progress)))
-        return cosine
-    if name == "cosine_with_restarts":
-        def restarts(step):
-            if step < w:
-                return warm(step)
-            progress = float(step - w) / float(max(1, n - w))
-            if progress >= 1.0:
-                return 0.0
-            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((float(num_cycles) * progress) % 1.0))))
-        return restarts
-
-    # polynomial (diffusers: lr_end 1e-7 absolute; here as ratio of the initial lr per group)
-    def poly(step, lr_end_ratio=lr_end_ratio):
-        if step < w:
-            return warm(step)
-        if step > n:
-            return lr_end_ratio
-        decay = (1 - lr_end_ratio) * (1 - (step - w) / max(1, n - w)) ** power + lr_end_ratio
-        return decay
-    return poly
-
-
-class LRSchedule:
-    """Per-group learning rates at an optimizer step: initial lr x ``lr_lambda(step)``."""
-
-    def __init__(self, base_lrs: List[float], lr_lambda):
-        self.base_lrs = list(base_lrs)
-        self.lr_lambda = lr_lambda
-
-    def lrs(self, step: int) -> List[float]:
-        f = self.lr_lambda(step)
-        return [lr * f for lr in self.base_lrs]
-
-
-def create_lr_schedule(args, base_lrs, max_train_steps) -> LRSchedule:
-    if getattr(args, "lr_scheduler_type", "") or getattr(args, "lr_scheduler_args", None):
-        raise UserError("--lr_scheduler_type / --lr_scheduler_args are not implemented yet in this port")
-    warmup = resolve_warmup_steps(args.lr_warmup_steps, max_train_steps)
-    lr_end_ratio = None
-    if args.lr_scheduler == "polynomial":
-        # diffusers' lr_end=1e-7 is absolute for the optimizer's default lr; kohya passes one lr
-        lr_end_ratio = 1e-7 / args.learning_rate if args.learning_rate > 0 else 0.0
-    lam = get_lr_lambda(args.lr_scheduler, warmup, max_train_steps, args.lr_scheduler_num_cycles or 1,
-                        args.lr_scheduler_power, lr_end_ratio)
-    return LRSchedule(base_lrs, lam)
+    return opt, name, args_str, lrs

@@ -65,8 +65,10 @@ def test_noise_offset_and_ip_gamma():
 @pytest.mark.parametrize("name", ["constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"])
 def test_lr_schedules_closed_form(name):
     w, n = 10, 100
-    sched = create_lr_schedule(_args(lr_scheduler=name, lr_warmup_steps="10", lr_scheduler_num_cycles=2,
-                                     lr_scheduler_power=2.0), [1e-3, 5e-4], n)
+    # kohya passes num_cycles to cosine_with_restarts only (cosine keeps transformers' 0.5), power to polynomial
+    sched = create_lr_schedule(_args(lr_scheduler=name, lr_warmup_steps="10",
+                                     lr_scheduler_num_cycles=2 if name == "cosine_with_restarts" else 1,
+                                     lr_scheduler_power=2.0 if name == "polynomial" else 1.0), [1e-3, 5e-4], n)
     for step in (0, 5, 10, 37, 99):
         lrs = sched.lrs(step)
         if step < w:
@@ -76,7 +78,7 @@ def test_lr_schedules_closed_form(name):
         elif name == "linear":
             f = (n - step) / (n - w)
         elif name == "cosine":
-            f = 0.5 * (1 + math.cos(math.pi * 2 * (step - w) / (n - w)))
+            f = 0.5 * (1 + math.cos(math.pi * (step - w) / (n - w)))
         elif name == "cosine_with_restarts":
             f = 0.5 * (1 + math.cos(math.pi * ((2 * (step - w) / (n - w)) % 1.0)))
         else:
