@@ -98,11 +98,6 @@ NOT_IMPLEMENTED = [
     ("--skip_until_initial_step", dict(action="store_true")),
     ("--initial_epoch", dict(type=int, default=None)),
     ("--initial_step", dict(type=int, default=None)),
-    ("--validation_seed", dict(type=int, default=None)),
-    ("--validation_split", dict(type=float, default=0.0)),
-    ("--validate_every_n_steps", dict(type=int, default=None)),
-    ("--validate_every_n_epochs", dict(type=int, default=None)),
-    ("--max_validation_steps", dict(type=int, default=None)),
     ("--cache_text_encoder_outputs", dict(action="store_true")),
     ("--cache_text_encoder_outputs_to_disk", dict(action="store_true")),
     ("--debug_dataset", dict(action="store_true")),
@@ -154,6 +149,14 @@ def setup_parser() -> argparse.ArgumentParser:
     add("--log_prefix", type=str, default=None, help="prefix of each log folder name")
     add("--log_tracker_name", type=str, default=None, help="name of the log run subfolder (default network_train)")
     add("--log_config", action="store_true", help="also log the training arguments (as text)")
+    add("--validation_seed", type=int, default=None,
+        help="seed of the validation split and of the validation noise (--seed otherwise)")
+    add("--validation_split", type=float, default=0.0,
+        help="fraction of the (DreamBooth) training images held out for the validation loss")
+    add("--validate_every_n_steps", type=int, default=None,
+        help="validation loss every N steps (by default only at each epoch end, when there is a validation split)")
+    add("--validate_every_n_epochs", type=int, default=None, help="validation loss every N epochs (default every epoch)")
+    add("--max_validation_steps", type=int, default=None, help="at most this many validation batches per pass")
     add("--train_batch_size", type=int, default=1, help="batch size for training")
     add("--max_token_length", type=int, default=None, choices=[None, 150, 225],
         help="max token length of text encoder (default for 75, 150 or 225)")
@@ -515,6 +518,41 @@ class NetworkTrainer:
     def step_inputs(self, args, batch, latents, noise, noisy_noise, timesteps, weights, noise_schedule):
         raise NotImplementedError
 
+    def make_validator(self, args, val_group, loss_net, vae, noise_schedule, set_train_modes):
+        """The validation-loss runner: inputs built as for a training batch, at the given timesteps."""
+        import numpy as np
+
+        from library import custom_train_functions as ctf
+        from library.latent_cache import make_vae_encode_fn
+        from library.train_validation import Validator
+
+        seed = args.validation_seed if args.validation_seed is not None else args.seed
+        encode = None
+        if val_group is not None and not args.cache_latents:
+            encode = make_vae_encode_fn(vae, sample=True, seed=seed)
+
+        def encode_latents(batch, rng):
+            latents = batch["latents"]
+            if latents is None:
+                encode.rng.bit_generator.state = np.random.default_rng(seed).bit_generator.state
+                latents = np.concatenate([encode(batch["images"][i:i + args.vae_batch_size])
+                                          for i in range(0, len(batch["images"]), args.vae_batch_size)])
+            return (latents * self.vae_scale_factor).astype(np.float32)
+
+        def make_inputs(batch, latents, rng, timesteps):  # the training batch's noise and weights
+            noise = rng.standard_normal(latents.shape).astype(np.float32)
+            noise = ctf.apply_noise_offset(latents, noise, args.noise_offset, args.adaptive_noise_scale, rng,
+                                           args.noise_offset_random_strength)
+            noise = ctf.pyramid_noise_like(noise, rng, args.multires_noise_iterations, args.multires_noise_discount)
+            noisy_noise = ctf.input_perturbation_noise(noise, args.ip_noise_gamma, rng,
+                                                       args.ip_noise_gamma_random_strength)
+            weights = (np.asarray(batch["loss_weights"], np.float32)
+                       * ctf.post_process_loss_weights(args, timesteps, noise_schedule)).astype(np.float32)
+            return self.step_inputs(args, batch, latents, noise, noisy_noise, timesteps, weights, noise_schedule)
+
+        return Validator(args, val_group, loss_net, make_inputs, encode_latents,
+                         set_eval=lambda: loss_net.set_train(False), set_train=set_train_modes)
+
     # -- checks ----------------------------------------------------------------------------
     def verify_args(self, args, parser):
         check_not_implemented(args, parser)
@@ -599,7 +637,7 @@ class NetworkTrainer:
         from tqdm import tqdm
 
         from library import custom_train_functions as ctf
-        from library import lora_metadata, train_logging, train_state
+        from library import lora_metadata, train_logging, train_state, train_validation
         from library.latent_cache import make_vae_encode_fn
         from library.train_optimizers import create_lr_schedule, create_optimizer
         from networks import lora as network_module
@@ -616,11 +654,12 @@ class NetworkTrainer:
         train_group, val_group = config_util.build_dataset_groups(args, tokenizers,
                                                                   batch_size_multiplier=self.dp.world_size)
         self.dp.shard_dataset_group(train_group)  # each rank loads its part of every global batch
-        if val_group is not None:
-            raise UserError("validation_split in the dataset config is not implemented yet in this port")
-        train_util.verify_dataset_args(args, train_group, None, args.network_train_unet_only)
+        train_util.verify_dataset_args(args, train_group, val_group, args.network_train_unet_only)
         self.assert_extra_args(args, train_group)
         train_util.scan_dataset_group(train_group)
+        if val_group is not None:
+            self.assert_extra_args(args, val_group)
+            train_util.scan_dataset_group(val_group)
 
         model_version, text_encoders, vae, unet = self.load_target_model(args)
         if args.mem_eff_attn:
@@ -638,8 +677,11 @@ class NetworkTrainer:
             with self.dp.main_process_first(args.cache_latents_to_disk):  # rank 0 writes the files
                 train_group.cache_latents(make_vae_encode_fn(vae, sample=True, seed=args.seed), args.vae_batch_size,
                                           args.cache_latents_to_disk, args.skip_cache_check)
+                if val_group is not None:
+                    val_group.cache_latents(make_vae_encode_fn(vae, sample=True, seed=args.seed), args.vae_batch_size,
+                                            args.cache_latents_to_disk, args.skip_cache_check)
         else:
-            vae_encode = make_vae_encode_fn(vae, sample=True, seed=args.seed)
+            vae_encode = make_vae_encode_fn(vae, sample=True, seed=args.seed + self.dp.rank)  # per-rank sampling
 
         # network
         net_kwargs = {}
@@ -700,10 +742,14 @@ class NetworkTrainer:
             buffers = ParameterTuple(params).clone(prefix="grad_accum", init="zeros")
             step_cell = AccumulateStep(loss_net, params, buffers, accum, self.dp.step_reducer(params))
             apply_cell = ApplyAccumulated(buffers, optimizer, args.max_grad_norm, self.dp.step_reducer(params))
-        step_cell.set_train(True)
-        for te in text_encoders:
-            te.set_train(train_text_encoder)
-        unet.set_train(True)
+        def set_train_modes():
+            step_cell.set_train(True)
+            for te in text_encoders:
+                te.set_train(train_text_encoder)
+            unet.set_train(True)
+
+        set_train_modes()
+        validator = self.make_validator(args, val_group, loss_net, vae, noise_schedule, set_train_modes)
 
         # metadata
         os.makedirs(args.output_dir, exist_ok=True)
@@ -719,6 +765,11 @@ class NetworkTrainer:
             "ss_lr_warmup_steps": args.lr_warmup_steps, "ss_lr_scheduler": args.lr_scheduler,
             "ss_max_train_steps": args.max_train_steps, "ss_seed": args.seed,
             "ss_training_comment": args.training_comment, "ss_mixed_precision": args.mixed_precision,
+            "ss_num_validation_images": sum(d.num_train_images for d in val_group.datasets) if val_group else 0,
+            "ss_validation_seed": args.validation_seed, "ss_validation_split": args.validation_split,
+            "ss_max_validation_steps": args.max_validation_steps,
+            "ss_validate_every_n_epochs": args.validate_every_n_epochs,
+            "ss_validate_every_n_steps": args.validate_every_n_steps,
         }
         text_encoder_lr = args.text_encoder_lr if args.text_encoder_lr is not None else args.learning_rate
         metadata = lora_metadata.build_training_metadata(
@@ -760,7 +811,7 @@ class NetworkTrainer:
         progress = tqdm(range(args.max_train_steps), smoothing=0, desc="steps", dynamic_ncols=True,
                         disable=not self.dp.is_main)
         global_step = 0
-        losses, loss_rows = [], []
+        losses, loss_rows, val_rows = [], [], []
         micro = 0
         step_times = []
         compile_times = {}
@@ -786,6 +837,11 @@ class NetworkTrainer:
             sampler.sample(None, global_step)  # --sample_every_n_steps
             tracker.log(train_logging.step_logs(args, loss_value, avr, schedule.lrs(global_step - 1), lr_descriptions,
                                                 keys_scaled, mean_norm, max_norm), global_step)
+            if train_validation.should_validate_step(args, global_step, validator.has_data):
+                val_loss = validator.run("validation steps")
+                val_rows.append((global_step, epoch + 1, val_loss))
+                tracker.log({"loss/validation/step_average": val_loss,
+                             "loss/validation/step_divergence": val_loss - avr}, global_step)
             if args.save_every_n_steps is not None and global_step % args.save_every_n_steps == 0:
                 save_model(get_step_ckpt_name(args, ext, global_step), global_step, epoch + 1)
                 if args.save_last_n_steps is not None:  # kohya's get_remove_step_no
@@ -810,7 +866,7 @@ class NetworkTrainer:
         def save_train_state(name):
             state = {"current_step": global_step, "current_epoch": epoch + (n_in_epoch >= num_batches),
                      "position": n_in_epoch % num_batches, "rng": train_state.capture_rng(rng_streams),
-                     "losses": losses, "loss_rows": loss_rows, "max_train_steps": args.max_train_steps,
+                     "losses": losses, "loss_rows": loss_rows, "val_rows": val_rows, "max_train_steps": args.max_train_steps,
                      "num_batches": num_batches, "seed": args.seed}
             logger.info("saving state: %s", name)
             train_state.save_state(os.path.join(args.output_dir, name), state_params, state)
@@ -828,6 +884,7 @@ class NetworkTrainer:
             losses.extend(float(x) for x in resumed["losses"])
             loss_recorder_window.extend(losses)
             loss_rows.extend(tuple(r) for r in resumed["loss_rows"])
+            val_rows.extend(tuple(r) for r in resumed.get("val_rows", []))
             progress.update(global_step)
             loader.start_at(start_epoch, start_position)
             logger.info("resumed from %s at step %d (epoch %d, batch %d)", args.resume, global_step,
@@ -906,8 +963,14 @@ class NetworkTrainer:
                     if global_step >= args.max_train_steps:
                         break
             if n_in_epoch:
-                tracker.log({"loss/epoch_average": sum(losses[-num_update_steps_per_epoch:])
-                             / len(losses[-num_update_steps_per_epoch:])}, epoch + 1)
+                epoch_avr = sum(losses[-num_update_steps_per_epoch:]) / len(losses[-num_update_steps_per_epoch:])
+                tracker.log({"loss/epoch_average": epoch_avr}, epoch + 1)
+                if train_validation.should_validate_epoch(args, epoch + 1, validator.has_data):
+                    val_loss = validator.run("epoch validation steps")
+                    val_rows.append((global_step, epoch + 1, val_loss))
+                    logger.info("epoch %d: validation loss %.6f", epoch + 1, val_loss)
+                    tracker.log({"loss/validation/epoch_average": val_loss,
+                                 "loss/validation/epoch_divergence": val_loss - epoch_avr}, epoch + 1)
             if args.save_every_n_epochs is not None and (epoch + 1) % args.save_every_n_epochs == 0 \
                     and (epoch + 1) < num_train_epochs:
                 save_model(get_epoch_ckpt_name(args, ext, epoch + 1), global_step, epoch + 1)
@@ -937,6 +1000,13 @@ class NetworkTrainer:
             for row in loss_rows:
                 f.write(f"{row[0]},{row[1]:.8g},{row[2]:.8g},{row[3]:.8g}\n")
         os.replace(csv_path + ".tmp", csv_path)
+        if val_rows:
+            val_path = os.path.join(args.output_dir, f"{args.output_name}_val_loss.csv")
+            with open(val_path + ".tmp", "w", encoding="utf-8") as f:
+                f.write("step,epoch,val_loss\n")
+                for row in val_rows:
+                    f.write(f"{row[0]},{row[1]},{row[2]:.8g}\n")
+            os.replace(val_path + ".tmp", val_path)
         write_loss_curve_png(os.path.join(args.output_dir, f"{args.output_name}_loss.png"), losses)
         summary = {"steps": global_step, "epochs": num_train_epochs,
                    "compile_s": {(k if isinstance(k, str) else "x".join(map(str, k))): round(v, 2) for k, v in compile_times.items()},

@@ -1,6 +1,6 @@
-"""--save_state / --resume and TensorBoard logs, end to end on the tiny checkpoint (real processes,
-real files): a run killed after a saved state and resumed from it ends with the same LoRA and the
-same per-step losses as an uninterrupted run."""
+"""--save_state / --resume, TensorBoard logs and the validation loss, end to end on the tiny
+checkpoint (real processes, real files): a run killed after a saved state and resumed from it ends
+with the same LoRA, the same per-step losses and the same validation losses as an uninterrupted run."""
 import csv
 import os
 import signal
@@ -38,13 +38,15 @@ def setup(tmp_path_factory):
     ckpt = root / "tiny.safetensors"
     demo.write_checkpoint(str(ckpt), seed=0, small=True)
     images = root / "img"
-    demo.write_images(str(images), 3, [(64, 64)], seed=3, captions=True)
+    demo.write_images(str(images), 4, [(64, 64)], seed=3, captions=True)
     dataset = root / "dataset.toml"
-    # 3 batches per epoch: the state at step 4 is in the middle of epoch 2; shuffled captions
-    # and caption dropout draw from Python's random, the VAE posterior from its own generator
+    # 4 images, 1 held out for validation: 3 batches per epoch, so the state at step 4 is in the
+    # middle of epoch 2; shuffled captions and caption dropout draw from Python's random, the VAE
+    # posterior from its own generator, validation passes from their own seeded streams
     dataset.write_text(f"""[[datasets]]
 resolution = 64
 batch_size = 1
+validation_split = 0.25
   [[datasets.subsets]]
   image_dir = '{images}'
   caption_extension = '.txt'
@@ -59,12 +61,17 @@ def _args(root, ckpt, dataset, out, extra=()):
             "--output_name", "r", "--network_module", "networks.lora", "--network_dim", 2,
             "--learning_rate", 2e-3, "--max_train_steps", STEPS, "--seed", 7, "--max_data_loader_n_workers", 0,
             "--lr_scheduler", "cosine", "--noise_offset", 0.05, "--save_every_n_steps", 2, "--save_state",
-            "--save_last_n_steps_state", 2] + list(extra)
+            "--save_last_n_steps_state", 2, "--validate_every_n_steps", 3] + list(extra)
 
 
 def _losses(path):
     with open(path) as f:
         return [(int(r["step"]), float(r["loss"]), float(r["lr"])) for r in csv.DictReader(f)]
+
+
+def _val_losses(path):
+    with open(path) as f:
+        return [(int(r["step"]), int(r["epoch"]), float(r["val_loss"])) for r in csv.DictReader(f)]
 
 
 def _lora(path):
@@ -114,6 +121,12 @@ def test_killed_run_resumed_equals_uninterrupted(setup):
     lr_tags = [t for t in scalars if t.startswith("lr/")]
     assert sorted(lr_tags) == ["lr/textencoder", "lr/unet"], lr_tags
     assert "loss/average" in scalars and len(scalars["loss/epoch_average"]) == 3
+    # validation: after steps 3 and 6 and at the end of each epoch (steps 3, 6, 7)
+    full_val = _val_losses(full / "r_val_loss.csv")
+    assert [(s, e) for s, e, _ in full_val] == [(3, 1), (3, 1), (6, 2), (6, 2), (7, 3)], full_val
+    assert full_val[0][2] == full_val[1][2] and full_val[2][2] != full_val[0][2]  # same weights, same value
+    assert [s for s, _ in scalars["loss/validation/step_average"]] == [3, 6]
+    assert [s for s, _ in scalars["loss/validation/epoch_average"]] == [1, 2, 3]
 
     # the same run, killed once its step-4 state exists, then resumed from that state
     killed = root / "killed"
@@ -136,6 +149,9 @@ def test_killed_run_resumed_equals_uninterrupted(setup):
     assert [s for s, _, _ in got] == list(range(1, STEPS + 1))
     np.testing.assert_allclose([l for _, l, _ in got], [l for _, l, _ in full_losses], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose([lr for _, _, lr in got], [lr for _, _, lr in full_losses], rtol=1e-6)
+    got_val = _val_losses(killed / "r_val_loss.csv")
+    assert [r[:2] for r in got_val] == [r[:2] for r in full_val]
+    np.testing.assert_allclose([r[2] for r in got_val], [r[2] for r in full_val], rtol=1e-5)
     a, b = _lora(full / "r.safetensors"), _lora(killed / "r.safetensors")
     assert sorted(a) == sorted(b)
     for k in a:
