@@ -57,8 +57,8 @@ def apply_noise_offset(latents, noise, noise_offset, adaptive_noise_scale, rng, 
     if noise_offset is None or noise_offset == 0:
         return noise
     b, c = latents.shape[:2]
-    if random_strength:
-        noise_offset = rng.uniform(0.0, noise_offset, size=(b, 1, 1, 1)).astype(np.float32)
+    if random_strength:  # one strength for the batch (kohya: torch.rand(1) * noise_offset)
+        noise_offset = np.float32(rng.uniform(0.0, noise_offset))
     if adaptive_noise_scale is not None:
         latent_mean = np.abs(latents.mean(axis=(2, 3), keepdims=True))
         noise_offset = np.maximum(noise_offset + adaptive_noise_scale * latent_mean, 0.0)
@@ -69,8 +69,8 @@ def input_perturbation_noise(noise, ip_noise_gamma, rng, random_strength=False):
     """kohya's ``--ip_noise_gamma``: the noisy latents use noise + gamma * N(0,1); the target keeps noise."""
     if ip_noise_gamma is None or ip_noise_gamma == 0:
         return noise
-    b = noise.shape[0]
-    gamma = rng.uniform(0.0, ip_noise_gamma, size=(b, 1, 1, 1)) if random_strength else ip_noise_gamma
+    # one strength for the batch (kohya: torch.rand(1) * ip_noise_gamma)
+    gamma = np.float32(rng.uniform(0.0, ip_noise_gamma)) if random_strength else ip_noise_gamma
     return (noise + gamma * rng.standard_normal(noise.shape)).astype(np.float32)
 
 

@@ -97,3 +97,19 @@ def test_warmup_forms_and_errors():
         get_lr_lambda("adafactor", 0, 100)
     assert parse_optimizer_args(["weight_decay=0.05", "betas=0.9,0.98"]) == {"weight_decay": 0.05,
                                                                            "betas": (0.9, 0.98)}
+
+
+def test_random_strengths_are_one_per_batch():
+    """kohya draws torch.rand(1) * strength: one strength for the whole batch, then the noise."""
+    from library import custom_train_functions as ctf
+
+    latents = np.zeros((3, 4, 8, 8), np.float32)
+    noise = np.random.default_rng(1).standard_normal(latents.shape).astype(np.float32)
+    got = ctf.apply_noise_offset(latents, noise, 0.1, None, np.random.default_rng(5), random_strength=True)
+    replay = np.random.default_rng(5)
+    s = replay.uniform(0.0, 0.1)
+    np.testing.assert_allclose(got, noise + s * replay.standard_normal((3, 4, 1, 1)), rtol=1e-6, atol=1e-7)
+    got = ctf.input_perturbation_noise(noise, 0.1, np.random.default_rng(6), random_strength=True)
+    replay = np.random.default_rng(6)
+    s = replay.uniform(0.0, 0.1)
+    np.testing.assert_allclose(got, noise + s * replay.standard_normal(noise.shape), rtol=1e-6, atol=1e-7)
