@@ -223,7 +223,10 @@ class Adafactor(GroupedOptimizer):
     mean over the last dim, col: mean over the one before); the others a full one. The lr of a parameter
     is ``rel * (max(eps2, RMS(p)) if scale_parameter else 1)`` with ``rel`` the group lr, or with
     relative_step ``min(1e-6 step if warmup_init else 1e-2, 1/sqrt(step))``. ``last_lrs`` holds the lr
-    of each group's first parameter at the last update (what AdafactorSchedule reports)."""
+    of each group's first parameter at the last update (what AdafactorSchedule reports).
+
+    One update function for all parameters (the factored/full choice is made per shape at compile
+    time); the moments a parameter does not use are 1-element placeholders outside ``state_parameters``."""
 
     def __init__(self, params, group_of, lrs, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8, beta1=None,
                  weight_decay=0.0, scale_parameter=True, relative_step=True, warmup_init=False):
@@ -235,26 +238,12 @@ class Adafactor(GroupedOptimizer):
         self.relative_step = bool(relative_step)
         self.warmup_init = bool(warmup_init)
         self.use_first_moment = beta1 is not None
-        order = sorted(range(len(params)), key=lambda i: len(params[i].shape) < 2)  # factored first
-        self.factored_idx = [i for i in order if len(params[i].shape) >= 2]
-        self.plain_idx = [i for i in order if len(params[i].shape) < 2]
-        fparams = [params[i] for i in self.factored_idx]
-        pparams = [params[i] for i in self.plain_idx]
-        self.f_params = ParameterTuple(fparams)
-        self.p_params = ParameterTuple(pparams)
-        self.f_groups = Tensor(np.asarray([self.group_of[i] for i in self.factored_idx] or [0], np.int32))
-        self.p_groups = Tensor(np.asarray([self.group_of[i] for i in self.plain_idx] or [0], np.int32))
-        self.has_factored, self.has_plain = bool(fparams), bool(pparams)
         if self.use_first_moment:
-            self.f_exp_avg = self._zeros("exp_avg", fparams)
-            self.p_exp_avg = self._zeros("exp_avg", pparams)
-        self.exp_avg_sq_row = self._zeros("exp_avg_sq_row", fparams, lambda s: s[:-1])
-        self.exp_avg_sq_col = self._zeros("exp_avg_sq_col", fparams, lambda s: s[:-2] + s[-1:])
-        self.exp_avg_sq = self._zeros("exp_avg_sq", pparams)
-        # position of each group's first parameter in (factored + plain) order
-        pos = {orig: k for k, orig in enumerate(self.factored_idx + self.plain_idx)}
-        firsts = [pos[self.group_of.index(g)] for g in range(self.num_groups)]
-        self.first_of_group = Tensor(np.asarray(firsts, np.int32))
+            self.exp_avg = self._zeros("exp_avg")
+        self.exp_avg_sq_row = self._moments("exp_avg_sq_row", True, lambda s: s[:-1])
+        self.exp_avg_sq_col = self._moments("exp_avg_sq_col", True, lambda s: s[:-2] + s[-1:])
+        self.exp_avg_sq = self._moments("exp_avg_sq", False, lambda s: s)
+        self.first_of_group = tuple(self.group_of.index(g) for g in range(self.num_groups))
         self.last_lrs = Parameter(Tensor(np.asarray(lrs, np.float32)), name="optimizer_last_lrs",
                                   requires_grad=False)
         self._state.append(self.last_lrs)
@@ -265,49 +254,71 @@ class Adafactor(GroupedOptimizer):
         self.beta1_t = Tensor(np.float32(beta1 if beta1 is not None else 0.0))
         self.wd_t = Tensor(np.float32(weight_decay))
         self.scale_t = Tensor(np.float32(1.0 if scale_parameter else 0.0))
+        self.relative_t = Tensor(np.float32(1.0 if relative_step else 0.0))
 
-    def _rel_steps(self, step, groups, n):
-        if self.relative_step:
-            min_step = 1e-6 * step if self.warmup_init else ops.ones_like(step) * 1e-2
-            rel = ops.minimum(min_step, 1.0 / ops.sqrt(step))
-            return ops.unstack(ops.broadcast_to(ops.reshape(rel, (1,)), (n,)))
-        return ops.unstack(ops.gather(self.lrs, groups, 0))
+    def _moments(self, prefix, factored, shape_fn):
+        """The moment for parameters of this kind (factored: 2+ dims), a placeholder for the others."""
+        out = []
+        for p in self.params:
+            if (len(p.shape) >= 2) == factored:
+                t = Parameter(initializer("zeros", shape_fn(tuple(p.shape)), ms.float32), name=f"{prefix}.{p.name}",
+                              requires_grad=False)
+                self._state.append(t)
+            else:
+                t = Parameter(initializer("zeros", (1,), ms.float32), name=f"{prefix}_unused.{p.name}",
+                              requires_grad=False)
+            out.append(t)
+        return ParameterTuple(out)
 
     def construct(self, grads):
         step = self._next_step()
         beta2t = 1.0 - ops.pow(step, self.decay_rate)
-        factored = ops.partial(_adafactor_factored, self.eps1, self.eps2, self.clip, beta2t, self.beta1_t, self.wd_t,
-                               self.scale_t)
-        plain = ops.partial(_adafactor_plain, self.eps1, self.eps2, self.clip, beta2t, self.beta1_t, self.wd_t,
-                            self.scale_t)
-        f_grads = tuple([grads[i] for i in self.factored_idx])
-        p_grads = tuple([grads[i] for i in self.plain_idx])
-        lrs = ()
-        if self.has_factored:
-            rel = self._rel_steps(step, self.f_groups, len(self.factored_idx))
-            if self.use_first_moment:
-                lrs = lrs + self.hyper_map(factored, rel, self.f_params,
-                                           self.f_exp_avg, self.exp_avg_sq_row, self.exp_avg_sq_col, f_grads)
-            else:
-                lrs = lrs + self.hyper_map(factored, rel, self.f_params,
-                                           self.exp_avg_sq_row, self.exp_avg_sq_col, f_grads)
-        if self.has_plain:
-            rel = self._rel_steps(step, self.p_groups, len(self.plain_idx))
-            if self.use_first_moment:
-                lrs = lrs + self.hyper_map(plain, rel, self.p_params,
-                                           self.p_exp_avg, self.exp_avg_sq, p_grads)
-            else:
-                lrs = lrs + self.hyper_map(plain, rel, self.p_params,
-                                           self.exp_avg_sq, p_grads)
-        return ops.assign(self.last_lrs, ops.gather(ops.stack(lrs), self.first_of_group, 0))
+        if self.warmup_init:
+            min_step = 1e-6 * step
+        else:
+            min_step = ops.ones_like(step) * 1e-2
+        rel = ops.minimum(min_step, 1.0 / ops.sqrt(step))
+        group_lrs = ops.unstack(self.lrs)
+        # the reported lrs: each group's first parameter, before its update (AdafactorSchedule.get_lr)
+        firsts = ()
+        for i in self.first_of_group:
+            base = rel * self.relative_t + group_lrs[self.group_of[i]] * (1.0 - self.relative_t)
+            firsts = firsts + (_adafactor_lr(self.eps2, self.scale_t, base, self.params[i].astype(ms.float32)),)
+        ops.assign(self.last_lrs, ops.stack(firsts))
+        update = ops.partial(_adafactor_update, self.eps1, self.eps2, self.clip, beta2t, self.beta1_t, self.wd_t,
+                             self.scale_t, self.relative_t, rel)
+        if self.use_first_moment:
+            return self.hyper_map(update, self._param_lrs(), self.params, self.exp_avg, self.exp_avg_sq_row,
+                                  self.exp_avg_sq_col, self.exp_avg_sq, grads)
+        return self.hyper_map(update, self._param_lrs(), self.params, self.exp_avg_sq_row, self.exp_avg_sq_col,
+                              self.exp_avg_sq, grads)
 
 
 def _rms(x):
     return ops.sqrt(ops.mean(ops.square(x)))
 
 
-def _adafactor_finish(clip, beta1, wd, lr, param, p, update, m):
-    """clip by RMS, scale by lr, optional first moment, weight decay, apply; returns lr."""
+def _adafactor_lr(eps2, scale, rel, p):
+    return (ops.maximum(eps2, _rms(p)) * scale + (1.0 - scale)) * rel
+
+
+def _adafactor(eps1, eps2, clip, beta2t, beta1, wd, scale, relative, rel, group_lr, param, m, row, col, v, grad):
+    g = grad.astype(ms.float32)
+    p = param.astype(ms.float32)
+    lr = _adafactor_lr(eps2, scale, rel * relative + group_lr * (1.0 - relative), p)
+    sq = ops.square(g) + eps1
+    if len(g.shape) >= 2:
+        row_new = row * beta2t + ops.mean(sq, -1) * (1.0 - beta2t)
+        col_new = col * beta2t + ops.mean(sq, -2) * (1.0 - beta2t)
+        ops.assign(row, row_new)
+        ops.assign(col, col_new)
+        r_factor = ops.expand_dims(ops.rsqrt(row_new / ops.mean(row_new, -1, keep_dims=True)), -1)
+        c_factor = ops.expand_dims(ops.rsqrt(col_new), -2)
+        update = ops.broadcast_to(r_factor, g.shape) * ops.broadcast_to(c_factor, g.shape) * g
+    else:
+        v_new = v * beta2t + sq * (1.0 - beta2t)
+        ops.assign(v, v_new)
+        update = ops.rsqrt(v_new) * g
     update = update / ops.maximum(_rms(update) / clip, 1.0)
     update = update * lr
     if m is not None:
@@ -315,61 +326,25 @@ def _adafactor_finish(clip, beta1, wd, lr, param, p, update, m):
         ops.assign(m, update)
     p_new = p + p * (-wd * lr)
     p_new = p_new - update
-    return ops.depend(lr, ops.assign(param, p_new.astype(param.dtype)))
+    return ops.assign(param, p_new.astype(param.dtype))
 
 
-def _adafactor_lr(eps2, scale, rel, p):
-    return (ops.maximum(eps2, _rms(p)) * scale + (1.0 - scale)) * rel
-
-
-def _factored(eps1, eps2, clip, beta2t, beta1, wd, scale, rel, param, m, row, col, grad):
-    g = grad.astype(ms.float32)
-    p = param.astype(ms.float32)
-    lr = _adafactor_lr(eps2, scale, rel, p)
-    sq = ops.square(g) + eps1
-    row_new = row * beta2t + ops.mean(sq, -1) * (1.0 - beta2t)
-    col_new = col * beta2t + ops.mean(sq, -2) * (1.0 - beta2t)
-    ops.assign(row, row_new)
-    ops.assign(col, col_new)
-    r_factor = ops.expand_dims(ops.rsqrt(row_new / ops.mean(row_new, -1, keep_dims=True)), -1)
-    c_factor = ops.expand_dims(ops.rsqrt(col_new), -2)
-    update = ops.broadcast_to(r_factor, g.shape) * ops.broadcast_to(c_factor, g.shape) * g
-    return _adafactor_finish(clip, beta1, wd, lr, param, p, update, m)
-
-
-def _plain(eps1, eps2, clip, beta2t, beta1, wd, scale, rel, param, m, v, grad):
-    g = grad.astype(ms.float32)
-    p = param.astype(ms.float32)
-    lr = _adafactor_lr(eps2, scale, rel, p)
-    v_new = v * beta2t + (ops.square(g) + eps1) * (1.0 - beta2t)
-    ops.assign(v, v_new)
-    update = ops.rsqrt(v_new) * g
-    return _adafactor_finish(clip, beta1, wd, lr, param, p, update, m)
-
-
-_adafactor_factored = ops.MultitypeFuncGraph("adafactor_factored")
-_adafactor_plain = ops.MultitypeFuncGraph("adafactor_plain")
+_adafactor_update = ops.MultitypeFuncGraph("adafactor_update")
 _T = "Tensor"
 
 
-@_adafactor_factored.register(*([_T] * 13))
-def _adafactor_factored_m(eps1, eps2, clip, beta2t, beta1, wd, scale, rel, param, m, row, col, grad):
-    return _factored(eps1, eps2, clip, beta2t, beta1, wd, scale, rel, param, m, row, col, grad)
+@_adafactor_update.register(*([_T] * 16))
+def _adafactor_update_m(eps1, eps2, clip, beta2t, beta1, wd, scale, relative, rel, group_lr, param, m, row, col, v,
+                        grad):
+    return _adafactor(eps1, eps2, clip, beta2t, beta1, wd, scale, relative, rel, group_lr, param, m, row, col, v,
+                      grad)
 
 
-@_adafactor_factored.register(*([_T] * 12))
-def _adafactor_factored_no_m(eps1, eps2, clip, beta2t, beta1, wd, scale, rel, param, row, col, grad):
-    return _factored(eps1, eps2, clip, beta2t, beta1, wd, scale, rel, param, None, row, col, grad)
-
-
-@_adafactor_plain.register(*([_T] * 12))
-def _adafactor_plain_m(eps1, eps2, clip, beta2t, beta1, wd, scale, rel, param, m, v, grad):
-    return _plain(eps1, eps2, clip, beta2t, beta1, wd, scale, rel, param, m, v, grad)
-
-
-@_adafactor_plain.register(*([_T] * 11))
-def _adafactor_plain_no_m(eps1, eps2, clip, beta2t, beta1, wd, scale, rel, param, v, grad):
-    return _plain(eps1, eps2, clip, beta2t, beta1, wd, scale, rel, param, None, v, grad)
+@_adafactor_update.register(*([_T] * 15))
+def _adafactor_update_no_m(eps1, eps2, clip, beta2t, beta1, wd, scale, relative, rel, group_lr, param, row, col, v,
+                           grad):
+    return _adafactor(eps1, eps2, clip, beta2t, beta1, wd, scale, relative, rel, group_lr, param, None, row, col, v,
+                      grad)
 
 
 # -- kohya's get_optimizer -------------------------------------------------------------------------

@@ -379,7 +379,7 @@ def test_adafactor_trains_end_to_end(tmp_path):
                            "--pretrained_model_name_or_path", ckpt, "--dataset_config", str(dataset),
                            "--output_dir", str(out), "--output_name", "af", "--network_module", "networks.lora",
                            "--network_dim", "4", "--network_train_unet_only", "--optimizer_type", "AdaFactor",
-                           "--learning_rate", "1e-3", "--max_grad_norm", "0", "--max_train_steps", "3",
+                           "--learning_rate", "1e-3", "--max_grad_norm", "0", "--max_train_steps", "2",
                            "--max_data_loader_n_workers", "0", "--seed", "1"],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -391,4 +391,4 @@ def test_adafactor_trains_end_to_end(tmp_path):
     with open(out / "af_loss.csv") as f:
         lrs = [float(r["lr"]) for r in csv.DictReader(f)]
     # relative step: min(1e-2, 1/sqrt(step)) x max(1e-3, RMS of the first LoRA weight): not the 1e-3 given
-    assert len(lrs) == 3 and all(0 < lr < 1e-2 for lr in lrs) and lrs[0] != 1e-3, lrs
+    assert len(lrs) == 2 and all(0 < lr < 1e-2 for lr in lrs) and lrs[0] != 1e-3, lrs
