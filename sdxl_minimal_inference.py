@@ -54,7 +54,9 @@ def setup_parser() -> argparse.ArgumentParser:
                    help="classifier-free guidance scale (<= 1: no guidance, negative prompt unused)")
     p.add_argument("--seed", type=int, default=None, help="random seed (image i uses seed + i); random if unset")
     p.add_argument("--num_images", type=int, default=1, help="images per prompt")
-    p.add_argument("--sampler", type=str, default="euler", help="euler (default) or euler_a")
+    p.add_argument("--sampler", type=str, default="euler",
+                   help="euler (default), euler_a, ddim or dpmsolver++ (SDXL's scheduler config; also k_euler, "
+                        "k_euler_a)")
     p.add_argument("--timestep_spacing", type=str, default="leading", choices=("leading", "linspace", "trailing"),
                    help="sampler timesteps: leading (SDXL's scheduler config, diffusers' SDXL pipeline; default) "
                         "or linspace (what kohya's script gets from diffusers' class defaults) or trailing")
@@ -196,19 +198,32 @@ class Denoise(nn.Cell):
 
 
 
-class Generator:
-    """Text encoding, denoising (graph mode) and decoding for one loaded model."""
+def penultimate_hidden_state(text_encoder, hidden_states):
+    """The penultimate layer's state from the ``hidden_states`` tuple a text encoder returned (all states, or
+    only the penultimate after ``use_penultimate_hidden_state``)."""
+    tm = text_encoder.text_model
+    return hidden_states[tuple(tm.hidden_state_indices).index(tm.num_layers - 1)]
 
-    def __init__(self, te1, te2, vae, unet, dtype_name="fp32", vae_dtype_name="fp32"):
+
+class Generator:
+    """Text encoding, denoising (graph mode) and decoding for one loaded model.
+
+    ``prepare_models`` (inference): put the models in eval mode and let the text encoders return only
+    the penultimate hidden state. The trainer's samples pass False: the models stay as training set them
+    (it switches their train/eval mode itself around sampling) and all hidden states are returned.
+    """
+
+    def __init__(self, te1, te2, vae, unet, dtype_name="fp32", vae_dtype_name="fp32", prepare_models=True):
         from library.autoencoder_kl import VAEDecode
         from library.clip_tokenizer import load_tokenizers
 
         self.ms = ms
         self.te1, self.te2, self.vae, self.unet = te1, te2, vae, unet
-        for cell in (te1, te2, vae, unet):
-            cell.set_train(False)
-        use_penultimate_hidden_state(te1)
-        use_penultimate_hidden_state(te2)
+        if prepare_models:
+            for cell in (te1, te2, vae, unet):
+                cell.set_train(False)
+            use_penultimate_hidden_state(te1)
+            use_penultimate_hidden_state(te2)
         self.tokenizer1, self.tokenizer2 = load_tokenizers()
         dtypes = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
         self.dtype = dtypes[dtype_name]
@@ -254,8 +269,27 @@ class Generator:
 
         _, _, hidden1 = self.te1(self._tokens(self.tokenizer1, prompts1))
         _, _, pooled2, hidden2 = self.te2(self._tokens(self.tokenizer2, prompts2))
-        context = np.concatenate([hidden1[0].asnumpy(), hidden2[0].asnumpy()], -1).astype(np.float32)
+        context = np.concatenate([penultimate_hidden_state(self.te1, hidden1).asnumpy(),
+                                  penultimate_hidden_state(self.te2, hidden2).asnumpy()], -1).astype(np.float32)
         return context, pooled2.asnumpy().astype(np.float32)
+
+    def conditioning(self, prompt, prompt2, negative_prompt, guidance_scale, size_args, width, height):
+        """-> (context, y) for the U-Net: (negative, prompt) rows when guided (scale > 1), else the prompt's;
+        y = pooled + SDXL size embeddings of ``size_args`` (original_size, crop, target_size; see
+        ``size_conditioning``)."""
+        import numpy as np
+
+        if guidance_scale > 1.0:
+            context, pooled = self.encode([negative_prompt, prompt], [negative_prompt, prompt2])
+        else:
+            context, pooled = self.encode([prompt], [prompt2])
+        # 256 sinusoids per size value in SDXL; tiny models of the same topology may use fewer
+        size_emb = size_conditioning(size_args, width, height, (self.unet.adm_in_channels - pooled.shape[-1]) // 6)
+        y = np.concatenate([pooled, np.repeat(size_emb, pooled.shape[0], 0)], -1).astype(np.float32)
+        return context, y
+
+    def latent_shape(self, width, height):
+        return (self.unet.in_channels, height // self.vae_factor, width // self.vae_factor)
 
     def denoiser(self, guided):
         if guided not in self._denoisers:
@@ -263,7 +297,9 @@ class Generator:
         return self._denoisers[guided]
 
     def sample(self, noise, scheduler, steps, context, y, guidance_scale, rng=None):
-        """Euler-family sampling from unscaled ``noise`` (1,4,h,w); returns final latents (numpy float32)."""
+        """Sampling from unscaled ``noise`` (1,4,h,w) with any ``library.sdxl_schedulers`` scheduler (it supplies
+        the timesteps, ``init_noise_sigma``, the model-input scale and the step); returns final latents
+        (numpy float32)."""
         import numpy as np
 
         ms = self.ms
@@ -352,17 +388,10 @@ def generate_images(gen, args, prompt, prompt2, negative_prompt, seed, model_nam
     from library.sdxl_schedulers import get_scheduler
 
     prompt2 = prompt if prompt2 is None else prompt2
-    guided = args.guidance_scale > 1.0
-    if guided:
-        context, pooled = gen.encode([negative_prompt, prompt], [negative_prompt, prompt2])
-    else:
-        context, pooled = gen.encode([prompt], [prompt2])
-    # 256 sinusoids per size value in SDXL; tiny models of the same topology may use fewer
-    size_emb = size_conditioning(args, args.width, args.height, (gen.unet.adm_in_channels - pooled.shape[-1]) // 6)
-    y = np.concatenate([pooled, np.repeat(size_emb, pooled.shape[0], 0)], -1).astype(np.float32)
+    context, y = gen.conditioning(prompt, prompt2, negative_prompt, args.guidance_scale, args, args.width, args.height)
     if seed is None:
         seed = int(np.random.SeedSequence().entropy % (2 ** 31))
-    shape = (gen.unet.in_channels, args.height // gen.vae_factor, args.width // gen.vae_factor)
+    shape = gen.latent_shape(args.width, args.height)
     timestamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     paths = []
     for i in range(args.num_images):

@@ -307,7 +307,7 @@ def _args(setup, tmp_path, **over):
     ({"--lora_weights": ["LORA;abc"]}, "is not a number"),
     ({"--width": "100"}, "multiple of 8"),
     ({"--height": "72"}, "is not a multiple of 32"),
-    ({"--sampler": "dpmsolver++"}, "not implemented in this port"),
+    ({"--sampler": "heun"}, "not implemented in this port"),
     ({"--sampler": "nonsense"}, "supported samplers are euler"),
     ({"--output_dir": "FILE/sub"}, "cannot create output folder"),
     ({"--dtype": "bf16"}, "bf16 is not supported on CPU"),
