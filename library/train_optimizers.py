@@ -412,19 +412,36 @@ def _check_type(opt_type: str):
                     "use AdamW, SGDNesterov, Lion, AdaFactor or a dotted path to a MindSpore optimizer cell")
 
 
-def _optimizer_kwargs(key, kwargs):
-    """Check the --optimizer_args of a built-in optimizer; -> kwargs with kohya's adjustments."""
-    name, accepted = _SPECS[key]
+_BOOL_ARGS = ("decoupled_weight_decay", "scale_parameter", "relative_step", "warmup_init")
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _optimizer_kwargs(key, kwargs, log=False):
+    """Check the --optimizer_args of a built-in optimizer; -> kwargs with kohya's adjustments (and, with
+    ``log``, kohya's messages about them)."""
+    _, accepted = _SPECS[key]
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
         raise UserError(f"--optimizer_args: {OPTIMIZERS[key]} takes {', '.join(accepted)}; not {', '.join(unknown)}")
     kwargs = dict(kwargs)
-    if "betas" in kwargs and not (isinstance(kwargs["betas"], tuple) and len(kwargs["betas"]) == 2):
-        raise UserError(f"--optimizer_args betas must be two numbers (betas=0.9,0.999), got {kwargs['betas']!r}")
-    if key == "adafactor" and "eps" in kwargs and not (isinstance(kwargs["eps"], tuple) and len(kwargs["eps"]) == 2):
-        raise UserError(f"--optimizer_args eps for AdaFactor must be two numbers (eps=1e-30,1e-3), got {kwargs['eps']!r}")
+    for k, v in kwargs.items():
+        pair = k == "betas" or (k == "eps" and key == "adafactor")
+        if k in _BOOL_ARGS:
+            ok, what = isinstance(v, bool), "True or False"
+        elif pair:
+            ok, what = isinstance(v, tuple) and len(v) == 2 and all(_is_number(x) for x in v), "two numbers (a,b)"
+        elif k == "beta1":
+            ok, what = v is None or _is_number(v), "a number or None"
+        else:
+            ok, what = _is_number(v), "a number"
+        if not ok:
+            raise UserError(f"--optimizer_args {k} for {OPTIMIZERS[key]} must be {what}, got {v!r}")
     if key == "sgdnesterov" and "momentum" not in kwargs:
-        logger.info("SGD with Nesterov must be with momentum, set momentum to 0.9")
+        if log:
+            logger.info("SGD with Nesterov must be with momentum, set momentum to 0.9")
         kwargs["momentum"] = 0.9
     if key == "sgdnesterov" and (kwargs["momentum"] <= 0 or kwargs.get("dampening", 0) != 0):
         raise UserError("SGDNesterov: Nesterov momentum requires a momentum and zero dampening "
@@ -433,7 +450,8 @@ def _optimizer_kwargs(key, kwargs):
         if "relative_step" not in kwargs:
             kwargs["relative_step"] = True  # kohya's default
         if not kwargs["relative_step"] and kwargs.get("warmup_init", False):
-            logger.info("set relative_step to True because warmup_init is True")
+            if log:
+                logger.info("set relative_step to True because warmup_init is True")
             kwargs["relative_step"] = True
     return kwargs
 
@@ -510,7 +528,7 @@ def create_optimizer(args, param_groups):
         name = cls.__module__ + "." + cls.__name__
         return opt, name, ",".join(f"{k}={v}" for k, v in raw_kwargs.items()), lrs
 
-    kwargs = _optimizer_kwargs(key, raw_kwargs)  # what kohya passes (and writes into ss_optimizer)
+    kwargs = _optimizer_kwargs(key, raw_kwargs, log=True)  # what kohya passes (and writes into ss_optimizer)
     if key == "adamw":
         logger.info("use AdamW optimizer | %s", kwargs)
         opts = dict(ADAMW_DEFAULTS, **kwargs)
