@@ -470,11 +470,16 @@ def user_config_from_args(args: argparse.Namespace) -> dict:
     return {"datasets": [{"subsets": [{"image_dir": args.train_data_dir, "metadata_file": args.in_json}]}]}
 
 
-def build_dataset_groups(args: argparse.Namespace, tokenizers=None, support_dropout: bool = True):
+def build_dataset_groups(args: argparse.Namespace, tokenizers=None, support_dropout: bool = True,
+                         batch_size_multiplier: int = 1):
     """What kohya's trainer does before training: config -> blueprint -> dataset groups
-    (buckets made), tokenizers attached; a UserError when no image was found."""
+    (buckets made), tokenizers attached; a UserError when no image was found.
+    ``batch_size_multiplier``: data parallelism buckets global batches (batch_size x world size),
+    see library/distributed.py."""
     user_config = user_config_from_args(args)
     blueprint = BlueprintGenerator(ConfigSanitizer(True, True, False, support_dropout)).generate(user_config, args)
+    for dataset_blueprint in blueprint.dataset_group.datasets:
+        dataset_blueprint.params.batch_size *= int(batch_size_multiplier)
     train_group, val_group = generate_dataset_group_by_blueprint(blueprint.dataset_group)
     if len(train_group) == 0:
         raise UserError("No data found. Please verify arguments (train_data_dir must be the parent of folders "
