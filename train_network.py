@@ -892,7 +892,7 @@ class NetworkTrainer:
 
         from library.train_sampling import TrainingSampler
 
-        sampler = TrainingSampler(args, text_encoders, vae, unet)  # prompt sizes checked against the model
+        sampler = TrainingSampler(args, text_encoders, vae, unet, self.dp.rank, self.dp.world_size)  # sizes checked
         sampler.sample(0, global_step)  # --sample_at_first (kohya passes epoch 0)
         epoch = start_epoch
         optimizer.set_lrs(schedule.lrs(global_step))

@@ -282,8 +282,9 @@ class TrainingSampler:
     """Samples with the models being trained at kohya's points; ``sample(epoch, steps)`` does nothing when
     ``should_sample`` says no."""
 
-    def __init__(self, args, text_encoders, vae, unet):
+    def __init__(self, args, text_encoders, vae, unet, rank: int = 0, world_size: int = 1):
         self.args = args
+        self.rank, self.world_size = int(rank), int(world_size)  # data parallel: prompts split as kohya
         self.text_encoders, self.vae, self.unet = list(text_encoders), vae, unet
         self.enabled = args.sample_prompts is not None and any(getattr(args, n, None) for n in SAMPLE_ARGS)
         self.gen = None
@@ -309,6 +310,7 @@ class TrainingSampler:
         except UserError as e:
             logger.error("no sample images at step %d: %s", steps, e)
             return []
+        prompts = prompts[self.rank::self.world_size]  # kohya: prompts[i::num_processes] on process i
         save_dir = os.path.join(args.output_dir, "sample")
         os.makedirs(save_dir, exist_ok=True)
         paths = []

@@ -334,6 +334,11 @@ def test_sampler_restores_modes_and_leaves_global_rngs_alone(tmp_path):
         dict(prompt="a cat", negative_prompt="dog", seed="5", steps="3", scale="7.5", sampler="euler_a", step="2")
     assert int(Image.open(paths[1]).text["seed"]) >= 0  # the drawn seed is recorded
 
+    # data parallel: process i of n samples prompts[i::n] (kohya's split)
+    second = ts.TrainingSampler(args, [te1, te2], vae, unet, rank=1, world_size=2)
+    second.gen = FakeGen()
+    assert [os.path.basename(p)[:len("lo_000004_01_")] for p in second.sample(None, 4)] == ["lo_000004_01_"]
+
 
 def test_penultimate_hidden_state_with_all_or_one_state():
     """Generator.encode picks the penultimate state whether the encoder returns all states (training's
@@ -350,7 +355,7 @@ def test_penultimate_hidden_state_with_all_or_one_state():
 # -- end to end ----------------------------------------------------------------------------------------
 
 def test_training_writes_kohya_named_samples(tmp_path):
-    """--sample_at_first + --sample_every_n_steps 2 on the tiny checkpoint (3 steps): PNGs under
+    """--sample_at_first + --sample_every_n_steps 2 on the tiny checkpoint (2 steps, U-Net LoRA): PNGs under
     <output_dir>/sample with kohya's names at step 0 (e000000) and step 2, seeds and prompts in the metadata;
     the images after 2 updates differ from those before training (the LoRA being trained is applied)."""
     import make_tiny_train_demo as demo
@@ -372,7 +377,8 @@ def test_training_writes_kohya_named_samples(tmp_path):
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "sdxl_train_network.py"), "--pretrained_model_name_or_path", ckpt,
          "--dataset_config", str(dataset), "--output_dir", str(out), "--output_name", "sm", "--network_module",
-         "networks.lora", "--network_dim", "4", "--learning_rate", "2e-2", "--max_train_steps", "3",
+         "networks.lora", "--network_dim", "4", "--learning_rate", "2e-2", "--max_train_steps", "2",
+         "--network_train_unet_only",
          "--max_data_loader_n_workers", "0", "--seed", "1", "--sample_prompts", str(prompts),
          "--sample_every_n_steps", "2", "--sample_at_first"],
         capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
@@ -391,5 +397,5 @@ def test_training_writes_kohya_named_samples(tmp_path):
     for i in ("00", "01"):
         before, after = by_key[("e000000", i)], by_key[("000002", i)]
         assert before.shape == (64, 64, 3) and before.std() > 1  # an image, not a constant
-        assert np.abs(after - before).max() >= 2, i
+        assert np.abs(after - before).max() >= 2, (i, np.abs(after - before).max())
     assert "sm.safetensors" in os.listdir(out)
