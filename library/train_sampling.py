@@ -344,11 +344,15 @@ class TrainingSampler:
         rng = np.random.default_rng(used_seed)
         # kohya's SDXL pipeline: original = target = (height, width), crop (0, 0); the prompt to both encoders
         size_args = SimpleNamespace(original_size=None, target_size=None, crop=(0, 0))
+        t0 = time.perf_counter()
         context, y = gen.conditioning(prompt, prompt, negative_prompt, scale, size_args, width, height)
         noise = rng.standard_normal((1,) + gen.latent_shape(width, height), dtype=np.float32)
         scheduler = get_kohya_scheduler(sampler, args.v_parameterization)
+        t1 = time.perf_counter()
         latents = gen.sample(noise, scheduler, sample_steps, context, y, scale, rng)
+        t2 = time.perf_counter()
         pixels = gen.decode(latents)
+        t3 = time.perf_counter()
         prefix = getattr(args, "_sample_name_prefix", None)
         if prefix is None:
             prefix = "" if args.output_name is None else args.output_name + "_"
@@ -359,5 +363,6 @@ class TrainingSampler:
                 "model": os.path.basename(os.path.normpath(args.pretrained_model_name_or_path)),
                 "output_name": args.output_name or "", "v_parameterization": bool(args.v_parameterization)}
         path = smi.save_png(save_dir, name, pixels, info)
-        logger.info("saved %s", path)
+        logger.info("saved %s (text encoders %.1f s, denoising %.1f s, VAE %.1f s; the first call of each "
+                    "size compiles)", path, t1 - t0, t2 - t1, t3 - t2)
         return path
