@@ -61,6 +61,7 @@ def _build_sdxl_loss_cell():
             self.text_encoder1 = text_encoder1
             self.text_encoder2 = text_encoder2
             self.unet = unet
+            self.unet_dtype = unet.dtype  # fp16/bf16 with --mixed_precision: the U-Net computes in it
             self.max_token_length = max_token_length
             self.v_parameterization = v_parameterization
             self.eos_token_id2 = eos_token_id2
@@ -77,7 +78,7 @@ def _build_sdxl_loss_cell():
             a = ops.broadcast_to(sqrt_ab.reshape(-1, 1, 1, 1), shape)
             s = ops.broadcast_to(sqrt_1mab.reshape(-1, 1, 1, 1), shape)
             noisy = a * latents + s * noisy_noise
-            pred = self.unet(noisy, timesteps, context, y).astype(ms.float32)
+            pred = self.unet(noisy.astype(self.unet_dtype), timesteps, context, y).astype(ms.float32)
             if self.v_parameterization:
                 target = a * noise - s * latents  # diffusers get_velocity
             else:

@@ -73,8 +73,6 @@ NOT_IMPLEMENTED = [
     ("--dynamo_backend", dict(type=str, default="inductor")),
     ("--xformers", dict(action="store_true")),
     ("--sdpa", dict(action="store_true")),
-    ("--full_fp16", dict(action="store_true")),
-    ("--full_bf16", dict(action="store_true")),
     ("--fp8_base", dict(action="store_true")),
     ("--fp8_base_unet", dict(action="store_true")),
     ("--ddp_timeout", dict(type=int, default=None)),
@@ -169,7 +167,10 @@ def setup_parser() -> argparse.ArgumentParser:
     add("--gradient_accumulation_steps", type=int, default=1,
         help="number of updates steps to accumulate before performing a backward/update pass")
     add("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"],
-        help="use mixed precision (only 'no' is implemented yet)")
+        help="U-Net and text encoders in fp16/bf16 with fp32 LoRA weights; fp16 with dynamic loss scaling "
+             "(bf16 needs Ascend)")
+    add("--full_fp16", action="store_true", help="fp16 training including the LoRA weights and optimizer state")
+    add("--full_bf16", action="store_true", help="bf16 training including the LoRA weights and optimizer state")
     add("--noise_offset", type=float, default=None, help="noise offset (0.1 recommended)")
     add("--noise_offset_random_strength", action="store_true",
         help="use random strength between 0~noise_offset for noise offset")
@@ -377,15 +378,19 @@ def _build_step_cells():
     class LossAndGrads(nn.Cell):
         """(loss, grads of the loss w.r.t. ``params``) of ``loss_net(*inputs)``."""
 
-        def __init__(self, loss_net, params):
+        def __init__(self, loss_net, params, loss_scale=None):
             super().__init__(auto_prefix=False)
             self.loss_net = loss_net
             self.weights = ParameterTuple(params)
             self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
+            self.scaled = loss_scale is not None  # fp16: the backward starts from loss_scale (GradScaler)
+            self.loss_scale = loss_scale
 
         def construct(self, *inputs):
             loss = self.loss_net(*inputs)
             sens = ops.ones_like(loss)
+            if self.scaled:
+                sens = sens * self.loss_scale.astype(loss.dtype)
             grads = self.grad(self.loss_net, self.weights)(*inputs, sens)
             return loss, grads
 
@@ -450,11 +455,13 @@ def _build_step_cells():
     class AccumulateStep(nn.Cell):
         """forward + backward; adds grads / accumulation_steps to buffers (accelerate's loss scaling)."""
 
-        def __init__(self, loss_net, params, accum_buffers, accumulation_steps, reducer=None):
+        def __init__(self, loss_net, params, accum_buffers, accumulation_steps, reducer=None, loss_scale=None):
             super().__init__(auto_prefix=False)
-            self.loss_and_grads = LossAndGrads(loss_net, params)
+            self.loss_and_grads = LossAndGrads(loss_net, params, loss_scale)
             self.accum = accum_buffers
             self.scale = ms.Tensor(1.0 / accumulation_steps, ms.float32)
+            self.scaled = loss_scale is not None  # unscaled as they are accumulated (fp32 buffers)
+            self.loss_scale = loss_scale
             self.reduce = reducer is not None  # the loss only: gradients are averaged once per update
             self.reducer = reducer
 
@@ -462,17 +469,21 @@ def _build_step_cells():
             loss, grads = self.loss_and_grads(*inputs)
             if self.reduce:
                 loss = self.reducer.loss(loss)
-            done = hyper_map(ops.partial(accumulate, self.scale), self.accum, grads)
+            scale = self.scale
+            if self.scaled:
+                scale = scale / self.loss_scale
+            done = hyper_map(ops.partial(accumulate, scale), self.accum, grads)
             return ops.depend(loss, done)
 
     class ApplyAccumulated(nn.Cell):
         """clip + optimizer update from the buffers, then zero them."""
 
-        def __init__(self, accum_buffers, optimizer, max_grad_norm, reducer=None):
+        def __init__(self, accum_buffers, optimizer, max_grad_norm, reducer=None, skip_non_finite=False):
             super().__init__(auto_prefix=False)
             self.accum = accum_buffers
             self.optimizer = optimizer
             self.max_grad_norm = float(max_grad_norm or 0.0)
+            self.skip_non_finite = skip_non_finite  # fp16 loss scaling: no update on inf/NaN gradients
             self.reduce = reducer is not None  # data parallel: mean of the accumulated gradients over ranks
             self.reducer = reducer
 
@@ -480,11 +491,14 @@ def _build_step_cells():
             grads = hyper_map(copy, self.accum)
             if self.reduce:
                 grads = self.reducer.grads(grads)
-            if self.max_grad_norm > 0:
-                grads = clip_grads(grads, self.max_grad_norm)
-            done = self.optimizer(grads)
-            grads = ops.depend(grads, done)
-            return ops.depend(hyper_map(zero, self.accum), grads)
+            finite = ops.ones((), ms.bool_)
+            if self.skip_non_finite:
+                finite = ops.isfinite(ops.addn(hyper_map(square_sum, grads)))
+            if finite:
+                if self.max_grad_norm > 0:
+                    grads = clip_grads(grads, self.max_grad_norm)
+                grads = ops.depend(grads, self.optimizer(grads))
+            return ops.depend(finite, hyper_map(zero, self.accum))
 
     return LossAndGrads, TrainStep, AccumulateStep, ApplyAccumulated
 
@@ -576,9 +590,12 @@ class NetworkTrainer:
         if args.network_module != "networks.lora":
             raise UserError(f"--network_module {args.network_module} is not implemented yet in this port "
                             "(networks.lora only)")
-        if args.mixed_precision != "no":
-            raise UserError(f"--mixed_precision {args.mixed_precision} is not implemented yet in this port "
-                            "(use --mixed_precision no)")
+        if args.full_fp16 and args.mixed_precision != "fp16":
+            raise UserError("full_fp16 requires mixed precision='fp16'")
+        if args.full_bf16 and args.mixed_precision != "bf16":
+            raise UserError("full_bf16 requires mixed precision='bf16'")
+        if args.full_fp16 and args.full_bf16:
+            raise UserError("--full_fp16 and --full_bf16 cannot be used together")
         from library.train_optimizers import check_optimizer_args
 
         check_optimizer_args(args)
@@ -630,6 +647,10 @@ class NetworkTrainer:
 
         self.dp = init_distributed(args)  # msrun/mpirun: joins the job (rank 0 of 1 otherwise)
         target = setup_device_from_args(args)
+        if args.mixed_precision != "no":
+            from library.device_utils import check_dtype_supported
+
+            check_dtype_supported(args.mixed_precision, target)
 
         import numpy as np
         import mindspore as ms
@@ -638,6 +659,7 @@ class NetworkTrainer:
 
         from library import custom_train_functions as ctf
         from library import lora_metadata, train_logging, train_state, train_validation
+        from library.loss_scaler import DynamicLossScaler
         from library.latent_cache import make_vae_encode_fn
         from library.train_optimizers import create_lr_schedule, create_optimizer
         from networks import lora as network_module
@@ -662,6 +684,13 @@ class NetworkTrainer:
             train_util.scan_dataset_group(val_group)
 
         model_version, text_encoders, vae, unet = self.load_target_model(args)
+        weight_dtype = {"no": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}[args.mixed_precision]
+        if weight_dtype != ms.float32:  # frozen models in half precision (before LoRA wraps their layers)
+            from library.clip_text_model import cast_params
+
+            unet.to_dtype(weight_dtype)
+            for te in text_encoders:
+                cast_params(te, weight_dtype)
         if args.mem_eff_attn:
             unet.set_attention_impl("chunked")
         if args.flash_attn:
@@ -710,6 +739,9 @@ class NetworkTrainer:
         if not param_groups:
             raise UserError("no trainable LoRA parameters (all learning rates are 0?)")
         params = [p for g in param_groups for p in g["params"]]
+        if args.full_fp16 or args.full_bf16:  # LoRA weights (and so the optimizer state) in half precision too
+            for p in params:
+                p.set_dtype(weight_dtype)
         self.dp.broadcast_parameters(params)  # the same initial LoRA weights on every rank
         loss_net = self.build_loss_net(args, text_encoders, unet)  # may rename parameters: before the optimizer
         optimizer, optimizer_name, optimizer_args, base_lrs = create_optimizer(args, param_groups)
@@ -735,13 +767,20 @@ class NetworkTrainer:
 
         # compiled cells
         LossAndGrads, TrainStep, AccumulateStep, ApplyAccumulated = _build_step_cells()
-        if accum == 1:
+        scaler = DynamicLossScaler() if args.mixed_precision == "fp16" else None
+        if accum == 1 and scaler is None:
             step_cell = TrainStep(loss_net, params, optimizer, args.max_grad_norm, self.dp.step_reducer(params))
             apply_cell = None
-        else:
+        else:  # fp16 goes this way too: gradients unscaled into fp32 buffers, the update skipped on overflow
             buffers = ParameterTuple(params).clone(prefix="grad_accum", init="zeros")
-            step_cell = AccumulateStep(loss_net, params, buffers, accum, self.dp.step_reducer(params))
-            apply_cell = ApplyAccumulated(buffers, optimizer, args.max_grad_norm, self.dp.step_reducer(params))
+            step_cell = AccumulateStep(loss_net, params, buffers, accum, self.dp.step_reducer(params),
+                                       loss_scale=None if scaler is None else scaler.parameter)
+            apply_cell = ApplyAccumulated(buffers, optimizer, args.max_grad_norm, self.dp.step_reducer(params),
+                                          skip_non_finite=scaler is not None)
+
+        def lr_position():  # accelerate does not step the LR scheduler when GradScaler skipped the update
+            return global_step - (scaler.skipped_steps if scaler is not None else 0)
+
         def set_train_modes():
             step_cell.set_train(True)
             for te in text_encoders:
@@ -825,7 +864,7 @@ class NetworkTrainer:
             loss_recorder_window.append(loss_value)
             avr = sum(loss_recorder_window[-num_update_steps_per_epoch:]) / len(
                 loss_recorder_window[-num_update_steps_per_epoch:])
-            loss_rows.append((global_step, loss_value, avr, schedule.lrs(global_step - 1)[0]))
+            loss_rows.append((global_step, loss_value, avr, schedule.lrs(lr_position() - 1)[0]))
             postfix = dict(avr_loss=f"{avr:.4f}", loss=f"{loss_value:.4f}", s_step=f"{step_seconds:.2f}")
             keys_scaled = mean_norm = max_norm = None
             if args.scale_weight_norms:
@@ -835,7 +874,7 @@ class NetworkTrainer:
             if not math.isfinite(loss_value):
                 raise UserError(f"loss is {loss_value} at step {global_step}: stopping (no LoRA saved for it)")
             sampler.sample(None, global_step)  # --sample_every_n_steps
-            tracker.log(train_logging.step_logs(args, loss_value, avr, schedule.lrs(global_step - 1), lr_descriptions,
+            tracker.log(train_logging.step_logs(args, loss_value, avr, schedule.lrs(lr_position() - 1), lr_descriptions,
                                                 keys_scaled, mean_norm, max_norm), global_step)
             if train_validation.should_validate_step(args, global_step, validator.has_data):
                 val_loss = validator.run("validation steps")
@@ -866,7 +905,8 @@ class NetworkTrainer:
         def save_train_state(name):
             state = {"current_step": global_step, "current_epoch": epoch + (n_in_epoch >= num_batches),
                      "position": n_in_epoch % num_batches, "rng": train_state.capture_rng(rng_streams),
-                     "losses": losses, "loss_rows": loss_rows, "val_rows": val_rows, "max_train_steps": args.max_train_steps,
+                     "losses": losses, "loss_rows": loss_rows, "val_rows": val_rows,
+                     "loss_scaler": None if scaler is None else scaler.state(), "max_train_steps": args.max_train_steps,
                      "num_batches": num_batches, "seed": args.seed}
             logger.info("saving state: %s", name)
             train_state.save_state(os.path.join(args.output_dir, name), state_params, state)
@@ -885,6 +925,8 @@ class NetworkTrainer:
             loss_recorder_window.extend(losses)
             loss_rows.extend(tuple(r) for r in resumed["loss_rows"])
             val_rows.extend(tuple(r) for r in resumed.get("val_rows", []))
+            if scaler is not None and resumed.get("loss_scaler"):
+                scaler.load_state(resumed["loss_scaler"])
             progress.update(global_step)
             loader.start_at(start_epoch, start_position)
             logger.info("resumed from %s at step %d (epoch %d, batch %d)", args.resume, global_step,
@@ -895,7 +937,7 @@ class NetworkTrainer:
         sampler = TrainingSampler(args, text_encoders, vae, unet, self.dp.rank, self.dp.world_size)  # sizes checked
         sampler.sample(0, global_step)  # --sample_at_first (kohya passes epoch 0)
         epoch = start_epoch
-        optimizer.set_lrs(schedule.lrs(global_step))
+        optimizer.set_lrs(schedule.lrs(lr_position()))
         micro_losses = []
         t_update = time.perf_counter()
         for epoch in range(start_epoch, num_train_epochs):
@@ -949,7 +991,12 @@ class NetworkTrainer:
                 last_in_epoch = n_in_epoch == num_batches
                 if apply_cell is None or micro % accum == 0 or last_in_epoch:
                     if apply_cell is not None:
-                        apply_cell()
+                        finite = bool(apply_cell().asnumpy())
+                        if scaler is not None:
+                            scaler.update(found_inf=not finite)
+                            if not finite:
+                                logger.info("step %d: inf/NaN gradients at loss scale %g: update skipped, scale %g",
+                                            global_step + 1, scaler.scale / scaler.backoff_factor, scaler.scale)
                     micro = 0
                     step_loss = sum(micro_losses) / len(micro_losses)
                     micro_losses = []
@@ -959,7 +1006,7 @@ class NetworkTrainer:
                     if key in compile_times and compile_times[key] != dt:
                         step_times.append(step_seconds)
                     run_update_bookkeeping(step_loss, step_seconds)
-                    optimizer.set_lrs(schedule.lrs(global_step))
+                    optimizer.set_lrs(schedule.lrs(lr_position()))
                     if global_step >= args.max_train_steps:
                         break
             if n_in_epoch:

@@ -46,10 +46,10 @@ def test_unknown_argument_stops_with_one_line():
 
 
 @pytest.mark.parametrize("extra,name", [(["--xformers"], "--xformers"),
-                                        (["--mixed_precision", "fp16"], "--mixed_precision fp16"),
+                                        (["--clip_skip", "2"], "--clip_skip"),
                                         (["--fp8_base"], "--fp8_base"),
                                         (["--v2"], "--v2"),
-                                        (["--full_fp16"], "--full_fp16")])
+                                        (["--cache_text_encoder_outputs"], "--cache_text_encoder_outputs")])
 def test_not_implemented_argument_stops_with_one_line(tmp_path, extra, name):
     proc = _run(["--pretrained_model_name_or_path", tmp_path / "missing.safetensors", "--output_dir", tmp_path,
                  "--network_module", "networks.lora", "--train_data_dir", tmp_path] + extra)
