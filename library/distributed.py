@@ -218,6 +218,7 @@ class DataParallel:
     # -- files -----------------------------------------------------------------------------
     def redirect_outputs(self, args):
         """Ranks other than 0 write into a private temporary folder (removed at exit)."""
+        args._sample_output_dir = getattr(args, "output_dir", None)  # every rank saves its share of the samples
         if self.is_main:
             return
         self._private_dir = tempfile.mkdtemp(prefix=f"kohya_ms_rank{self.rank}_")

@@ -311,7 +311,7 @@ class TrainingSampler:
             logger.error("no sample images at step %d: %s", steps, e)
             return []
         prompts = prompts[self.rank::self.world_size]  # kohya: prompts[i::num_processes] on process i
-        save_dir = os.path.join(args.output_dir, "sample")
+        save_dir = os.path.join(getattr(args, "_sample_output_dir", None) or args.output_dir, "sample")
         os.makedirs(save_dir, exist_ok=True)
         paths = []
         t0 = time.perf_counter()

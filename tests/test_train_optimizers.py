@@ -5,6 +5,7 @@ formula / transformers' Adafactor; each schedule's lrs equal kohya's torch Lambd
 the argument errors; one end-to-end run with AdaFactor."""
 import argparse
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -373,10 +374,13 @@ def test_adafactor_trains_end_to_end(tmp_path):
     ckpt = str(tmp_path / "tiny.safetensors")
     demo.write_checkpoint(ckpt, seed=0, small=True)
     images = tmp_path / "img"
-    demo.write_images(str(images), 2, [(64, 64)], seed=2, captions=False)
+    names = demo.write_images(str(images), 2, [(64, 64)], seed=2, captions=False)
+    # kohya's third dataset method: fine-tuning with a metadata file (keys without extension)
+    metadata = tmp_path / "metadata.json"
+    metadata.write_text(json.dumps({n: {"caption": f"shq {n.split('_', 1)[1]}", "tags": "simple"} for n in names}))
     dataset = tmp_path / "dataset.toml"
     dataset.write_text(f"[[datasets]]\nresolution = 64\nbatch_size = 1\n[[datasets.subsets]]\n"
-                       f"image_dir = '{images}'\nclass_tokens = 'shq'\n")
+                       f"image_dir = '{images}'\nmetadata_file = '{metadata}'\n")
     out = tmp_path / "out"
     env = dict(os.environ, GLOG_v="3")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "sdxl_train_network.py"),
@@ -391,6 +395,7 @@ def test_adafactor_trains_end_to_end(tmp_path):
     sd, md = load_state_dict_file(str(out / "af.safetensors"))[:2]
     assert md["ss_optimizer"] == "transformers.optimization.Adafactor(relative_step=True)", md["ss_optimizer"]
     assert md["ss_lr_scheduler"] == "adafactor:0.001" and md["ss_learning_rate"] == "None"
+    assert md["ss_num_train_images"] == "2" and f"metadata_file: {metadata}" in proc.stderr
     assert any(np.abs(np.asarray(v)).max() > 0 for k, v in sd.items() if k.endswith("lora_up.weight"))
     with open(out / "af_loss.csv") as f:
         lrs = [float(r["lr"]) for r in csv.DictReader(f)]

@@ -117,6 +117,12 @@ seed = 42
 save_every_n_steps = {save_every}
 save_model_as = 'safetensors'
 
+[sample_prompt_arguments]
+sample_prompts = '{prompts}'
+sample_at_first = true
+sample_every_n_steps = {steps}
+sample_sampler = 'euler_a'
+
 [network_arguments]
 network_module = 'networks.lora'
 network_dim = 8
@@ -133,6 +139,10 @@ max_grad_norm = 1.0
 """
 
 
+# kohya's prompt-file options: --w/--h size, --s steps, --d seed, --l guidance scale
+SAMPLE_PROMPTS = "a red circle, simple shape on a plain background --w 64 --h 64 --s 12 --d 1 --l 4\n"
+
+
 def make_demo(work, steps=40, seed=0, small=False):
     """Write the demo files under ``work``; returns the train .toml path. ``small``: the 2-level
     test topology (the pipeline is the same, it compiles ~2x faster)."""
@@ -146,10 +156,13 @@ def make_demo(work, steps=40, seed=0, small=False):
     dataset = os.path.join(work, "dataset.toml")
     with open(dataset, "w", encoding="utf-8") as f:
         f.write(DATASET_TOML.format(image_dir=image_dir))
+    prompts = os.path.join(work, "prompts.txt")
+    with open(prompts, "w", encoding="utf-8") as f:
+        f.write(SAMPLE_PROMPTS)
     train = os.path.join(work, "train.toml")
     with open(train, "w", encoding="utf-8") as f:
         f.write(TRAIN_TOML.format(ckpt=ckpt, dataset=dataset, out=os.path.join(work, "lora"), steps=steps,
-                                  save_every=max(1, steps // 2)))
+                                  save_every=max(1, steps // 2), prompts=prompts))
     return train
 
 

@@ -1,0 +1,100 @@
+"""Full-size SDXL LoRA training step on this machine: s/step, compile time and peak RSS of
+``sdxl_train_network.py`` itself (a real run in a child process, on a real SAI checkpoint file).
+
+    python bench/bench_train.py --file /tmp/sdxl_random.safetensors --generate
+    python bench/bench_train.py --file sd_xl_base_1.0.safetensors --mixed_precision no
+
+Default case (issue #6): U-Net LoRA only, dim 16, gradient checkpointing, 512x512 (64x64
+latents), batch 1, cached latents, ``--mixed_precision fp16`` (the fp32 U-Net's weights alone
+are 10.3 GB). ``--generate`` writes a random SDXL-shaped SAI file (fp16, ~7 GB) when the file is
+missing. "compile s" is the first step (graph compile + one step), "s/step" the mean of the
+later steps, "peak GB" the child's ru_maxrss.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+from bench_common import fmt  # noqa: E402
+
+
+def write_dataset(folder, resolution, n):
+    import make_tiny_train_demo as demo
+
+    images = os.path.join(folder, "img")
+    demo.write_images(images, n, [(resolution, resolution)], seed=0, captions=True)
+    toml_path = os.path.join(folder, "dataset.toml")
+    with open(toml_path, "w", encoding="utf-8") as f:
+        f.write(f"[[datasets]]\nresolution = {resolution}\nbatch_size = 1\n[[datasets.subsets]]\n"
+                f"image_dir = '{images}'\ncaption_extension = '.txt'\n")
+    return toml_path
+
+
+def run_training(args, work):
+    dataset = write_dataset(work, args.resolution, 2)
+    cmd = [sys.executable, os.path.join(ROOT, "sdxl_train_network.py"),
+           "--pretrained_model_name_or_path", args.file, "--dataset_config", dataset,
+           "--output_dir", os.path.join(work, "out"), "--output_name", "bench",
+           "--network_module", "networks.lora", "--network_dim", str(args.network_dim), "--network_alpha", "1",
+           "--network_train_unet_only", "--learning_rate", "1e-4", "--max_train_steps", str(args.steps),
+           "--cache_latents", "--max_data_loader_n_workers", "0", "--seed", "0",
+           "--mixed_precision", args.mixed_precision]
+    if not args.no_checkpointing:
+        cmd.append("--gradient_checkpointing")
+    if args.mem_eff_attn:
+        cmd.append("--mem_eff_attn")
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.time() - t0
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 ** 2
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        return {"error": f"exit {proc.returncode}", "peak_rss_gb": peak, "wall_s": wall}
+    summary = json.loads(proc.stdout.strip().splitlines()[-1].split("; ", 1)[1])
+    compile_s = next(iter(summary["compile_s"].values()))
+    return {"compile_s": compile_s, "s_per_step": summary["s_per_step"], "peak_rss_gb": peak, "wall_s": wall,
+            "first_loss": summary["first_loss"], "last_loss": summary["last_loss"]}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--file", required=True, help="SDXL SAI checkpoint (.safetensors)")
+    parser.add_argument("--generate", action="store_true", help="write a random SDXL-shaped fp16 file if missing")
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=3, help="training steps (the first one compiles)")
+    parser.add_argument("--network_dim", type=int, default=16)
+    parser.add_argument("--mixed_precision", default="fp16", choices=["no", "fp16"])
+    parser.add_argument("--no_checkpointing", action="store_true")
+    parser.add_argument("--mem_eff_attn", action="store_true")
+    args = parser.parse_args()
+    if not os.path.exists(args.file):
+        if not args.generate:
+            parser.error(f"{args.file} not found (pass --generate to write a random SDXL-shaped file)")
+        sys.path.insert(0, os.path.join(ROOT, "tests"))
+        import library  # noqa: F401
+        import sdxl_checkpoint_helpers as H
+
+        t0 = time.time()
+        H.write_full_size_sai(args.file)
+        print(f"generated {args.file} in {time.time() - t0:.0f} s")
+    with tempfile.TemporaryDirectory() as work:
+        r = run_training(args, work)
+    case = (f"SDXL U-Net LoRA dim {args.network_dim}, {args.resolution}px, batch 1, "
+            f"{'no checkpointing' if args.no_checkpointing else 'checkpointing'}, mixed_precision {args.mixed_precision}")
+    print(case)
+    print(f"{'compile s':>10} {'s/step':>8} {'peak GB':>8} {'wall s':>8}")
+    print(f"{fmt(r.get('compile_s'), '.1f'):>10} {fmt(r.get('s_per_step'), '.1f'):>8} "
+          f"{fmt(r.get('peak_rss_gb'), '.2f'):>8} {fmt(r.get('wall_s'), '.0f'):>8}" + (f"  {r['error']}" if "error" in r else ""))
+    print("RESULT " + json.dumps(dict(r, case=case)))
+
+
+if __name__ == "__main__":
+    main()
