@@ -158,8 +158,8 @@ def test_demo_trains_with_falling_loss(tmp_path):
     files = sorted(os.listdir(out))
     assert "tiny_lora.safetensors" in files and "tiny_lora_loss.png" in files, files
     assert any(f.startswith("tiny_lora-step") for f in files), files
-    samples = sorted(os.listdir(out / "sample"))  # before training and after the last step
-    assert [s.split("_")[2] for s in samples] == ["000000", "000040"], samples
+    samples = sorted(os.listdir(out / "sample"))  # before training (kohya: epoch 0) and after the last step
+    assert sorted(s.split("_")[2] for s in samples) == ["000040", "e000000"], samples
     with open(out / "tiny_lora_loss.csv") as f:
         losses = [float(r["loss"]) for r in csv.DictReader(f)]
     n = max(1, len(losses) // 10)
