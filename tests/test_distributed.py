@@ -217,8 +217,9 @@ def _losses(path):
 
 def test_two_workers_batch_1_equal_one_process_batch_2(tmp_path, tiny_ckpt):
     """msrun, 2 CPU workers with batch 1 == 1 process with batch 2 on the same 2 images (2 epochs, 2
-    updates with AdamW, cached latents): same losses, same LoRA weights; rank 0 alone writes one LoRA
-    file, the loss csv/png and one TensorBoard run; rank 1's private folder is gone."""
+    updates with AdamW, cached latents): same losses, same LoRA weights; rank 0 alone writes each LoRA
+    file and state once, the loss csv/png and one TensorBoard run; rank 1's private folder is gone.
+    Then msrun --resume from the step-1 state ends with the same LoRA."""
     from library.lora_file import load_state_dict_file
 
     tmp = tmp_path / "tmp"
@@ -228,7 +229,8 @@ def test_two_workers_batch_1_equal_one_process_batch_2(tmp_path, tiny_ckpt):
     t0 = time.time()
     dp = subprocess.Popen(_msrun(_free_port(), tmp_path / "msrun_logs",
                                  _common(tiny_ckpt) + ["--dataset_config", _dataset(tmp_path, 1), "--output_dir",
-                                                       out_dp, "--logging_dir", logs]),
+                                                       out_dp, "--logging_dir", logs, "--save_every_n_steps", 1,
+                                                       "--save_state"]),
                           cwd=ROOT, env=_env(tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         dp_out = dp.communicate(timeout=600)[0]
@@ -243,7 +245,9 @@ def test_two_workers_batch_1_equal_one_process_batch_2(tmp_path, tiny_ckpt):
     assert one.returncode == 0, one.stderr[-4000:]
     print(f"msrun 2 workers {t_dp:.0f} s, one process {time.time() - t0 - t_dp:.0f} s")
 
-    assert sorted(os.listdir(out_dp)) == ["lora.safetensors", "lora_loss.csv", "lora_loss.png"]
+    assert sorted(os.listdir(out_dp)) == ["lora-state", "lora-step00000001-state", "lora-step00000001.safetensors",
+                                          "lora-step00000002-state", "lora-step00000002.safetensors",
+                                          "lora.safetensors", "lora_loss.csv", "lora_loss.png"]
     runs = os.listdir(logs)
     assert len(runs) == 1 and os.listdir(logs / runs[0]) == ["network_train"], runs
     assert os.listdir(tmp) == [], os.listdir(tmp)  # rank 1's redirected outputs removed at exit
@@ -265,6 +269,18 @@ def test_two_workers_batch_1_equal_one_process_batch_2(tmp_path, tiny_ckpt):
     # kohya's metadata: --train_batch_size (default 1) x processes x accumulation
     assert (md_dp["ss_total_batch_size"], md_1["ss_total_batch_size"]) == ("2", "1")
     assert md_dp["ss_max_train_steps"] == md_1["ss_max_train_steps"] == "2"
+
+    # resume under msrun: every rank reads rank 0's step-1 state and the job ends where the uninterrupted one did
+    out_res = tmp_path / "out_res"
+    res = subprocess.run(_msrun(_free_port(), tmp_path / "msrun_logs_res",
+                                _common(tiny_ckpt) + ["--dataset_config", _dataset(tmp_path, 1), "--output_dir",
+                                                      out_res, "--resume", out_dp / "lora-step00000001-state"]),
+                         cwd=ROOT, env=_env(tmp), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    assert _losses(out_res / "lora_loss.csv") == rows_dp
+    sd_res = load_state_dict_file(str(out_res / "lora.safetensors"))[0]
+    for k in sd_dp:
+        assert_close(np.asarray(sd_res[k], np.float64), np.asarray(sd_dp[k], np.float64), what=k)
 
 
 def _children(pid):

@@ -160,6 +160,19 @@ def test_demo_trains_with_falling_loss(tmp_path):
     assert any(f.startswith("tiny_lora-step") for f in files), files
     samples = sorted(os.listdir(out / "sample"))  # before training (kohya: epoch 0) and after the last step
     assert sorted(s.split("_")[2] for s in samples) == ["000040", "e000000"], samples
+
+    # the saved LoRA loads in sdxl_minimal_inference.py and changes its image (PyNative: no compile)
+    import sdxl_minimal_inference as smi
+
+    pixels = []
+    for i, lora in enumerate(([], ["--lora_weights", str(out / "tiny_lora.safetensors")])):
+        folder = tmp_path / f"gen{i}"
+        smi.main(["--ckpt_path", str(tmp_path / "demo" / "tiny_sdxl.safetensors"), "--prompt", "a red circle",
+                  "--width", "64", "--height", "64", "--steps", "4", "--seed", "3", "--output_dir", str(folder),
+                  "--save_latents", "--pynative"] + lora)
+        (npz,) = [f for f in os.listdir(folder) if f.endswith(".npz")]
+        pixels.append(np.load(folder / npz)["pixels"])
+    assert np.abs(pixels[0] - pixels[1]).max() > 0.01
     with open(out / "tiny_lora_loss.csv") as f:
         losses = [float(r["loss"]) for r in csv.DictReader(f)]
     n = max(1, len(losses) // 10)
