@@ -51,6 +51,8 @@ def run_training(args, work):
         cmd.append("--gradient_checkpointing")
     if args.mem_eff_attn:
         cmd.append("--mem_eff_attn")
+    if args.jit_level:
+        cmd += ["--jit_level", args.jit_level]
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.time() - t0
@@ -74,6 +76,7 @@ def main():
     parser.add_argument("--mixed_precision", default="fp16", choices=["no", "fp16"])
     parser.add_argument("--no_checkpointing", action="store_true")
     parser.add_argument("--mem_eff_attn", action="store_true")
+    parser.add_argument("--jit_level", default=None, choices=[None, "O0", "O1", "O2"])
     args = parser.parse_args()
     if not os.path.exists(args.file):
         if not args.generate:
@@ -88,7 +91,8 @@ def main():
     with tempfile.TemporaryDirectory() as work:
         r = run_training(args, work)
     case = (f"SDXL U-Net LoRA dim {args.network_dim}, {args.resolution}px, batch 1, "
-            f"{'no checkpointing' if args.no_checkpointing else 'checkpointing'}, mixed_precision {args.mixed_precision}")
+            f"{'no checkpointing' if args.no_checkpointing else 'checkpointing'}, mixed_precision {args.mixed_precision}"
+            + (f", jit_level {args.jit_level}" if args.jit_level else "") + (", mem_eff_attn" if args.mem_eff_attn else ""))
     print(case)
     print(f"{'compile s':>10} {'s/step':>8} {'peak GB':>8} {'wall s':>8}")
     print(f"{fmt(r.get('compile_s'), '.1f'):>10} {fmt(r.get('s_per_step'), '.1f'):>8} "
