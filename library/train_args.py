@@ -1,0 +1,280 @@
+"""kohya's training arguments: the parser (kohya's names and defaults), ``--config_file`` and the
+arguments this port does not implement yet (``NOT_IMPLEMENTED``: given a non-default value, the run
+stops at start with one line naming it)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from library import config_util, train_util
+from library.device_utils import UserError, add_device_arguments
+
+
+# ---------------------------------------------------------------------------------------------
+# arguments
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + error
+        raise UserError(message)
+
+
+# kohya arguments accepted by the parser that this port does not implement yet: (name, kwargs).
+# Given any value other than the default, the run stops at start naming the argument.
+NOT_IMPLEMENTED = [
+    ("--v2", dict(action="store_true")),
+    ("--tokenizer_cache_dir", dict(type=str, default=None)),
+    ("--huggingface_repo_id", dict(type=str, default=None)),
+    ("--huggingface_repo_type", dict(type=str, default=None)),
+    ("--huggingface_path_in_repo", dict(type=str, default=None)),
+    ("--huggingface_token", dict(type=str, default=None)),
+    ("--huggingface_repo_visibility", dict(type=str, default=None)),
+    ("--save_state_to_huggingface", dict(action="store_true")),
+    ("--resume_from_huggingface", dict(action="store_true")),
+    ("--async_upload", dict(action="store_true")),
+    ("--torch_compile", dict(action="store_true")),
+    ("--dynamo_backend", dict(type=str, default="inductor")),
+    ("--xformers", dict(action="store_true")),
+    ("--sdpa", dict(action="store_true")),
+    ("--fp8_base", dict(action="store_true")),
+    ("--fp8_base_unet", dict(action="store_true")),
+    ("--ddp_timeout", dict(type=int, default=None)),
+    ("--ddp_gradient_as_bucket_view", dict(action="store_true")),
+    ("--ddp_static_graph", dict(action="store_true")),
+    ("--clip_skip", dict(type=int, default=None)),
+    ("--wandb_run_name", dict(type=str, default=None)),
+    ("--log_tracker_config", dict(type=str, default=None)),
+    ("--wandb_api_key", dict(type=str, default=None)),
+    ("--lowram", dict(action="store_true")),
+    ("--highvram", dict(action="store_true")),
+    ("--output_config", dict(action="store_true")),
+    ("--weighted_captions", dict(action="store_true")),
+    ("--base_weights", dict(type=str, default=None, nargs="*")),
+    ("--base_weights_multiplier", dict(type=float, default=None, nargs="*")),
+    ("--network_train_text_encoder_only", dict(action="store_true")),
+    ("--no_half_vae_placeholder_unused", dict(action="store_true")),
+    ("--fused_backward_pass", dict(action="store_true")),
+    ("--cpu_offload_checkpointing", dict(action="store_true")),
+    ("--disable_mmap_load_safetensors", dict(action="store_true")),
+    ("--skip_until_initial_step", dict(action="store_true")),
+    ("--initial_epoch", dict(type=int, default=None)),
+    ("--initial_step", dict(type=int, default=None)),
+    ("--cache_text_encoder_outputs", dict(action="store_true")),
+    ("--cache_text_encoder_outputs_to_disk", dict(action="store_true")),
+    ("--debug_dataset", dict(action="store_true")),
+    ("--cache_info", dict(action="store_true")),
+]
+_NOT_IMPLEMENTED_NAMES = [n for n, _ in NOT_IMPLEMENTED if n != "--no_half_vae_placeholder_unused"]
+# dataset arguments of train_util.add_dataset_arguments that the trainer does not honour yet
+_DATASET_ARGS_NOT_IMPLEMENTED = ("--debug_dataset", "--cache_info", "--cache_text_encoder_outputs",
+                                 "--cache_text_encoder_outputs_to_disk")
+
+
+def setup_parser() -> argparse.ArgumentParser:
+    parser = _Parser(description="LoRA training (kohya's train_network arguments)")
+    add = parser.add_argument
+    # models
+    add("--pretrained_model_name_or_path", type=str, default=None,
+        help="SDXL checkpoint: SAI single file (.safetensors / MindSpore .ckpt) or diffusers folder")
+    add("--v_parameterization", action="store_true", help="v-prediction target")
+    add("--vae", type=str, default=None, help="a separate VAE (file or diffusers folder)")
+    # dataset
+    train_util.add_dataset_arguments(parser, True, True, True)
+    train_util.add_data_loader_arguments(parser)
+    config_util.add_config_arguments(parser)
+    # training
+    add("--output_dir", type=str, default=None, help="directory to output trained model")
+    add("--output_name", type=str, default=None, help="base name of trained model file")
+    add("--save_precision", type=str, default=None, choices=[None, "float", "fp32", "fp16", "bf16"],
+        help="precision in saving (fp32 is accepted as float)")
+    add("--save_every_n_epochs", type=int, default=None, help="save checkpoint every N epochs")
+    add("--save_every_n_steps", type=int, default=None, help="save checkpoint every N steps")
+    add("--save_last_n_epochs", type=int, default=None, help="keep only the last N epoch files")
+    add("--save_last_n_steps", type=int, default=None, help="keep step files of the last N steps only")
+    add("--save_model_as", type=str, default="safetensors", choices=[None, "ckpt", "safetensors"],
+        help="format to save the model (default is .safetensors)")
+    add("--save_n_epoch_ratio", type=int, default=None,
+        help="save checkpoint N epoch ratio (for example 5 means save at least 5 files total)")
+    add("--save_state", action="store_true",
+        help="save training state (LoRA, optimizer, step, RNG) with every saved model, for --resume")
+    add("--save_state_on_train_end", action="store_true", help="save training state at the end of training")
+    add("--save_last_n_epochs_state", type=int, default=None,
+        help="keep only the last N epoch states (overrides --save_last_n_epochs for states)")
+    add("--save_last_n_steps_state", type=int, default=None,
+        help="keep only the states of the last N steps (overrides --save_last_n_steps for states)")
+    add("--resume", type=str, default=None, help="continue from this saved state folder")
+    add("--logging_dir", type=str, default=None,
+        help="write TensorBoard logs (loss, average loss, lr per group) under this folder")
+    add("--log_with", type=str, default=None, choices=[None, "tensorboard", "wandb", "all"],
+        help="what logs (tensorboard; wandb is not available in this port)")
+    add("--log_prefix", type=str, default=None, help="prefix of each log folder name")
+    add("--log_tracker_name", type=str, default=None, help="name of the log run subfolder (default network_train)")
+    add("--log_config", action="store_true", help="also log the training arguments (as text)")
+    add("--validation_seed", type=int, default=None,
+        help="seed of the validation split and of the validation noise (--seed otherwise)")
+    add("--validation_split", type=float, default=0.0,
+        help="fraction of the (DreamBooth) training images held out for the validation loss")
+    add("--validate_every_n_steps", type=int, default=None,
+        help="validation loss every N steps (by default only at each epoch end, when there is a validation split)")
+    add("--validate_every_n_epochs", type=int, default=None, help="validation loss every N epochs (default every epoch)")
+    add("--max_validation_steps", type=int, default=None, help="at most this many validation batches per pass")
+    add("--train_batch_size", type=int, default=1, help="batch size for training")
+    add("--max_token_length", type=int, default=None, choices=[None, 150, 225],
+        help="max token length of text encoder (default for 75, 150 or 225)")
+    add("--mem_eff_attn", action="store_true", help="memory-efficient (chunked) attention in the UNet")
+    add("--flash_attn", action="store_true", help="flash attention in the UNet (Ascend only)")
+    add("--max_train_steps", type=int, default=1600, help="training steps")
+    add("--max_train_epochs", type=int, default=None, help="training epochs (overrides max_train_steps)")
+    add("--seed", type=int, default=None, help="random seed for training")
+    add("--gradient_checkpointing", action="store_true", help="gradient checkpointing (MindSpore recompute)")
+    add("--gradient_accumulation_steps", type=int, default=1,
+        help="number of updates steps to accumulate before performing a backward/update pass")
+    add("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"],
+        help="U-Net and text encoders in fp16/bf16 with fp32 LoRA weights; fp16 with dynamic loss scaling "
+             "(bf16 needs Ascend)")
+    add("--full_fp16", action="store_true", help="fp16 training including the LoRA weights and optimizer state")
+    add("--full_bf16", action="store_true", help="bf16 training including the LoRA weights and optimizer state")
+    add("--noise_offset", type=float, default=None, help="noise offset (0.1 recommended)")
+    add("--noise_offset_random_strength", action="store_true",
+        help="use random strength between 0~noise_offset for noise offset")
+    add("--ip_noise_gamma", type=float, default=None, help="input perturbation noise (0.1 recommended)")
+    add("--ip_noise_gamma_random_strength", action="store_true",
+        help="use random strength between 0~ip_noise_gamma for input perturbation noise")
+    add("--adaptive_noise_scale", type=float, default=None,
+        help="add latent mean absolute value * this value to noise_offset")
+    add("--zero_terminal_snr", action="store_true", help="fix noise scheduler betas to enforce zero terminal SNR")
+    add("--min_timestep", type=int, default=None, help="minimum timestep (default 0)")
+    add("--max_timestep", type=int, default=None, help="maximum timestep, exclusive (default 1000)")
+    add("--prior_loss_weight", type=float, default=1.0, help="loss weight for regularization images")
+    add("--min_snr_gamma", type=float, default=None, help="gamma for reducing the weight of high loss timesteps")
+    add("--scale_v_pred_loss_like_noise_pred", action="store_true",
+        help="scale v-prediction loss like noise prediction loss")
+    add("--v_pred_like_loss", type=float, default=None, help="add v-prediction like loss multiplied by this value")
+    add("--debiased_estimation_loss", action="store_true", help="debiased estimation loss")
+    add("--multires_noise_iterations", type=int, default=None,
+        help="enable multires (pyramid) noise with this number of iterations (6-10 recommended)")
+    add("--multires_noise_discount", type=float, default=0.3,
+        help="discount of each multires noise level (0.8 recommended; kohya's default 0.3)")
+    add("--loss_type", type=str, default="l2", choices=["l1", "l2", "huber", "smooth_l1"],
+        help="loss function: l2 (default), l1, huber or smooth_l1")
+    add("--huber_schedule", type=str, default="snr", choices=["constant", "exponential", "snr"],
+        help="huber_c over the timesteps for loss_type huber/smooth_l1: constant, exponential or snr (default)")
+    add("--huber_c", type=float, default=0.1, help="huber loss decay parameter for huber/smooth_l1 (default 0.1)")
+    add("--huber_scale", type=float, default=1.0,
+        help="huber loss scale for huber/smooth_l1 (constant and exponential schedules; default 1.0)")
+    add("--masked_loss", action="store_true",
+        help="mask the loss with the alpha mask of alpha_mask subsets (masks from conditioning_data_dir: not "
+             "implemented); a batch with alpha masks is always masked, as kohya")
+    add("--config_file", type=str, default=None,
+        help="a .toml with these arguments (sections flattened); the command line overrides it")
+    for name in ("title", "author", "description", "license", "tags"):
+        add(f"--metadata_{name}", type=str, default=None, help=f"{name} for model metadata")
+    add("--no_half_vae", action="store_true", help="keep the VAE in float32 (it is float32 here: always honoured)")
+    # optimizer
+    add("--optimizer_type", type=str, default="",
+        help="AdamW (default), SGDNesterov, Lion, AdaFactor (case-insensitive), or a dotted path to a MindSpore "
+             "optimizer cell (see library/train_optimizers.py); 8-bit/paged/DAdapt/Prodigy/schedule-free stop")
+    add("--use_8bit_adam", action="store_true", help="kohya's 8-bit AdamW (bitsandbytes, CUDA-only): stops the run")
+    add("--use_lion_optimizer", action="store_true", help="same as --optimizer_type Lion")
+    add("--learning_rate", type=float, default=2.0e-6, help="learning rate")
+    add("--max_grad_norm", type=float, default=1.0, help="max gradient norm, 0 for no clipping")
+    add("--scale_weight_norms", type=float, default=None,
+        help="after each update, scale every LoRA module whose up@down*scale norm exceeds this (kohya's max-norm)")
+    add("--optimizer_args", type=str, default=None, nargs="*",
+        help="additional arguments for optimizer (like \"weight_decay=0.01 betas=0.9,0.999\")")
+    add("--lr_scheduler", type=str, default="constant",
+        help="constant (default), constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial, "
+             "inverse_sqrt, cosine_with_min_lr, warmup_stable_decay, piecewise_constant "
+             "(--lr_scheduler_args step_rules=...), adafactor")
+    add("--lr_scheduler_type", type=str, default="",
+        help="dotted path to a schedule class (base_lrs, **lr_scheduler_args) with lrs(step); torch ones stop")
+    add("--lr_scheduler_args", type=str, default=None, nargs="*",
+        help="additional arguments for the scheduler (like \"step_rules=1:10,0.1:20,0.01\")")
+    add("--lr_decay_steps", type=str, default="0",
+        help="decay steps of warmup_stable_decay: an int, a ratio < 1 of the training steps, or 'N%%'")
+    add("--lr_scheduler_timescale", type=int, default=None,
+        help="inverse_sqrt timescale (default: the warmup steps, or 10000 without warmup)")
+    add("--lr_scheduler_min_lr_ratio", type=float, default=None,
+        help="minimum lr as a ratio of the initial lr (cosine_with_min_lr, warmup_stable_decay)")
+    add("--lr_warmup_steps", type=str, default="0",
+        help="warmup steps: an int, a ratio < 1 of the training steps, or 'N%%'")
+    add("--lr_scheduler_num_cycles", type=int, default=1, help="restarts for cosine_with_restarts")
+    add("--lr_scheduler_power", type=float, default=1, help="polynomial power")
+    # network
+    add("--no_metadata", action="store_true", help="do not save metadata in output model")
+    add("--unet_lr", type=float, default=None, help="learning rate for U-Net")
+    add("--text_encoder_lr", type=float, default=None, help="learning rate for Text Encoder")
+    add("--network_weights", type=str, default=None, help="pretrained weights for network")
+    add("--dim_from_weights", action="store_true",
+        help="take each module's dim and alpha from --network_weights (kohya's option)")
+    add("--network_module", type=str, default=None, help="network module to train (networks.lora)")
+    add("--network_dim", type=int, default=None, help="network dimensions (depends on each network)")
+    add("--network_alpha", type=float, default=1, help="alpha for LoRA weight scaling")
+    add("--network_dropout", type=float, default=None, help="drops neurons out of training every step")
+    add("--network_args", type=str, default=None, nargs="*", help="additional arguments for network (key=value)")
+    add("--network_train_unet_only", action="store_true", help="only training U-Net part")
+    add("--training_comment", type=str, default=None, help="arbitrary comment string stored in metadata")
+    # sample images (library/train_sampling.py)
+    add("--sample_every_n_steps", type=int, default=None, help="generate sample images every N steps")
+    add("--sample_every_n_epochs", type=int, default=None,
+        help="generate sample images every N epochs (overwrites n_steps)")
+    add("--sample_at_first", action="store_true", help="generate sample images before training")
+    add("--sample_prompts", type=str, default=None,
+        help="file of prompts to generate sample images: .txt (kohya's --n --w --h --d --l --s --ss options), "
+             ".toml or .json")
+    add("--sample_sampler", type=str, default="ddim",
+        help="sampler for sample images: ddim (default), euler, euler_a, dpmsolver++ (also k_euler, k_euler_a)")
+    add_device_arguments(parser)
+    existing = {a for action in parser._actions for a in action.option_strings}
+    for name, kwargs in NOT_IMPLEMENTED:
+        if name == "--no_half_vae_placeholder_unused" or name in existing:
+            continue
+        parser.add_argument(name, help="not implemented yet in this port: stops the run when given", **kwargs)
+    return parser
+
+
+def read_config_from_file(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """kohya's ``--config_file``: a .toml whose sections are flattened; the command line wins.
+    Unknown keys stop the run (kohya accepts them silently)."""
+    if not args.config_file:
+        return args
+    import toml
+
+    path = args.config_file if args.config_file.endswith(".toml") else args.config_file + ".toml"
+    if not os.path.exists(path):
+        raise UserError(f"{path}: config file not found")
+    try:
+        config = toml.load(path)
+    except (toml.TomlDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot parse config file: {e}") from None
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    known = {a.dest for a in parser._actions}
+    unknown = sorted(k for k in flat if k not in known)
+    if unknown:
+        raise UserError(f"{path}: unknown argument(s) {', '.join(unknown)}")
+    flat.pop("config_file", None)
+    return parser.parse_args(sys.argv[1:] if args._argv is None else args._argv,
+                             namespace=argparse.Namespace(**flat))
+
+
+def parse_args(parser, argv=None):
+    args = parser.parse_args(argv)
+    args._argv = argv
+    if args.config_file:
+        args = read_config_from_file(args, parser)
+    return args
+
+
+def check_not_implemented(args, parser):
+    """Stop at start for any not-yet-implemented kohya argument given a non-default value."""
+    for name in _NOT_IMPLEMENTED_NAMES + list(_DATASET_ARGS_NOT_IMPLEMENTED):
+        dest = name[2:]
+        default = parser.get_default(dest)
+        value = getattr(args, dest, default)
+        if value != default and not (value in (None, "", [], False) and default in (None, "", [], False)):
+            raise UserError(f"{name} is not implemented yet in this port (remove it to train)")

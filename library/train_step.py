@@ -1,0 +1,139 @@
+"""The compiled training step cells: forward+backward+clip+update in one graph (``TrainStep``), or
+gradient accumulation (``AccumulateStep``) with a separate update (``ApplyAccumulated``); fp16 loss
+scaling and data-parallel gradient means plug into them."""
+
+
+# ---------------------------------------------------------------------------------------------
+# the compiled step
+
+def _build_step_cells():
+    """Cells are defined lazily so that importing this module does not import mindspore."""
+    import mindspore as ms
+    from mindspore import ParameterTuple, nn, ops
+
+    class LossAndGrads(nn.Cell):
+        """(loss, grads of the loss w.r.t. ``params``) of ``loss_net(*inputs)``."""
+
+        def __init__(self, loss_net, params, loss_scale=None):
+            super().__init__(auto_prefix=False)
+            self.loss_net = loss_net
+            self.weights = ParameterTuple(params)
+            self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
+            self.scaled = loss_scale is not None  # fp16: the backward starts from loss_scale (GradScaler)
+            self.loss_scale = loss_scale
+
+        def construct(self, *inputs):
+            loss = self.loss_net(*inputs)
+            sens = ops.ones_like(loss)
+            if self.scaled:
+                sens = sens * self.loss_scale.astype(loss.dtype)
+            grads = self.grad(self.loss_net, self.weights)(*inputs, sens)
+            return loss, grads
+
+    square_sum = ops.MultitypeFuncGraph("square_sum")
+
+    @square_sum.register("Tensor")
+    def _square_sum(g):
+        return ops.reduce_sum(ops.square(g.astype(ms.float32)))
+
+    scale_grad = ops.MultitypeFuncGraph("scale_grad")
+
+    @scale_grad.register("Tensor", "Tensor")
+    def _scale_grad(coef, g):
+        return g * coef.astype(g.dtype)
+
+    accumulate = ops.MultitypeFuncGraph("accumulate")
+
+    @accumulate.register("Tensor", "Tensor", "Tensor")
+    def _accumulate(scale, buf, g):
+        return ops.assign_add(buf, g * scale)
+
+    zero = ops.MultitypeFuncGraph("zero")
+
+    @zero.register("Tensor")
+    def _zero(buf):
+        return ops.assign(buf, ops.zeros_like(buf))
+
+    copy = ops.MultitypeFuncGraph("copy")
+
+    @copy.register("Tensor")
+    def _copy(buf):
+        return buf * 1.0
+
+    hyper_map = ops.HyperMap()
+
+    def clip_grads(grads, max_norm):
+        """torch's clip_grad_norm_: coef = max_norm / (total_norm + 1e-6), clamped to 1."""
+        total = ops.sqrt(ops.addn(hyper_map(square_sum, grads)))
+        coef = ops.minimum(max_norm / (total + 1e-6), ops.ones((), ms.float32))
+        return hyper_map(ops.partial(scale_grad, coef), grads)
+
+    class TrainStep(nn.Cell):
+        """forward + backward + clip + optimizer update in one graph; returns the loss."""
+
+        def __init__(self, loss_net, params, optimizer, max_grad_norm, reducer=None):
+            super().__init__(auto_prefix=False)
+            self.loss_and_grads = LossAndGrads(loss_net, params)
+            self.optimizer = optimizer
+            self.max_grad_norm = float(max_grad_norm or 0.0)
+            self.reduce = reducer is not None  # data parallel: mean over ranks (library/distributed.py)
+            self.reducer = reducer
+
+        def construct(self, *inputs):
+            loss, grads = self.loss_and_grads(*inputs)
+            if self.reduce:
+                grads = self.reducer.grads(grads)
+                loss = self.reducer.loss(loss)
+            if self.max_grad_norm > 0:
+                grads = clip_grads(grads, self.max_grad_norm)
+            return ops.depend(loss, self.optimizer(grads))
+
+    class AccumulateStep(nn.Cell):
+        """forward + backward; adds grads / accumulation_steps to buffers (accelerate's loss scaling)."""
+
+        def __init__(self, loss_net, params, accum_buffers, accumulation_steps, reducer=None, loss_scale=None):
+            super().__init__(auto_prefix=False)
+            self.loss_and_grads = LossAndGrads(loss_net, params, loss_scale)
+            self.accum = accum_buffers
+            self.scale = ms.Tensor(1.0 / accumulation_steps, ms.float32)
+            self.scaled = loss_scale is not None  # unscaled as they are accumulated (fp32 buffers)
+            self.loss_scale = loss_scale
+            self.reduce = reducer is not None  # the loss only: gradients are averaged once per update
+            self.reducer = reducer
+
+        def construct(self, *inputs):
+            loss, grads = self.loss_and_grads(*inputs)
+            if self.reduce:
+                loss = self.reducer.loss(loss)
+            scale = self.scale
+            if self.scaled:
+                scale = scale / self.loss_scale
+            done = hyper_map(ops.partial(accumulate, scale), self.accum, grads)
+            return ops.depend(loss, done)
+
+    class ApplyAccumulated(nn.Cell):
+        """clip + optimizer update from the buffers, then zero them."""
+
+        def __init__(self, accum_buffers, optimizer, max_grad_norm, reducer=None, skip_non_finite=False):
+            super().__init__(auto_prefix=False)
+            self.accum = accum_buffers
+            self.optimizer = optimizer
+            self.max_grad_norm = float(max_grad_norm or 0.0)
+            self.skip_non_finite = skip_non_finite  # fp16 loss scaling: no update on inf/NaN gradients
+            self.reduce = reducer is not None  # data parallel: mean of the accumulated gradients over ranks
+            self.reducer = reducer
+
+        def construct(self):
+            grads = hyper_map(copy, self.accum)
+            if self.reduce:
+                grads = self.reducer.grads(grads)
+            finite = ops.ones((), ms.bool_)
+            if self.skip_non_finite:
+                finite = ops.isfinite(ops.addn(hyper_map(square_sum, grads)))
+            if finite:
+                if self.max_grad_norm > 0:
+                    grads = clip_grads(grads, self.max_grad_norm)
+                grads = ops.depend(grads, self.optimizer(grads))
+            return ops.depend(finite, hyper_map(zero, self.accum))
+
+    return LossAndGrads, TrainStep, AccumulateStep, ApplyAccumulated
