@@ -74,6 +74,19 @@ def input_perturbation_noise(noise, ip_noise_gamma, rng, random_strength=False):
     return (noise + gamma * rng.standard_normal(noise.shape)).astype(np.float32)
 
 
+def draw_noise(args, latents, rng, draw_timesteps):
+    """(noise, noisy_noise, timesteps) of a batch in kohya's order (get_noise_noisy_latents_and_timesteps):
+    N(0,1), noise offset, multires noise, then ``draw_timesteps(rng)``, then input perturbation; the
+    target is ``noise``, the latents are noised with ``noisy_noise``."""
+    noise = rng.standard_normal(latents.shape).astype(np.float32)
+    noise = apply_noise_offset(latents, noise, args.noise_offset, args.adaptive_noise_scale, rng,
+                               args.noise_offset_random_strength)
+    noise = pyramid_noise_like(noise, rng, args.multires_noise_iterations, args.multires_noise_discount)
+    timesteps = draw_timesteps(rng)
+    noisy_noise = input_perturbation_noise(noise, args.ip_noise_gamma, rng, args.ip_noise_gamma_random_strength)
+    return noise, noisy_noise, timesteps
+
+
 # -- per-sample loss weights -----------------------------------------------------------
 def apply_snr_weight(loss, timesteps, schedule: NoiseSchedule, gamma, v_prediction=False):
     """kohya's ``apply_snr_weight`` (Min-SNR): loss * min(snr, gamma) / snr (or / (snr + 1) for v)."""
