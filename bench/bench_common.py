@@ -5,6 +5,7 @@ import os
 import resource
 import subprocess
 import sys
+import time
 
 
 def peak_rss_gb():
@@ -24,3 +25,20 @@ def run_worker(script, args, env=None):
 
 def fmt(v, spec=".2f"):
     return "-" if v is None else format(v, spec)
+
+
+def ensure_sdxl_file(path, generate, parser):
+    """Write a random SDXL-shaped SAI file (fp16, ~7 GB, streamed) at ``path`` when it is missing and
+    ``generate`` is set; otherwise a missing file is a usage error."""
+    if os.path.exists(path):
+        return
+    if not generate:
+        parser.error(f"{path} not found (pass --generate to write a random SDXL-shaped file)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "tests"))
+    import library  # noqa: F401
+    import sdxl_checkpoint_helpers as H
+
+    t0 = time.time()
+    H.write_full_size_sai(path)
+    print(f"generated {path} in {time.time() - t0:.0f} s")

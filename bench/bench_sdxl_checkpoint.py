@@ -20,6 +20,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench_common import ensure_sdxl_file  # noqa: E402
+
 
 def _rss_gb():
     with open("/proc/self/status") as f:
@@ -87,16 +89,7 @@ def main():
     args = parser.parse_args()
     if args.child:
         return child(args)
-    if not os.path.exists(args.file):
-        if not args.generate:
-            parser.error(f"{args.file} not found (pass --generate to write a random SDXL-shaped file)")
-        sys.path.insert(0, os.path.join(ROOT, "tests"))
-        import library  # noqa: F401
-        import sdxl_checkpoint_helpers as H
-
-        t0 = time.time()
-        H.write_full_size_sai(args.file)
-        print(f"generated {args.file} in {time.time() - t0:.0f} s")
+    ensure_sdxl_file(args.file, args.generate, parser)
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--file", args.file]
     for flag in ("dtype", "dump", "save"):
         if getattr(args, flag):

@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
-from bench_common import fmt  # noqa: E402
+from bench_common import ensure_sdxl_file, fmt  # noqa: E402
 
 
 def write_dataset(folder, resolution, n):
@@ -78,16 +78,7 @@ def main():
     parser.add_argument("--mem_eff_attn", action="store_true")
     parser.add_argument("--jit_level", default=None, choices=[None, "O0", "O1", "O2"])
     args = parser.parse_args()
-    if not os.path.exists(args.file):
-        if not args.generate:
-            parser.error(f"{args.file} not found (pass --generate to write a random SDXL-shaped file)")
-        sys.path.insert(0, os.path.join(ROOT, "tests"))
-        import library  # noqa: F401
-        import sdxl_checkpoint_helpers as H
-
-        t0 = time.time()
-        H.write_full_size_sai(args.file)
-        print(f"generated {args.file} in {time.time() - t0:.0f} s")
+    ensure_sdxl_file(args.file, args.generate, parser)
     with tempfile.TemporaryDirectory() as work:
         r = run_training(args, work)
     case = (f"SDXL U-Net LoRA dim {args.network_dim}, {args.resolution}px, batch 1, "
