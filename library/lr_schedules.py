@@ -274,6 +274,17 @@ class AdafactorSchedule:
         return [float(x) for x in self.optimizer.last_lrs.asnumpy()]
 
 
+def import_dotted(path: str, option: str):
+    """The attribute ``path`` (``package.module.Name``) or None; a UserError naming ``option`` when the
+    module cannot be imported."""
+    module_name, attr = path.rsplit(".", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UserError(f"{option} {path}: cannot import {module_name} ({e})") from None
+    return getattr(module, attr, None)
+
+
 def _custom_schedule_class(path: str):
     """``--lr_scheduler_type mypkg.MySchedule``: a class/callable ``(base_lrs, **lr_scheduler_args)``
     returning an object with ``lrs(step) -> [lr per group]`` (this port's schedule protocol)."""
@@ -282,11 +293,7 @@ def _custom_schedule_class(path: str):
                         "available in this port; give a dotted path to a class taking (base_lrs, **kwargs) with a "
                         "method lrs(step), or use --lr_scheduler with --lr_scheduler_args")
     module_name, attr = path.rsplit(".", 1)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise UserError(f"--lr_scheduler_type {path}: cannot import {module_name} ({e})") from None
-    cls = getattr(module, attr, None)
+    cls = import_dotted(path, "--lr_scheduler_type")
     if cls is None or not callable(cls):
         raise UserError(f"--lr_scheduler_type {path}: {module_name} has no callable {attr}")
     if isinstance(cls, type) and not callable(getattr(cls, "lrs", None)):

@@ -26,9 +26,7 @@ The schedules are in ``library/lr_schedules.py`` (re-exported here).
 from __future__ import annotations
 
 import ast
-import importlib
 import logging
-import math
 from typing import Dict, List, Sequence
 
 import numpy as np
@@ -37,7 +35,7 @@ from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
 from library.device_utils import UserError
-from library.lr_schedules import (SCHEDULERS, AdafactorSchedule, LRSchedule, create_lr_schedule,  # noqa: F401
+from library.lr_schedules import (SCHEDULERS, import_dotted, AdafactorSchedule, LRSchedule, create_lr_schedule,  # noqa: F401
                                   get_lr_lambda, parse_scheduler_args, resolve_steps, resolve_warmup_steps)
 
 logger = logging.getLogger(__name__)
@@ -381,11 +379,7 @@ def _resolve_type(args) -> str:
 
 def _custom_optimizer_class(path: str):
     module_name, attr = path.rsplit(".", 1)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise UserError(f"--optimizer_type {path}: cannot import {module_name} ({e})") from None
-    cls = getattr(module, attr, None)
+    cls = import_dotted(path, "--optimizer_type")
     if not isinstance(cls, type):
         raise UserError(f"--optimizer_type {path}: {module_name} has no class {attr}")
     missing = [m for m in ("construct", "set_lrs", "state_parameters") if not callable(getattr(cls, m, None))]
