@@ -46,6 +46,50 @@ def check_attention_impl(impl: str) -> str:
     return impl
 
 
+class SoftmaxAttend(nn.Cell):
+    """softmax(q k^T) v per head on (B, H, N, D) inputs, q already scaled.
+
+    The backward is written out and recomputes the probabilities from q and k
+    (as memory-efficient attention kernels do), so the training graph keeps
+    only q, k and v per attention, not the (B, H, N, M) scores. With the
+    primitives' own backward the CPU graph backend kept about five score-sized
+    buffers per attention until the end of the step (the softmax backward's
+    implicitly broadcast row sum is never freed there): 391 MB per 20-head
+    1024-token self-attention, 15 MB this way. The price is one more q k^T and
+    softmax per attention backward.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.bmm = ops.BatchMatMul()
+        self.bmm_t = ops.BatchMatMul(transpose_b=True)
+        self.bmm_ta = ops.BatchMatMul(transpose_a=True)
+        self.softmax = ops.Softmax(-1)
+
+    def _probs(self, q, k):
+        scores = self.bmm_t(q, k)
+        if scores.dtype == ms.float32:
+            return self.softmax(scores)
+        return self.softmax(scores.astype(ms.float32))  # fp32 softmax for half inputs (torch's upcast)
+
+    def construct(self, q, k, v):
+        return self.bmm(self._probs(q, k).astype(v.dtype), v)
+
+    def bprop(self, q, k, v, out, dout):
+        # depend on dout: otherwise the graph merges this with the forward's
+        # identical q k^T / softmax and keeps the forward's scores for the backward
+        probs = self._probs(ops.depend(q, dout), k)  # fp32 for half inputs
+        dv = self.bmm_ta(probs.astype(v.dtype), dout)
+        # softmax backward: dscores = P * (dP - rowsum(P * dP)), dP = dout v^T, and
+        # rowsum(P * dP) = rowsum(dout * out). The row term rides along as one more
+        # column of the dP matmul, [dout, -row] [v, 1]^T: no broadcast op at all.
+        row = (dout.astype(ms.float32) * out.astype(ms.float32)).sum(-1, keepdims=True)
+        lhs = ops.concat((dout.astype(ms.float32), -row), -1)
+        rhs = ops.concat((v.astype(ms.float32), ops.ones(v.shape[:-1] + (1,), ms.float32)), -1)
+        dscores = (probs * self.bmm_t(lhs, rhs)).astype(q.dtype)
+        return self.bmm(dscores, k), self.bmm_ta(dscores, q), dv
+
+
 class ScaledDotProductAttention(nn.Cell):
     """Multi-head attention core on projected inputs: (B,N,H*D), (B,M,H*D), (B,M,H*D) -> (B,N,H*D)."""
 
@@ -54,8 +98,7 @@ class ScaledDotProductAttention(nn.Cell):
         self.heads = heads
         self.impl = check_attention_impl(impl)
         self.chunk_size = int(chunk_size)
-        self.bmm = ops.BatchMatMul()
-        self.bmm_t = ops.BatchMatMul(transpose_b=True)
+        self.attend = SoftmaxAttend()
 
     def set_impl(self, impl: str, chunk_size=None):
         self.impl = check_attention_impl(impl)
@@ -72,15 +115,6 @@ class ScaledDotProductAttention(nn.Cell):
         b, h, n, d = t.shape
         return t.transpose(0, 2, 1, 3).reshape(b, n, h * d)
 
-    def _softmax_attend(self, q, k, v):
-        # q (B,H,n,D) already scaled, k/v (B,H,M,D)
-        scores = self.bmm_t(q, k)
-        if scores.dtype == ms.float32:
-            probs = ops.softmax(scores, -1)
-        else:
-            probs = ops.softmax(scores.astype(ms.float32), -1).astype(v.dtype)
-        return self.bmm(probs, v)
-
     def construct(self, q, k, v):
         if self.impl == "flash":
             return self._flash(q, k, v)
@@ -95,9 +129,9 @@ class ScaledDotProductAttention(nn.Cell):
                 outs = ()
                 for start in range(0, n, self.chunk_size):
                     stop = min(start + self.chunk_size, n)
-                    outs = outs + (self._softmax_attend(q[:, :, start:stop], k, v),)
+                    outs = outs + (self.attend(q[:, :, start:stop], k, v),)
                 return self._merge_heads(ops.concat(outs, 2))
-        return self._merge_heads(self._softmax_attend(q, k, v))
+        return self._merge_heads(self.attend(q, k, v))
 
     def _flash(self, q, k, v):
         dtype = q.dtype
