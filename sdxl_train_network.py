@@ -32,9 +32,38 @@ def distinguish_text_encoder_params(text_encoder2):
 
 def make_sdxl_loss_net(text_encoder1, text_encoder2, unet, max_token_length=None, v_parameterization=False,
                        eos_token_id2=49407, loss_type="l2"):
-    """The SDXL loss cell of the train step (see ``SdxlNetworkLoss``)."""
+    """The SDXL loss cell of the train step (see ``SdxlNetworkLoss``); text encoders None: it takes
+    cached text encoder outputs instead of token ids."""
     return _build_sdxl_loss_cell()(text_encoder1, text_encoder2, unet, max_token_length, v_parameterization,
                                    eos_token_id2, loss_type)
+
+
+def make_text_encoder_outputs_fn(text_encoder1, text_encoder2, max_token_length=None, eos_token_id2=49407):
+    """(ids1, ids2) int (B, n, 77) -> float32 numpy (hidden1, hidden2, pool2) as the train step computes them
+    (``get_hidden_states_sdxl``, one compiled graph): what ``--cache_text_encoder_outputs`` stores."""
+    import mindspore as ms
+    import numpy as np
+    from mindspore import Tensor, nn
+
+    from library.sdxl_train_util import get_hidden_states_sdxl
+
+    class Encode(nn.Cell):
+        def __init__(self):
+            super().__init__(auto_prefix=False)
+            self.text_encoder1, self.text_encoder2 = text_encoder1, text_encoder2
+
+        def construct(self, ids1, ids2):
+            return get_hidden_states_sdxl(max_token_length, ids1, ids2, None, None, self.text_encoder1,
+                                          self.text_encoder2, eos_token_id2=eos_token_id2)
+
+    cell = Encode()
+    cell.set_train(False)
+
+    def encode(ids1, ids2):
+        outs = cell(Tensor(np.asarray(ids1, np.int32)), Tensor(np.asarray(ids2, np.int32)))
+        return tuple(o.astype(ms.float32).asnumpy() for o in outs)
+
+    return encode
 
 
 def _build_sdxl_loss_cell():
@@ -50,7 +79,8 @@ def _build_sdxl_loss_cell():
         Inputs: latents (B,4,h,w) already x0.13025; noise (target noise), noisy_noise (the noise
         mixed into the latents: noise, or noise + ip_noise_gamma * N(0,1)); timesteps float (B,);
         sqrt_alpha_bar, sqrt_one_minus_alpha_bar (B,); weights (B,) (loss_weights x SNR-type
-        factors); input_ids1, input_ids2 (B, n, 77) int32; size_emb (B, 1536); huber_c (B,) and
+        factors); input_ids1, input_ids2 (B, n, 77) int32, or with cached text encoder outputs the
+        context (B, T, 2048) and pool2 (B, 1280); size_emb (B, 1536); huber_c (B,) and
         loss_mask (B, 1, h, w) (``custom_train_functions.loss_extra_inputs``).
         loss = mean_b(weights_b * mean_chw(loss_mask * conditional_loss(pred, target))), target = noise or v.
         """
@@ -58,8 +88,10 @@ def _build_sdxl_loss_cell():
         def __init__(self, text_encoder1, text_encoder2, unet, max_token_length=None, v_parameterization=False,
                      eos_token_id2=49407, loss_type="l2"):
             super().__init__(auto_prefix=False)
-            self.text_encoder1 = text_encoder1
-            self.text_encoder2 = text_encoder2
+            self.cached_text_encoder_outputs = text_encoder1 is None
+            if not self.cached_text_encoder_outputs:
+                self.text_encoder1 = text_encoder1
+                self.text_encoder2 = text_encoder2
             self.unet = unet
             self.unet_dtype = unet.dtype  # fp16/bf16 with --mixed_precision: the U-Net computes in it
             self.max_token_length = max_token_length
@@ -69,10 +101,13 @@ def _build_sdxl_loss_cell():
 
         def construct(self, latents, noise, noisy_noise, timesteps, sqrt_ab, sqrt_1mab, weights, input_ids1,
                       input_ids2, size_emb, huber_c, loss_mask):
-            hidden1, hidden2, pool2 = get_hidden_states_sdxl(self.max_token_length, input_ids1, input_ids2, None,
-                                                             None, self.text_encoder1, self.text_encoder2,
-                                                             eos_token_id2=self.eos_token_id2)
-            context = ops.concat((hidden1, hidden2), 2)
+            if self.cached_text_encoder_outputs:  # input_ids1: context (B, T, 2048), input_ids2: pool2
+                context, pool2 = input_ids1.astype(self.unet_dtype), input_ids2
+            else:
+                hidden1, hidden2, pool2 = get_hidden_states_sdxl(self.max_token_length, input_ids1, input_ids2,
+                                                                 None, None, self.text_encoder1, self.text_encoder2,
+                                                                 eos_token_id2=self.eos_token_id2)
+                context = ops.concat((hidden1, hidden2), 2)
             y = ops.concat((pool2.astype(ms.float32), size_emb), 1)
             shape = latents.shape
             a = ops.broadcast_to(sqrt_ab.reshape(-1, 1, 1, 1), shape)
@@ -124,8 +159,19 @@ class SdxlNetworkTrainer(train_network.NetworkTrainer):
                             f"!= text encoder 2 projection {pooled} + 6*256")
         return SDXL_MODEL_VERSION, [te1, te2], vae, unet
 
+    def cache_text_encoder_outputs(self, args, text_encoders, dataset_groups):
+        encode = make_text_encoder_outputs_fn(text_encoders[0], text_encoders[1], args.max_token_length,
+                                              self.tokenizers[1].eos_token_id)
+        for group in dataset_groups:
+            group.cache_text_encoder_outputs(encode, self.tokenizers, args.max_token_length,
+                                             args.cache_text_encoder_outputs_to_disk,
+                                             skip_cache_check=args.skip_cache_check)
+
     def build_loss_net(self, args, text_encoders, unet):
-        distinguish_text_encoder_params(text_encoders[1])
+        if args.cache_text_encoder_outputs:
+            text_encoders = [None, None]
+        else:
+            distinguish_text_encoder_params(text_encoders[1])
         return make_sdxl_loss_net(text_encoders[0], text_encoders[1], unet, args.max_token_length,
                                   args.v_parameterization, self.tokenizers[1].eos_token_id, args.loss_type)
 
@@ -138,11 +184,16 @@ class SdxlNetworkTrainer(train_network.NetworkTrainer):
 
         sqrt_ab, sqrt_1mab = noise_schedule.coefficients(timesteps)
         huber_c, loss_mask = loss_extra_inputs(args, batch, timesteps, noise_schedule, latents.shape)
-        ids1, ids2 = batch["input_ids_list"]
+        if batch.get("text_encoder_outputs_list") is not None:  # cached: context and pool2 in the ids' slots
+            hidden1, hidden2, pool2 = batch["text_encoder_outputs_list"]
+            text = (Tensor(np.concatenate([hidden1, hidden2], 2).astype(np.float32)),
+                    Tensor(np.asarray(pool2, np.float32)))
+        else:
+            ids1, ids2 = batch["input_ids_list"]
+            text = (Tensor(np.asarray(ids1, np.int32)), Tensor(np.asarray(ids2, np.int32)))
         return (Tensor(latents), Tensor(noise), Tensor(noisy_noise), Tensor(np.asarray(timesteps, np.float32)),
-                Tensor(sqrt_ab), Tensor(sqrt_1mab), Tensor(weights), Tensor(np.asarray(ids1, np.int32)),
-                Tensor(np.asarray(ids2, np.int32)), Tensor(size_embeddings_for_batch(batch)), Tensor(huber_c),
-                Tensor(loss_mask))
+                Tensor(sqrt_ab), Tensor(sqrt_1mab), Tensor(weights)) + text + (
+                Tensor(size_embeddings_for_batch(batch)), Tensor(huber_c), Tensor(loss_mask))
 
 
 def setup_parser():

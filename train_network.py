@@ -79,6 +79,10 @@ class NetworkTrainer:
         """-> a Cell taking ``step_inputs(...)`` and returning the scalar loss."""
         raise NotImplementedError
 
+    def cache_text_encoder_outputs(self, args, text_encoders, dataset_groups):
+        """--cache_text_encoder_outputs: every caption's text encoder outputs into the datasets."""
+        raise UserError("--cache_text_encoder_outputs is not supported by this trainer")
+
     def step_inputs(self, args, batch, latents, noise, noisy_noise, timesteps, weights, noise_schedule):
         raise NotImplementedError
 
@@ -256,6 +260,10 @@ class NetworkTrainer:
                                             args.cache_latents_to_disk, args.skip_cache_check)
         else:
             vae_encode = make_vae_encode_fn(vae, sample=True, seed=args.seed + self.dp.rank)  # per-rank sampling
+        if args.cache_text_encoder_outputs:
+            logger.info("caching text encoder outputs")
+            with self.dp.main_process_first(args.cache_text_encoder_outputs_to_disk):
+                self.cache_text_encoder_outputs(args, text_encoders, [g for g in (train_group, val_group) if g])
 
         # network
         net_kwargs = {}
@@ -289,6 +297,11 @@ class NetworkTrainer:
                 p.set_dtype(weight_dtype)
         self.dp.broadcast_parameters(params)  # the same initial LoRA weights on every rank
         loss_net = self.build_loss_net(args, text_encoders, unet)  # may rename parameters: before the optimizer
+        if args.cache_text_encoder_outputs and not args.sample_prompts:
+            text_encoders = []  # not used again: their memory goes (the LoRA network kept no reference)
+            import gc
+
+            gc.collect()
         optimizer, optimizer_name, optimizer_args, base_lrs = create_optimizer(args, param_groups)
 
         # steps

@@ -59,15 +59,12 @@ NOT_IMPLEMENTED = [
     ("--skip_until_initial_step", dict(action="store_true")),
     ("--initial_epoch", dict(type=int, default=None)),
     ("--initial_step", dict(type=int, default=None)),
-    ("--cache_text_encoder_outputs", dict(action="store_true")),
-    ("--cache_text_encoder_outputs_to_disk", dict(action="store_true")),
     ("--debug_dataset", dict(action="store_true")),
     ("--cache_info", dict(action="store_true")),
 ]
 _NOT_IMPLEMENTED_NAMES = [n for n, _ in NOT_IMPLEMENTED if n != "--no_half_vae_placeholder_unused"]
 # dataset arguments of train_util.add_dataset_arguments that the trainer does not honour yet
-_DATASET_ARGS_NOT_IMPLEMENTED = ("--debug_dataset", "--cache_info", "--cache_text_encoder_outputs",
-                                 "--cache_text_encoder_outputs_to_disk")
+_DATASET_ARGS_NOT_IMPLEMENTED = ("--debug_dataset", "--cache_info")
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -80,6 +77,7 @@ def setup_parser() -> argparse.ArgumentParser:
     add("--vae", type=str, default=None, help="a separate VAE (file or diffusers folder)")
     # dataset
     train_util.add_dataset_arguments(parser, True, True, True)
+    train_util.add_text_encoder_cache_arguments(parser)
     train_util.add_data_loader_arguments(parser)
     config_util.add_config_arguments(parser)
     # training

@@ -709,6 +709,8 @@ class LoRANetwork:
             logger.info("enable LoRA for U-Net: %d modules", len(self.unet_loras))
         else:
             self.unet_loras = []
+        kept = {lora.lora_name for lora in self.loras}  # no references to models left unused (memory)
+        self._paths = {name: v for name, v in self._paths.items() if name in kept}
         roots = {}
         for lora in self.loras:
             if lora.applied:

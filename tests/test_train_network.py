@@ -49,7 +49,7 @@ def test_unknown_argument_stops_with_one_line():
                                         (["--clip_skip", "2"], "--clip_skip"),
                                         (["--fp8_base"], "--fp8_base"),
                                         (["--v2"], "--v2"),
-                                        (["--cache_text_encoder_outputs"], "--cache_text_encoder_outputs")])
+                                        (["--weighted_captions"], "--weighted_captions")])
 def test_not_implemented_argument_stops_with_one_line(tmp_path, extra, name):
     proc = _run(["--pretrained_model_name_or_path", tmp_path / "missing.safetensors", "--output_dir", tmp_path,
                  "--network_module", "networks.lora", "--train_data_dir", tmp_path] + extra)

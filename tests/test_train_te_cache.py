@@ -1,0 +1,56 @@
+"""--cache_text_encoder_outputs(_to_disk) in a real sdxl_train_network.py run on the tiny SDXL
+checkpoint: the U-Net-only training with cached text encoder outputs gives the losses and LoRA of
+the same run that encodes the captions every step."""
+import csv
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+TRAIN = os.path.join(ROOT, "sdxl_train_network.py")
+
+
+def _train(ckpt, dataset, out, extra):
+    args = ["--pretrained_model_name_or_path", ckpt, "--dataset_config", dataset, "--output_dir", out,
+            "--output_name", "te", "--network_module", "networks.lora", "--network_dim", 2,
+            "--network_train_unet_only", "--learning_rate", 2e-3, "--max_train_steps", 3, "--seed", 5,
+            "--max_data_loader_n_workers", 0, "--cache_latents", "--max_token_length", 150] + extra
+    env = dict(os.environ)
+    env.setdefault("GLOG_v", "3")
+    proc = subprocess.run([sys.executable, TRAIN] + [str(a) for a in args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(out, "te_loss.csv")) as f:
+        losses = [float(r["loss"]) for r in csv.DictReader(f)]
+    from safetensors.numpy import load_file
+
+    return losses, load_file(os.path.join(out, "te.safetensors"))
+
+
+def test_cached_text_encoder_outputs_train_like_encoding(tmp_path):
+    import make_tiny_train_demo as demo
+
+    ckpt = str(tmp_path / "tiny.safetensors")
+    demo.write_checkpoint(ckpt, seed=0, small=True)
+    images = tmp_path / "img"
+    demo.write_images(str(images), 3, [(64, 64)], seed=4, captions=True)
+    dataset = tmp_path / "dataset.toml"
+    dataset.write_text(f"[[datasets]]\nresolution = 64\nbatch_size = 2\n[[datasets.subsets]]\n"
+                       f"image_dir = '{images}'\ncaption_extension = '.txt'\n")
+
+    losses, lora = _train(ckpt, dataset, tmp_path / "encode", [])
+    cached_losses, cached_lora = _train(ckpt, dataset, tmp_path / "cached", ["--cache_text_encoder_outputs_to_disk"])
+
+    assert len(cached_losses) == 3 and len(set(losses)) > 1
+    np.testing.assert_allclose(cached_losses, losses, rtol=1e-5)
+    assert set(cached_lora) == set(lora)
+    for key, value in lora.items():
+        scale = max(1.0, float(np.abs(value).max()))
+        np.testing.assert_allclose(cached_lora[key], value, atol=1e-5 * scale, err_msg=key)
+    written = sorted(f for f in os.listdir(images) if f.endswith("_te_outputs.npz"))
+    assert len(written) == 3, os.listdir(images)
