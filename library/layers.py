@@ -115,10 +115,10 @@ class Conv2dStride1(nn.Cell):
     in/out-swapped kernel. The primitive's backward (Conv2DBackpropInput) keeps
     a buffer of about kernel-area x the input alive per 3x3 convolution for the
     whole step on the CPU graph backend when the weight is frozen (frozen
-    320-channel 3x3 convolutions at 64x64, each followed by tanh: 53 MB
-    per layer; this way 15 MB). The
-    weight gradient (LoRA's own convolutions) is Conv2DBackpropFilter, as in
-    the primitive's backward; for frozen weights it is pruned from the graph.
+    320-channel 3x3 convolutions at 64x64, each followed by tanh: 53 MB per
+    layer; this way 15 MB). The weight gradient (LoRA's own convolutions) is
+    Conv2DBackpropFilter, as in the primitive's backward; for frozen weights
+    it is pruned from the graph.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, padding):
