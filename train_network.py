@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import library  # noqa: E402,F401  (sets the CPU runtime env before mindspore loads)
 from library import config_util, train_util  # noqa: E402
-from library.device_utils import UserError  # noqa: E402
+from library.device_utils import UserError, release_host_memory  # noqa: E402
 from library.train_args import NOT_IMPLEMENTED, check_not_implemented, parse_args, setup_parser  # noqa: E402,F401
 from library.train_outputs import (get_epoch_ckpt_name, get_last_ckpt_name, get_step_ckpt_name,  # noqa: E402
                                    write_loss_curve_png)
@@ -264,6 +264,7 @@ class NetworkTrainer:
             logger.info("caching text encoder outputs")
             with self.dp.main_process_first(args.cache_text_encoder_outputs_to_disk):
                 self.cache_text_encoder_outputs(args, text_encoders, [g for g in (train_group, val_group) if g])
+        release_host_memory()  # what loading and caching freed, before the step is compiled
 
         # network
         net_kwargs = {}
@@ -299,9 +300,7 @@ class NetworkTrainer:
         loss_net = self.build_loss_net(args, text_encoders, unet)  # may rename parameters: before the optimizer
         if args.cache_text_encoder_outputs and not args.sample_prompts:
             text_encoders = []  # not used again: their memory goes (the LoRA network kept no reference)
-            import gc
-
-            gc.collect()
+            release_host_memory()
         optimizer, optimizer_name, optimizer_args, base_lrs = create_optimizer(args, param_groups)
 
         # steps

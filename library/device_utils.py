@@ -107,6 +107,23 @@ def setup_device_from_args(args) -> str:
     return setup_device(args.device_target, args.pynative, args.jit_level, args.device_id)
 
 
+def release_host_memory():
+    """Collect garbage and hand freed heap memory back to the system (glibc ``malloc_trim``).
+
+    Model weights are many mid-sized host allocations that glibc keeps in its heap after they are
+    freed: deleting SDXL's text encoders gave back 0.4 GB of their 3.1 GB until the trim (2.7 GB
+    more), and that memory was then missing when the train step was compiled.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def check_dtype_supported(dtype_name: str, device_target: str):
     """Stop early for dtypes whose Dense/Conv kernels the device lacks (bf16 on CPU)."""
     name = {"float": "fp32", "float32": "fp32", "fp32": "fp32", "float16": "fp16", "fp16": "fp16",
