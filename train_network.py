@@ -263,7 +263,8 @@ class NetworkTrainer:
         if args.cache_text_encoder_outputs:
             logger.info("caching text encoder outputs")
             with self.dp.main_process_first(args.cache_text_encoder_outputs_to_disk):
-                self.cache_text_encoder_outputs(args, text_encoders, [g for g in (train_group, val_group) if g])
+                self.cache_text_encoder_outputs(args, text_encoders,
+                                                [g for g in (train_group, val_group) if g is not None])
         release_host_memory()  # what loading and caching freed, before the step is compiled
 
         # network
@@ -299,7 +300,7 @@ class NetworkTrainer:
         self.dp.broadcast_parameters(params)  # the same initial LoRA weights on every rank
         loss_net = self.build_loss_net(args, text_encoders, unet)  # may rename parameters: before the optimizer
         if args.cache_text_encoder_outputs and not args.sample_prompts:
-            text_encoders = []  # not used again: their memory goes (the LoRA network kept no reference)
+            text_encoders = []  # not used again: dropped (the LoRA network keeps no reference to them)
             release_host_memory()
         optimizer, optimizer_name, optimizer_args, base_lrs = create_optimizer(args, param_groups)
 

@@ -111,8 +111,8 @@ def release_host_memory():
     """Collect garbage and hand freed heap memory back to the system (glibc ``malloc_trim``).
 
     Model weights are many mid-sized host allocations that glibc keeps in its heap after they are
-    freed: deleting SDXL's text encoders gave back 0.4 GB of their 3.1 GB until the trim (2.7 GB
-    more), and that memory was then missing when the train step was compiled.
+    freed: deleting freshly loaded SDXL text encoders gave back 0.4 GB of their 3.1 GB, the trim
+    2.7 GB more.
     """
     import ctypes
     import gc
