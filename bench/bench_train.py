@@ -28,20 +28,10 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 from bench_common import ensure_sdxl_file, fmt  # noqa: E402
 
 
-def write_dataset(folder, resolution, n):
+def run_training(args, work):
     import make_tiny_train_demo as demo
 
-    images = os.path.join(folder, "img")
-    demo.write_images(images, n, [(resolution, resolution)], seed=0, captions=True)
-    toml_path = os.path.join(folder, "dataset.toml")
-    with open(toml_path, "w", encoding="utf-8") as f:
-        f.write(f"[[datasets]]\nresolution = {resolution}\nbatch_size = 1\n[[datasets.subsets]]\n"
-                f"image_dir = '{images}'\ncaption_extension = '.txt'\n")
-    return toml_path
-
-
-def run_training(args, work):
-    dataset = write_dataset(work, args.resolution, 2)
+    _, dataset = demo.write_dataset(work, 2, args.resolution)
     cmd = [sys.executable, os.path.join(ROOT, "sdxl_train_network.py"),
            "--pretrained_model_name_or_path", args.file, "--dataset_config", dataset,
            "--output_dir", os.path.join(work, "out"), "--output_name", "bench",

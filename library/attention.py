@@ -83,8 +83,9 @@ class SoftmaxAttend(nn.Cell):
         # softmax backward: dscores = P * (dP - rowsum(P * dP)), dP = dout v^T, and
         # rowsum(P * dP) = rowsum(dout * out). The row term rides along as one more
         # column of the dP matmul, [dout, -row] [v, 1]^T: no broadcast op at all.
-        row = (dout.astype(ms.float32) * out.astype(ms.float32)).sum(-1, keepdims=True)
-        lhs = ops.concat((dout.astype(ms.float32), -row), -1)
+        dout32 = dout.astype(ms.float32)
+        row = (dout32 * out.astype(ms.float32)).sum(-1, keepdims=True)
+        lhs = ops.concat((dout32, -row), -1)
         rhs = ops.concat((v.astype(ms.float32), ops.ones(v.shape[:-1] + (1,), ms.float32)), -1)
         dscores = (probs * self.bmm_t(lhs, rhs)).astype(q.dtype)
         return self.bmm(dscores, k), self.bmm_ta(dscores, q), dv

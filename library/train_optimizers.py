@@ -35,8 +35,9 @@ from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
 from library.device_utils import UserError
-from library.lr_schedules import (SCHEDULERS, import_dotted, AdafactorSchedule, LRSchedule, create_lr_schedule,  # noqa: F401
-                                  get_lr_lambda, parse_scheduler_args, resolve_steps, resolve_warmup_steps)
+from library.lr_schedules import (SCHEDULERS, AdafactorSchedule, LRSchedule, create_lr_schedule,  # noqa: F401
+                                  get_lr_lambda, import_dotted, parse_scheduler_args, resolve_steps,
+                                  resolve_warmup_steps)
 
 logger = logging.getLogger(__name__)
 

@@ -363,11 +363,7 @@ def test_training_writes_kohya_named_samples(tmp_path):
 
     ckpt = str(tmp_path / "tiny.safetensors")
     demo.write_checkpoint(ckpt, seed=0, small=True)
-    images = tmp_path / "img"
-    demo.write_images(str(images), 2, [(64, 64)], seed=2, captions=False)
-    dataset = tmp_path / "dataset.toml"
-    dataset.write_text(f"[[datasets]]\nresolution = 64\nbatch_size = 1\n[[datasets.subsets]]\n"
-                       f"image_dir = '{images}'\nclass_tokens = 'shq'\n")
+    _, dataset = demo.write_dataset(str(tmp_path), 2, seed=2, subset="class_tokens = 'shq'")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# two prompts, tiny sizes\nshq, a red square --n blurry --w 64 --h 64 --d 1 --s 2\n"
                        "shq, a blue circle --w 64 --h 64 --d 2 --s 3 --l 4 --ss euler_a\n")

@@ -37,11 +37,7 @@ def test_cached_text_encoder_outputs_train_like_encoding(tmp_path):
 
     ckpt = str(tmp_path / "tiny.safetensors")
     demo.write_checkpoint(ckpt, seed=0, small=True)
-    images = tmp_path / "img"
-    demo.write_images(str(images), 3, [(64, 64)], seed=4, captions=True)
-    dataset = tmp_path / "dataset.toml"
-    dataset.write_text(f"[[datasets]]\nresolution = 64\nbatch_size = 2\n[[datasets.subsets]]\n"
-                       f"image_dir = '{images}'\ncaption_extension = '.txt'\n")
+    images, dataset = demo.write_dataset(str(tmp_path), 3, batch_size=2, seed=4)
 
     losses, lora = _train(ckpt, dataset, tmp_path / "encode", [])
     cached_losses, cached_lora = _train(ckpt, dataset, tmp_path / "cached", ["--cache_text_encoder_outputs_to_disk"])

@@ -139,6 +139,18 @@ max_grad_norm = 1.0
 """
 
 
+def write_dataset(folder, n, resolution=64, batch_size=1, seed=0, subset="caption_extension = '.txt'"):
+    """``n`` images (``write_images``, square ``resolution``, captions written) in ``folder/img`` and a
+    one-subset ``folder/dataset.toml`` (``subset``: the subset's extra toml line); returns both paths."""
+    images = os.path.join(folder, "img")
+    write_images(images, n, [(resolution, resolution)], seed=seed, captions=True)
+    toml_path = os.path.join(folder, "dataset.toml")
+    with open(toml_path, "w", encoding="utf-8") as f:
+        f.write(f"[[datasets]]\nresolution = {resolution}\nbatch_size = {batch_size}\n[[datasets.subsets]]\n"
+                f"image_dir = '{images}'\n{subset}\n")
+    return images, toml_path
+
+
 # kohya's prompt-file options: --w/--h size, --s steps, --d seed, --l guidance scale
 SAMPLE_PROMPTS = "a red circle, simple shape on a plain background --w 64 --h 64 --s 12 --d 1 --l 4\n"
 
