@@ -40,11 +40,13 @@ def make_sdxl_loss_net(text_encoder1, text_encoder2, unet, max_token_length=None
 
 def make_text_encoder_outputs_fn(text_encoder1, text_encoder2, max_token_length=None, eos_token_id2=49407):
     """(ids1, ids2) int (B, n, 77) -> float32 numpy (hidden1, hidden2, pool2) as the train step computes them
-    (``get_hidden_states_sdxl``, one compiled graph): what ``--cache_text_encoder_outputs`` stores."""
+    (``get_hidden_states_sdxl``): what ``--cache_text_encoder_outputs`` stores. Runs in PyNative mode, so
+    that the text encoders' memory is given back when they are dropped (see ``pynative_mode``)."""
     import mindspore as ms
     import numpy as np
     from mindspore import Tensor, nn
 
+    from library.device_utils import pynative_mode
     from library.sdxl_train_util import get_hidden_states_sdxl
 
     class Encode(nn.Cell):
@@ -60,8 +62,9 @@ def make_text_encoder_outputs_fn(text_encoder1, text_encoder2, max_token_length=
     cell.set_train(False)
 
     def encode(ids1, ids2):
-        outs = cell(Tensor(np.asarray(ids1, np.int32)), Tensor(np.asarray(ids2, np.int32)))
-        return tuple(o.astype(ms.float32).asnumpy() for o in outs)
+        with pynative_mode():
+            outs = cell(Tensor(np.asarray(ids1, np.int32)), Tensor(np.asarray(ids2, np.int32)))
+            return tuple(o.astype(ms.float32).asnumpy() for o in outs)
 
     return encode
 

@@ -9,6 +9,7 @@ the price of about half the fp32 matmul throughput. A value the user set is
 kept. It only affects oneDNN, i.e. CPU kernels, so it is harmless on Ascend.
 """
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -122,6 +123,24 @@ def release_host_memory():
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+@contextlib.contextmanager
+def pynative_mode():
+    """Run the enclosed calls in PyNative mode, then restore the previous mode.
+
+    For one-off passes over models that are freed afterwards (text encoder output caching): what a
+    graph-mode call of a model compiles keeps the model's weights in the backend after the model is
+    deleted (SDXL's text encoders: 3.4 GB stayed resident, 0.5 GB after a PyNative pass).
+    """
+    import mindspore as ms
+
+    mode = ms.get_context("mode")
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        yield
+    finally:
+        ms.set_context(mode=mode)
 
 
 def check_dtype_supported(dtype_name: str, device_target: str):
