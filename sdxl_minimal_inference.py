@@ -296,10 +296,11 @@ class Generator:
             self._denoisers[guided] = Denoise(self.unet, guided, self.dtype)
         return self._denoisers[guided]
 
-    def sample(self, noise, scheduler, steps, context, y, guidance_scale, rng=None):
+    def sample(self, noise, scheduler, steps, context, y, guidance_scale, rng=None, callback=None):
         """Sampling from unscaled ``noise`` (1,4,h,w) with any ``library.sdxl_schedulers`` scheduler (it supplies
         the timesteps, ``init_noise_sigma``, the model-input scale and the step); returns final latents
-        (numpy float32)."""
+        (numpy float32). ``callback(i, latents)`` runs after step i; when it returns True sampling stops there
+        (as diffusers' ``callback_on_step_end`` with ``interrupt``)."""
         import numpy as np
 
         ms = self.ms
@@ -315,6 +316,8 @@ class Generator:
             eps = step_cell(ms.Tensor(latents), ms.Tensor(scheduler.input_scale(i)),
                             ms.Tensor(np.full((batch,), t, np.float32)), context_t, y_t, scale_t).asnumpy()
             latents = scheduler.step(eps, i, latents, rng)
+            if callback is not None and callback(i, latents):
+                break
         return latents
 
     def decode(self, latents):

@@ -1,19 +1,24 @@
 """SDXL text-to-image seconds per image: sdxl_minimal_inference (MindSpore, graph mode) beside torch
 diffusers' StableDiffusionXLPipeline, same weights, prompt, Euler sampler, steps, size and initial noise.
 
-    python bench/bench_inference.py                          # full SDXL, 1024x1024, 30 steps (~17 GB RAM)
+    python bench/bench_inference.py                          # full SDXL, 1024x1024, 30 steps (~20 GB RAM)
+    python bench/bench_inference.py --run_steps 2            # the same, only the first 2 of the 30 steps run
     python bench/bench_inference.py --config tiny --size 256 --steps 4    # smoke run, seconds
 
 Without ``--model`` a random-weight model of the chosen configuration is written once as a diffusers
 folder (``--cache``, fp16 on disk for ``full``, about 7 GB); with ``--model`` a diffusers folder is used
 (both sides need one: diffusers cannot read an SAI single file offline). Each side runs in its own
-process (peak RSS is that side's alone): load, one image (includes graph compilation), then
-``--images`` timed images. Guidance 7 (both CFG branches in one U-Net batch on both sides), fp32.
-The table gives the steady s/image, the first-image time, the load time, peak RSS and the ratio, and
-the max difference of the final latents (the same initial noise on both sides).
+process (peak RSS is that side's alone). Guidance 7 (both CFG branches in one U-Net batch on both
+sides), fp32. Each side times its parts: the prompt encoding and the VAE decode twice (the first
+MindSpore call of each compiles its graph), every denoising step (the first MindSpore step compiles
+the U-Net step). s/image = encode + ``--steps`` x s/step + decode, with s/step the mean of the steps
+after the first; "first image" adds the compile overheads. Every step of a schedule costs the same,
+so ``--run_steps K`` (K >= 2) runs only the first K steps of the ``--steps`` schedule (a full-size
+1024x1024 step takes minutes on a small CPU) and the table says so. The last column is the max
+difference of the latents after the steps run (the same initial noise on both sides).
 
-Do not run the full configuration on a shared machine: it needs ~17 GB of RAM per process and minutes
-per image on CPU.
+Do not run the full configuration on a shared machine: it needs ~20 GB of RAM per process and minutes
+per step on CPU.
 """
 import argparse
 import json
@@ -96,6 +101,25 @@ def worker_prepare(args):
     return {}
 
 
+def _timed(fn, *a):
+    t0 = time.perf_counter()
+    out = fn(*a)
+    return out, time.perf_counter() - t0
+
+
+def _stop_after(run_steps, times):
+    """Step callback: record the time of each step, ask to stop after ``run_steps`` steps."""
+    last = [time.perf_counter()]
+
+    def on_step(i):
+        now = time.perf_counter()
+        times.append(now - last[0])
+        last[0] = now
+        return run_steps is not None and i + 1 >= run_steps
+
+    return on_step, last
+
+
 def worker_torch(args):
     import numpy as np
     import torch
@@ -121,27 +145,36 @@ def worker_torch(args):
     load = time.perf_counter() - t0
     noise = torch.from_numpy(np.load(args.noise))
 
-    def one():
+    def encode():
         with torch.no_grad():
-            return pipe(prompt=PROMPT, negative_prompt=NEGATIVE, height=args.size, width=args.size,
-                        num_inference_steps=args.steps, guidance_scale=7.0, latents=noise.clone(),
-                        output_type="latent").images
+            return pipe.encode_prompt(prompt=PROMPT, negative_prompt=NEGATIVE, do_classifier_free_guidance=True)
 
-    def one_decoded():
-        latents = one()
+    (pe, npe, ppe, nppe), encode_first = _timed(encode)
+    _, encode_s = _timed(encode)
+    steps = []
+    on_step, last = _stop_after(args.run_steps, steps)
+
+    def callback(p, i, t, kwargs):
+        if on_step(i):
+            p._interrupt = True  # diffusers skips the remaining steps
+        return {}
+
+    last[0] = time.perf_counter()
+    with torch.no_grad():
+        latents = pipe(prompt_embeds=pe, negative_prompt_embeds=npe, pooled_prompt_embeds=ppe,
+                       negative_pooled_prompt_embeds=nppe, height=args.size, width=args.size,
+                       num_inference_steps=args.steps, guidance_scale=7.0, latents=noise.clone(),
+                       output_type="latent", callback_on_step_end=callback).images
+
+    def decode():
         with torch.no_grad():
-            pipe.vae.decode(latents / pipe.vae.config.scaling_factor)
-        return latents
+            return pipe.vae.decode(latents / pipe.vae.config.scaling_factor)
 
-    t0 = time.perf_counter()
-    latents = one_decoded()
-    first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(args.images):
-        one_decoded()
-    steady = (time.perf_counter() - t0) / args.images
+    _, decode_first = _timed(decode)
+    _, decode_s = _timed(decode)
     np.save(args.out_array, latents.numpy())
-    return {"load": load, "first": first, "steady": steady, "rss": peak_rss_gb()}
+    return {"load": load, "encode": encode_s, "encode_first": encode_first, "steps": steps, "decode": decode_s,
+            "decode_first": decode_first, "rss": peak_rss_gb()}
 
 
 def worker_ms(args):
@@ -160,24 +193,33 @@ def worker_ms(args):
     noise = np.load(args.noise)
     ns = argparse.Namespace(original_size=None, target_size=None, crop=(0, 0))
 
-    def one():
+    def encode():
         context, pooled = gen.encode([NEGATIVE, PROMPT], [NEGATIVE, PROMPT])
         dim = (unet.adm_in_channels - pooled.shape[-1]) // 6
         size = smi.size_conditioning(ns, args.size, args.size, dim)
-        y = np.concatenate([pooled, np.repeat(size, 2, 0)], -1).astype(np.float32)
-        latents = gen.sample(noise, get_scheduler("euler"), args.steps, context, y, 7.0)
-        gen.decode(latents)
-        return latents
+        return context, np.concatenate([pooled, np.repeat(size, 2, 0)], -1).astype(np.float32)
 
-    t0 = time.perf_counter()
-    latents = one()
-    first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(args.images):
-        one()
-    steady = (time.perf_counter() - t0) / args.images
+    _, encode_first = _timed(encode)
+    (context, y), encode_s = _timed(encode)
+    steps = []
+    on_step, last = _stop_after(args.run_steps, steps)
+    last[0] = time.perf_counter()
+    latents = gen.sample(noise, get_scheduler("euler"), args.steps, context, y, 7.0,
+                         callback=lambda i, _latents: on_step(i))
+    _, decode_first = _timed(gen.decode, latents)
+    _, decode_s = _timed(gen.decode, latents)
     np.save(args.out_array, latents)
-    return {"load": load, "first": first, "steady": steady, "rss": peak_rss_gb()}
+    return {"load": load, "encode": encode_s, "encode_first": encode_first, "steps": steps, "decode": decode_s,
+            "decode_first": decode_first, "rss": peak_rss_gb()}
+
+
+def summarize(r, steps):
+    """Steady s/step (steps after the first), compile overhead, s/image at ``steps`` steps and the first image."""
+    times = r["steps"]
+    step = sum(times[1:]) / len(times[1:]) if len(times) > 1 else times[0]
+    overhead = (times[0] - step) + (r["encode_first"] - r["encode"]) + (r["decode_first"] - r["decode"])
+    image = r["encode"] + steps * step + r["decode"]
+    return dict(r, step=step, image=image, first=image + overhead, ran=len(times))
 
 
 def run_worker(kind, extra):
@@ -192,13 +234,16 @@ def main():
                    help="where the random model is written once")
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--images", type=int, default=1, help="timed images after the first")
+    p.add_argument("--run_steps", type=int, default=None,
+                   help="run only the first K (>= 2) steps of the --steps schedule; s/image counts all --steps")
     p.add_argument("--skip_torch", action="store_true")
     p.add_argument("--pynative", action="store_true", help="MindSpore side in PyNative mode")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--noise", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out_array", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.run_steps is not None and args.run_steps < 2:
+        p.error("--run_steps must be >= 2 (the first step includes the graph compile)")
     args.tokenizers = {}
     if args.worker:
         import library  # noqa: F401  (CPU ISA env before mindspore/torch)
@@ -221,7 +266,7 @@ def main():
     np.save(noise, np.random.default_rng(0).standard_normal((1, 4, args.size // 8, args.size // 8))
             .astype(np.float32))
     common = ["--config", args.config, "--model", args.model, "--size", str(args.size), "--steps", str(args.steps),
-              "--images", str(args.images), "--noise", noise]
+              "--noise", noise] + (["--run_steps", str(args.run_steps)] if args.run_steps else [])
     results = {}
     mode = "PyNative" if args.pynative else "graph"
     results[f"MindSpore ({mode})"] = run_worker(
@@ -229,20 +274,28 @@ def main():
     if not args.skip_torch:
         results["torch diffusers"] = run_worker("torch", common + ["--out_array", os.path.join(work, "torch.npy")])
 
-    print(f"\nSDXL inference, config {args.config}, {args.size}x{args.size}, {args.steps} Euler steps, guidance 7, "
-          f"fp32, CPU ({os.cpu_count()} cores)")
-    print(f"{'implementation':<22} {'s/image':>9} {'first image':>12} {'load s':>8} {'peak RSS GB':>12}")
+    ran = min(args.run_steps or args.steps, args.steps)
+    print(f"\nSDXL inference, config {args.config}, {args.size}x{args.size}, {args.steps} Euler steps"
+          + (f" (s/image from the first {ran} steps run)" if ran < args.steps else "")
+          + f", guidance 7, fp32, CPU ({os.cpu_count()} cores)")
+    print(f"{'implementation':<22} {'s/image':>9} {'s/step':>8} {'encode s':>9} {'decode s':>9} "
+          f"{'first image':>12} {'load s':>8} {'peak RSS GB':>12}")
+    rows = {}
     for name, r in results.items():
         if "error" in r:
             print(f"{name:<22} {r['error']}")
             continue
-        print(f"{name:<22} {fmt(r['steady']):>9} {fmt(r['first']):>12} {fmt(r['load']):>8} {fmt(r['rss']):>12}")
-    ms_r, th_r = results.get(f"MindSpore ({mode})", {}), results.get("torch diffusers", {})
-    if "steady" in ms_r and "steady" in th_r:
-        print(f"ratio MindSpore / torch (s/image): {ms_r['steady'] / th_r['steady']:.2f}")
+        rows[name] = x = summarize(r, args.steps)
+        print(f"{name:<22} {fmt(x['image'], '.1f'):>9} {fmt(x['step']):>8} {fmt(x['encode']):>9} "
+              f"{fmt(x['decode']):>9} {fmt(x['first'], '.1f'):>12} {fmt(x['load'], '.1f'):>8} {fmt(x['rss']):>12}")
+    ms_r, th_r = rows.get(f"MindSpore ({mode})"), rows.get("torch diffusers")
+    if ms_r and th_r:
+        print(f"ratio MindSpore / torch: s/image {ms_r['image'] / th_r['image']:.2f}, "
+              f"s/step {ms_r['step'] / th_r['step']:.2f}")
         a, b = np.load(os.path.join(work, "ms.npy")), np.load(os.path.join(work, "torch.npy"))
-        print(f"final latents max |MindSpore - torch| = {np.abs(a - b).max():.3g} (max |torch| {np.abs(b).max():.3g})")
-
+        print(f"latents after {ran} steps: max |MindSpore - torch| = {np.abs(a - b).max():.3g} "
+              f"(max |torch| {np.abs(b).max():.3g})")
+    print("RESULT " + json.dumps({name: {k: v for k, v in r.items()} for name, r in rows.items()}))
 
 if __name__ == "__main__":
     main()

@@ -247,6 +247,34 @@ def test_seeds_unguided_and_interactive(setup, tmp_path, monkeypatch):
     assert calls == [("a dog", "a dog", "ugly", 12)]  # "x" is not a seed: asked again; "" ends
 
 
+def test_sample_step_callback_stops_early(setup):
+    """Generator.sample's step callback sees each step's latents; returning True ends the loop there (what
+    bench_inference uses to time the first steps of a long schedule)."""
+    import argparse
+
+    import mindspore as ms
+
+    from library.sdxl_schedulers import get_scheduler
+
+    ms.set_context(mode=ms.PYNATIVE_MODE)  # tiny model: no graph compilation needed
+    try:
+        te1, te2, vae, unet = smi.load_models(setup["ckpt"])
+        gen = smi.Generator(te1, te2, vae, unet)
+        size_args = argparse.Namespace(original_size=None, target_size=None, crop=(0, 0))
+        context, y = gen.conditioning("a cat", "a cat", "", 7.0, size_args, 64, 64)
+        noise = np.random.default_rng(0).standard_normal((1,) + gen.latent_shape(64, 64)).astype(np.float32)
+        seen = []
+        full = gen.sample(noise, get_scheduler("euler"), 3, context, y, 7.0,
+                          callback=lambda i, latents: seen.append((i, latents.copy())) and False)
+        assert [i for i, _ in seen] == [0, 1, 2]
+        np.testing.assert_array_equal(seen[-1][1], full)
+        part = gen.sample(noise, get_scheduler("euler"), 3, context, y, 7.0, callback=lambda i, latents: i == 1)
+        np.testing.assert_array_equal(part, seen[1][1])
+        assert np.abs(part - full).max() > 1e-4
+    finally:
+        ms.set_context(mode=ms.GRAPH_MODE)
+
+
 def test_prompt2_reaches_text_encoder2(setup, tmp_path):
     """kohya's bug (text encoder 1's tokens to text encoder 2, --prompt2 ignored) is fixed: the pooled and
     text encoder 2 context follow --prompt2 tokenized with "!" padding."""
