@@ -70,6 +70,9 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", type=str, default="fp32",
                    help="U-Net weights/compute dtype: fp32 (default), fp16, bf16 (not on CPU)")
     p.add_argument("--vae_dtype", type=str, default="fp32", help="VAE dtype: fp32 (default) or fp16")
+    p.add_argument("--fp16_unet_weights", action="store_true",
+                   help="with --dtype fp32: keep the U-Net weights in fp16 (half their memory; an fp16 checkpoint "
+                        "loses nothing) and compute in fp32, each layer casting its weight as it runs")
     p.add_argument("--init_latents", type=str, default=None,
                    help=".npy of initial noise, (4, H/8, W/8) or (N, 4, H/8, W/8) with N >= --num_images, "
                         "used instead of seeded noise (scaled by the sampler's init_noise_sigma), for "
@@ -453,7 +456,11 @@ def main(argv=None):
     dtype_name = check_dtype_supported(args.dtype, target)
     vae_dtype_name = check_dtype_supported(args.vae_dtype, target)
 
-    te1, te2, vae, unet = load_models(args.ckpt_path, args.vae, dtype_name, vae_dtype_name)
+    if args.fp16_unet_weights and dtype_name != "fp32":
+        raise UserError(f"--fp16_unet_weights is for --dtype fp32 (with {dtype_name} the U-Net weights are "
+                        f"half precision already)")
+    load_dtype = "fp16" if args.fp16_unet_weights else dtype_name  # the Generator still computes in dtype_name
+    te1, te2, vae, unet = load_models(args.ckpt_path, args.vae, load_dtype, vae_dtype_name)
     merge_loras(loras, te1, te2, vae, unet)
     gen = Generator(te1, te2, vae, unet, dtype_name, vae_dtype_name)
     gen.check_size(args.width, args.height)

@@ -96,7 +96,7 @@ def _build_sdxl_loss_cell():
                 self.text_encoder1 = text_encoder1
                 self.text_encoder2 = text_encoder2
             self.unet = unet
-            self.unet_dtype = unet.dtype  # fp16/bf16 with --mixed_precision: the U-Net computes in it
+            self.unet_dtype = unet.compute_dtype  # fp16/bf16 with --mixed_precision: the U-Net computes in it
             self.max_token_length = max_token_length
             self.v_parameterization = v_parameterization
             self.eos_token_id2 = eos_token_id2

@@ -145,6 +145,9 @@ class NetworkTrainer:
             raise UserError("full_bf16 requires mixed precision='bf16'")
         if args.full_fp16 and args.full_bf16:
             raise UserError("--full_fp16 and --full_bf16 cannot be used together")
+        if args.fp16_unet_weights and args.mixed_precision != "no":
+            raise UserError(f"--fp16_unet_weights is for --mixed_precision no (with {args.mixed_precision} the "
+                            f"U-Net weights are half precision already)")
         from library.train_optimizers import check_optimizer_args
 
         check_optimizer_args(args)
@@ -240,6 +243,9 @@ class NetworkTrainer:
             unet.to_dtype(weight_dtype)
             for te in text_encoders:
                 cast_params(te, weight_dtype)
+        if args.fp16_unet_weights:  # checked in verify_args: --mixed_precision no
+            unet.to_dtype(ms.float16, compute_dtype=ms.float32)
+            release_host_memory()  # the fp32 weights just freed
         if args.mem_eff_attn:
             unet.set_attention_impl("chunked")
         if args.flash_attn:

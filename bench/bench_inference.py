@@ -186,7 +186,7 @@ def worker_ms(args):
 
     setup_device("CPU", pynative=args.pynative)
     t0 = time.perf_counter()
-    te1, te2, vae, unet = smi.load_models(args.model)
+    te1, te2, vae, unet = smi.load_models(args.model, None, "fp16" if args.fp16_unet_weights else "fp32")
     gen = smi.Generator(te1, te2, vae, unet)
     gen.check_size(args.size, args.size)
     load = time.perf_counter() - t0
@@ -238,6 +238,9 @@ def main():
                    help="run only the first K (>= 2) steps of the --steps schedule; s/image counts all --steps")
     p.add_argument("--skip_torch", action="store_true")
     p.add_argument("--pynative", action="store_true", help="MindSpore side in PyNative mode")
+    p.add_argument("--fp16_unet_weights", action="store_true",
+                   help="MindSpore side keeps the U-Net weights in fp16 and computes in fp32 (the random model "
+                        "is written in fp16, so both sides compute with the same weight values)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--noise", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out_array", default=None, help=argparse.SUPPRESS)
@@ -270,14 +273,16 @@ def main():
     results = {}
     mode = "PyNative" if args.pynative else "graph"
     results[f"MindSpore ({mode})"] = run_worker(
-        "ms", common + ["--out_array", os.path.join(work, "ms.npy")] + (["--pynative"] if args.pynative else []))
+        "ms", common + ["--out_array", os.path.join(work, "ms.npy")] + (["--pynative"] if args.pynative else [])
+        + (["--fp16_unet_weights"] if args.fp16_unet_weights else []))
     if not args.skip_torch:
         results["torch diffusers"] = run_worker("torch", common + ["--out_array", os.path.join(work, "torch.npy")])
 
     ran = min(args.run_steps or args.steps, args.steps)
     print(f"\nSDXL inference, config {args.config}, {args.size}x{args.size}, {args.steps} Euler steps"
           + (f" (s/image from the first {ran} steps run)" if ran < args.steps else "")
-          + f", guidance 7, fp32, CPU ({os.cpu_count()} cores)")
+          + ", guidance 7, fp32 compute" + (" (MindSpore: fp16 U-Net weights)" if args.fp16_unet_weights else "")
+          + f", CPU ({os.cpu_count()} cores)")
     print(f"{'implementation':<22} {'s/image':>9} {'s/step':>8} {'encode s':>9} {'decode s':>9} "
           f"{'first image':>12} {'load s':>8} {'peak RSS GB':>12}")
     rows = {}

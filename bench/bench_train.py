@@ -43,6 +43,8 @@ def run_training(args, work):
         cmd.append("--gradient_checkpointing")
     if args.mem_eff_attn:
         cmd.append("--mem_eff_attn")
+    if args.fp16_unet_weights:
+        cmd.append("--fp16_unet_weights")
     if not args.no_cache_text_encoder_outputs:
         cmd.append("--cache_text_encoder_outputs")
     if args.jit_level:
@@ -70,6 +72,8 @@ def main():
     parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16"])
     parser.add_argument("--no_checkpointing", action="store_true")
     parser.add_argument("--mem_eff_attn", action="store_true")
+    parser.add_argument("--fp16_unet_weights", action="store_true",
+                        help="frozen U-Net weights kept in fp16, computed in fp32 (half the weights' memory)")
     parser.add_argument("--no_cache_text_encoder_outputs", action="store_true",
                         help="encode the captions in every step (the text encoders stay in memory)")
     parser.add_argument("--jit_level", default=None, choices=[None, "O0", "O1", "O2"])
@@ -80,6 +84,7 @@ def main():
     case = (f"SDXL U-Net LoRA dim {args.network_dim}, {args.resolution}px, batch 1, "
             f"{'no checkpointing' if args.no_checkpointing else 'checkpointing'}, mixed_precision {args.mixed_precision}"
             + (f", jit_level {args.jit_level}" if args.jit_level else "") + (", mem_eff_attn" if args.mem_eff_attn else "")
+            + (", fp16 U-Net weights" if args.fp16_unet_weights else "")
             + (", text encoder outputs cached" if not args.no_cache_text_encoder_outputs else ""))
     print(case)
     print(f"{'compile s':>10} {'s/step':>8} {'peak GB':>8} {'wall s':>8}")

@@ -153,7 +153,7 @@ class InputConv(layers.Conv2d):
     """conv_in (``input_blocks.0.0``) with the block signature."""
 
     def construct(self, x, emb, context):
-        return self.bias_add(self.conv(x, self.weight.astype(x.dtype)), self.bias.astype(x.dtype))
+        return self.bias_add(self.conv(x, self.weight), self.bias.astype(x.dtype))
 
 
 class ResBlock(nn.Cell):
@@ -430,6 +430,11 @@ class SdxlUNet2DConditionModel(nn.Cell):
                                "enabled on a model: build a new SdxlUNet2DConditionModel instead")
         for cell in self._cells_of((FeedForward,)):
             cell.recompute()
+            # fp16-stored weights (to_dtype with an fp32 compute_dtype): a recomputed cell recasts its
+            # weights in the backward anyway, and a hand-written backward inside would block the recompute
+            for _, sub in cell.cells_and_names():
+                if isinstance(sub, layers.Linear):
+                    sub.stored_dense = None
         self.gradient_checkpointing = True
 
     def enable_gradient_checkpointing(self):
@@ -441,17 +446,26 @@ class SdxlUNet2DConditionModel(nn.Cell):
     def is_gradient_checkpointing(self):
         return self.gradient_checkpointing
 
-    def to_dtype(self, dtype):
-        """Cast Linear/Conv parameters to ``dtype`` (norm parameters stay fp32); returns self."""
+    def to_dtype(self, dtype, compute_dtype=None):
+        """Cast Linear/Conv parameters to ``dtype`` (norm parameters stay fp32); returns self.
+
+        ``compute_dtype`` (default: ``dtype``) is the dtype callers feed the U-Net (``compute_dtype``):
+        fp16 weights with fp32 compute halve the weights' memory, each layer casting its weight to the
+        input's dtype (``layers.StoredDense``, ``layers.Conv2dStride1``)."""
         for cell in self._cells_of((layers.Linear, layers.Conv2d)):
             for p in cell.get_parameters(expand=False):
                 if p.dtype != dtype:
                     p.set_dtype(dtype)
+        self._compute_dtype = compute_dtype
         return self
 
     @property
     def dtype(self):
         return self.time_embed[0].weight.dtype
+
+    @property
+    def compute_dtype(self):
+        return getattr(self, "_compute_dtype", None) or self.dtype
 
     # -- forward ------------------------------------------------------------
 

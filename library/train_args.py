@@ -130,6 +130,9 @@ def setup_parser() -> argparse.ArgumentParser:
     add("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"],
         help="U-Net and text encoders in fp16/bf16 with fp32 LoRA weights; fp16 with dynamic loss scaling "
              "(bf16 needs Ascend)")
+    add("--fp16_unet_weights", action="store_true",
+        help="with --mixed_precision no: keep the frozen U-Net weights in fp16 (half their memory; an fp16 "
+             "checkpoint loses nothing) and compute in fp32, each layer casting its weight as it runs")
     add("--full_fp16", action="store_true", help="fp16 training including the LoRA weights and optimizer state")
     add("--full_bf16", action="store_true", help="bf16 training including the LoRA weights and optimizer state")
     add("--noise_offset", type=float, default=None, help="noise offset (0.1 recommended)")

@@ -122,6 +122,7 @@ class LoRAModule(nn.Cell):
             self.lora_up = layers.Linear(self.lora_dim, out_dim, bias=False)
             fan_in = in_dim
             self.bias_add = ops.BiasAdd()
+            self.stored_dense = getattr(org_module, "stored_dense", None)  # None inside recomputed cells
         self.lora_down.weight.set_data(Tensor(_kaiming_uniform(self.lora_down.weight.shape, fan_in)))
         self.lora_up.weight.set_data(Tensor(np.zeros(self.lora_up.weight.shape, np.float32)))
 
@@ -148,11 +149,11 @@ class LoRAModule(nn.Cell):
 
     def construct(self, x):
         if self.is_conv:
-            org = self.conv(x, self.weight.astype(x.dtype))
+            org = self.conv(x, self.weight)  # the layer's conv casts the weight to x's dtype
             if self.bias is not None:
                 org = self.bias_add(org, self.bias.astype(x.dtype))
         else:
-            org = layers.linear(x, self.weight, self.bias, self.bias_add)
+            org = layers.linear(x, self.weight, self.bias, self.bias_add, self.stored_dense)
 
         lx = self.lora_down(x)
         scale = self.alpha / self.lora_dim

@@ -79,3 +79,48 @@ def test_conv_stride1_gradients(graph_mode, kernel, padding):
     dx, dweight = _Grads(Fn())(Tensor(x), Tensor(weight), Tensor(np.zeros_like(w)), Tensor(w))[:2]
     _close(dx.asnumpy(), tx.grad.numpy(), 1e-5, "dx")
     _close(dweight.asnumpy(), tweight.grad.numpy(), 1e-5, "dweight")
+
+
+def test_fp16_stored_weights_compute_in_fp32(graph_mode):
+    """fp16-stored weights with fp32 inputs (``--fp16_unet_weights``): ``layers.StoredDense`` and
+    ``layers.Conv2dStride1`` compute in fp32 with the fp16 values; gradients as torch's in fp32."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 6, 8)).astype(np.float32)
+    weight = rng.standard_normal((5, 8)).astype(np.float16)
+    w = rng.standard_normal((2, 6, 5)).astype(np.float32)
+    tx, tweight = torch.tensor(x, requires_grad=True), torch.tensor(weight.astype(np.float32), requires_grad=True)
+    (torch.nn.functional.linear(tx, tweight) * torch.tensor(w)).sum().backward()
+    dense = layers.StoredDense()
+
+    class Dense(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.dense = dense
+
+        def construct(self, a, b, c):
+            return self.dense(a, b) + c
+
+    dx, dweight = _Grads(Dense())(Tensor(x), Tensor(weight), Tensor(np.zeros_like(w)), Tensor(w))[:2]
+    assert dx.dtype == ms.float32 and dweight.dtype == ms.float16
+    _close(dx.asnumpy(), tx.grad.numpy(), 1e-6, "dense dx")
+    _close(dweight.asnumpy(), tweight.grad.numpy(), 1e-3, "dense dweight (fp16)")
+
+    x = rng.standard_normal((2, 5, 9, 9)).astype(np.float32)
+    weight = rng.standard_normal((7, 5, 3, 3)).astype(np.float16)
+    w = rng.standard_normal((2, 7, 9, 9)).astype(np.float32)
+    tx = torch.tensor(x, requires_grad=True)
+    (torch.nn.functional.conv2d(tx, torch.tensor(weight.astype(np.float32)), padding=1)
+     * torch.tensor(w)).sum().backward()
+    conv = layers.Conv2dStride1(5, 7, 3, 1)
+
+    class Conv(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.conv = conv
+
+        def construct(self, a, b, c):
+            return self.conv(a, b) + c
+
+    dx = _Grads(Conv())(Tensor(x), Tensor(weight), Tensor(np.zeros_like(w)), Tensor(w))[0]
+    assert dx.dtype == ms.float32
+    _close(dx.asnumpy(), tx.grad.numpy(), 1e-5, "conv dx")

@@ -90,3 +90,9 @@ def test_bf16_on_cpu_stops_with_one_line(tmp_path):
                            str(tmp_path), "--network_module", "networks.lora", "--full_fp16"],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 2 and "full_fp16 requires mixed precision='fp16'" in proc.stderr
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "sdxl_train_network.py"),
+                           "--pretrained_model_name_or_path", str(tmp_path / "m.safetensors"), "--output_dir",
+                           str(tmp_path), "--network_module", "networks.lora", "--fp16_unet_weights",
+                           "--mixed_precision", "fp16"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2 and "--fp16_unet_weights is for --mixed_precision no" in proc.stderr

@@ -1,6 +1,7 @@
-"""--cache_text_encoder_outputs(_to_disk) in a real sdxl_train_network.py run on the tiny SDXL
-checkpoint: the U-Net-only training with cached text encoder outputs gives the losses and LoRA of
-the same run that encodes the captions every step."""
+"""--cache_text_encoder_outputs(_to_disk) and --fp16_unet_weights in a real sdxl_train_network.py run
+on the tiny SDXL checkpoint saved in fp16 (as SDXL base is): the U-Net-only training with cached text
+encoder outputs and the frozen U-Net weights kept in fp16 (computed in fp32) gives the losses and
+LoRA of the fp32 run that encodes the captions every step."""
 import csv
 import os
 import subprocess
@@ -32,15 +33,27 @@ def _train(ckpt, dataset, out, extra):
     return losses, load_file(os.path.join(out, "te.safetensors"))
 
 
-def test_cached_text_encoder_outputs_train_like_encoding(tmp_path):
+def _to_fp16(path):
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    with safe_open(path, "np") as f:
+        metadata = f.metadata()
+    tensors = {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in load_file(path).items()}
+    save_file(tensors, path, metadata)
+
+
+def test_cached_text_encoder_outputs_and_fp16_unet_weights_train_like_encoding_fp32(tmp_path):
     import make_tiny_train_demo as demo
 
     ckpt = str(tmp_path / "tiny.safetensors")
     demo.write_checkpoint(ckpt, seed=0, small=True)
+    _to_fp16(ckpt)
     images, dataset = demo.write_dataset(str(tmp_path), 3, batch_size=2, seed=4)
 
     losses, lora = _train(ckpt, dataset, tmp_path / "encode", [])
-    cached_losses, cached_lora = _train(ckpt, dataset, tmp_path / "cached", ["--cache_text_encoder_outputs_to_disk"])
+    cached_losses, cached_lora = _train(ckpt, dataset, tmp_path / "cached",
+                                        ["--cache_text_encoder_outputs_to_disk", "--fp16_unet_weights"])
 
     assert len(cached_losses) == 3 and len(set(losses)) > 1
     np.testing.assert_allclose(cached_losses, losses, rtol=1e-5)
