@@ -227,6 +227,8 @@ class Generator:
                 cell.set_train(False)
             use_penultimate_hidden_state(te1)
             use_penultimate_hidden_state(te2)
+            if unet.attention_impl == "plain":  # same results; 1024x1024 needs it (4096-token attention)
+                unet.set_attention_impl("chunked")
         self.tokenizer1, self.tokenizer2 = load_tokenizers()
         dtypes = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
         self.dtype = dtypes[dtype_name]
