@@ -2,7 +2,7 @@
 diffusers' StableDiffusionXLPipeline, same weights, prompt, Euler sampler, steps, size and initial noise.
 
     python bench/bench_inference.py                          # full SDXL, 1024x1024, 30 steps (~20 GB RAM)
-    python bench/bench_inference.py --run_steps 2            # the same, only the first 2 of the 30 steps run
+    python bench/bench_inference.py --run_steps 2 --fp16_unet_weights --sequential_guidance   # what fits 24 GB
     python bench/bench_inference.py --config tiny --size 256 --steps 4    # smoke run, seconds
 
 Without ``--model`` a random-weight model of the chosen configuration is written once as a diffusers
@@ -14,7 +14,9 @@ MindSpore call of each compiles its graph), every denoising step (the first Mind
 the U-Net step). s/image = encode + ``--steps`` x s/step + decode, with s/step the mean of the steps
 after the first; "first image" adds the compile overheads. Every step of a schedule costs the same,
 so ``--run_steps K`` (K >= 2) runs only the first K steps of the ``--steps`` schedule (a full-size
-1024x1024 step takes minutes on a small CPU) and the table says so. The last column is the max
+1024x1024 step takes minutes on a small CPU) and the table says so. On a 24 GB machine the MindSpore
+side needs ``--fp16_unet_weights --sequential_guidance`` at 1024x1024 (the U-Net forward alone at
+128x128 latents, batch 2, fp16 weights: 20.9 GB peak). The last column is the max
 difference of the latents after the steps run (the same initial noise on both sides).
 
 Do not run the full configuration on a shared machine: it needs ~20 GB of RAM per process and minutes
@@ -187,7 +189,7 @@ def worker_ms(args):
     setup_device("CPU", pynative=args.pynative)
     t0 = time.perf_counter()
     te1, te2, vae, unet = smi.load_models(args.model, None, "fp16" if args.fp16_unet_weights else "fp32")
-    gen = smi.Generator(te1, te2, vae, unet)
+    gen = smi.Generator(te1, te2, vae, unet, sequential_guidance=args.sequential_guidance)
     gen.check_size(args.size, args.size)
     load = time.perf_counter() - t0
     noise = np.load(args.noise)
@@ -238,6 +240,9 @@ def main():
                    help="run only the first K (>= 2) steps of the --steps schedule; s/image counts all --steps")
     p.add_argument("--skip_torch", action="store_true")
     p.add_argument("--pynative", action="store_true", help="MindSpore side in PyNative mode")
+    p.add_argument("--sequential_guidance", action="store_true",
+                   help="MindSpore side runs the two guidance branches as two batch-1 U-Net calls (half the "
+                        "activation memory); torch batches them")
     p.add_argument("--fp16_unet_weights", action="store_true",
                    help="MindSpore side keeps the U-Net weights in fp16 and computes in fp32 (the random model "
                         "is written in fp16, so both sides compute with the same weight values)")
@@ -274,14 +279,17 @@ def main():
     mode = "PyNative" if args.pynative else "graph"
     results[f"MindSpore ({mode})"] = run_worker(
         "ms", common + ["--out_array", os.path.join(work, "ms.npy")] + (["--pynative"] if args.pynative else [])
-        + (["--fp16_unet_weights"] if args.fp16_unet_weights else []))
+        + (["--fp16_unet_weights"] if args.fp16_unet_weights else [])
+        + (["--sequential_guidance"] if args.sequential_guidance else []))
     if not args.skip_torch:
         results["torch diffusers"] = run_worker("torch", common + ["--out_array", os.path.join(work, "torch.npy")])
 
     ran = min(args.run_steps or args.steps, args.steps)
     print(f"\nSDXL inference, config {args.config}, {args.size}x{args.size}, {args.steps} Euler steps"
           + (f" (s/image from the first {ran} steps run)" if ran < args.steps else "")
-          + ", guidance 7, fp32 compute" + (" (MindSpore: fp16 U-Net weights)" if args.fp16_unet_weights else "")
+          + ", guidance 7, fp32 compute"
+          + "".join(f" (MindSpore: {what})" for flag, what in ((args.fp16_unet_weights, "fp16 U-Net weights"),
+                    (args.sequential_guidance, "sequential guidance")) if flag)
           + f", CPU ({os.cpu_count()} cores)")
     print(f"{'implementation':<22} {'s/image':>9} {'s/step':>8} {'encode s':>9} {'decode s':>9} "
           f"{'first image':>12} {'load s':>8} {'peak RSS GB':>12}")

@@ -247,9 +247,10 @@ def test_seeds_unguided_and_interactive(setup, tmp_path, monkeypatch):
     assert calls == [("a dog", "a dog", "ugly", 12)]  # "x" is not a seed: asked again; "" ends
 
 
-def test_sample_step_callback_stops_early(setup):
+def test_sample_step_callback_and_sequential_guidance(setup):
     """Generator.sample's step callback sees each step's latents; returning True ends the loop there (what
-    bench_inference uses to time the first steps of a long schedule)."""
+    bench_inference uses to time the first steps of a long schedule). Sequential guidance (negative and
+    positive prompt as two U-Net calls) gives the latents of the batched call."""
     import argparse
 
     import mindspore as ms
@@ -271,6 +272,9 @@ def test_sample_step_callback_stops_early(setup):
         part = gen.sample(noise, get_scheduler("euler"), 3, context, y, 7.0, callback=lambda i, latents: i == 1)
         np.testing.assert_array_equal(part, seen[1][1])
         assert np.abs(part - full).max() > 1e-4
+        gen.sequential_guidance = True  # --sequential_guidance: one U-Net call per prompt, same latents
+        sequential = gen.sample(noise, get_scheduler("euler"), 3, context, y, 7.0)
+        assert_close(sequential, full, what="sequential guidance")
     finally:
         ms.set_context(mode=ms.GRAPH_MODE)
 
