@@ -325,8 +325,8 @@ class Generator:
             [(ms.Tensor(context), ms.Tensor(y))]
         scale_t = ms.Tensor(np.float32(guidance_scale))
         for i, t in enumerate(scheduler.timesteps):
-            args = (ms.Tensor(latents), ms.Tensor(scheduler.input_scale(i)), ms.Tensor(np.full((batch,), t, np.float32)))
-            eps = [step_cell(*args, c, yy, scale_t).asnumpy() for c, yy in rows]
+            x = (ms.Tensor(latents), ms.Tensor(scheduler.input_scale(i)), ms.Tensor(np.full((batch,), t, np.float32)))
+            eps = [step_cell(*x, c, yy, scale_t).asnumpy() for c, yy in rows]
             if sequential:  # (negative, prompt) one U-Net call each: half the activation memory
                 eps = [eps[0] + np.float32(guidance_scale) * (eps[1] - eps[0])]
             latents = scheduler.step(eps[0], i, latents, rng)

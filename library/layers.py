@@ -63,8 +63,7 @@ class Linear(nn.Cell):
         self.bias = _param((out_features,), bound, name="bias") if bias else None
 
         self.bias_add = ops.BiasAdd()
-
-        self.stored_dense = StoredDense()
+        self.stored_dense = StoredDense()  # used when the weight is stored in another dtype than the input
 
     def construct(self, x):
         return linear(x, self.weight, self.bias, self.bias_add, self.stored_dense)
