@@ -326,10 +326,12 @@ class Generator:
         scale_t = ms.Tensor(np.float32(guidance_scale))
         for i, t in enumerate(scheduler.timesteps):
             x = (ms.Tensor(latents), ms.Tensor(scheduler.input_scale(i)), ms.Tensor(np.full((batch,), t, np.float32)))
-            eps = [step_cell(*x, c, yy, scale_t).asnumpy() for c, yy in rows]
             if sequential:  # (negative, prompt) one U-Net call each: half the activation memory
-                eps = [eps[0] + np.float32(guidance_scale) * (eps[1] - eps[0])]
-            latents = scheduler.step(eps[0], i, latents, rng)
+                uncond, cond = (step_cell(*x, c, yy, scale_t).asnumpy() for c, yy in rows)
+                eps = uncond + np.float32(guidance_scale) * (cond - uncond)
+            else:
+                eps = step_cell(*x, *rows[0], scale_t).asnumpy()
+            latents = scheduler.step(eps, i, latents, rng)
             if callback is not None and callback(i, latents):
                 break
         return latents

@@ -26,6 +26,22 @@ class _Grads(nn.Cell):
         return self.grad(self.loss)(a, b, c, w)
 
 
+class _TwoInputs(nn.Cell):
+    """``layer(a, b) + c``: a (x, weight) layer in ``_Grads``' three-input form (c is zeros)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def construct(self, a, b, c):
+        return self.layer(a, b) + c
+
+
+def _layer_grads(layer, x, weight, w):
+    """(dx, dweight) of sum(layer(x, weight) * w)."""
+    return _Grads(_TwoInputs(layer))(Tensor(x), Tensor(weight), Tensor(np.zeros_like(w)), Tensor(w))[:2]
+
+
 def _close(got, ref, rtol, what):
     err = np.abs(got.astype(np.float64) - ref).max()
     assert err <= rtol * np.abs(ref).max(), f"{what}: max abs error {err:.3g}, max|ref| {np.abs(ref).max():.3g}"
@@ -66,17 +82,7 @@ def test_conv_stride1_gradients(graph_mode, kernel, padding):
     tx, tweight = torch.tensor(x, requires_grad=True), torch.tensor(weight, requires_grad=True)
     (torch.nn.functional.conv2d(tx, tweight, padding=padding) * torch.tensor(w)).sum().backward()
 
-    conv = layers.Conv2dStride1(5, 7, kernel, padding)
-
-    class Fn(nn.Cell):
-        def __init__(self):
-            super().__init__()
-            self.conv = conv
-
-        def construct(self, a, b, c):
-            return self.conv(a, b) + c
-
-    dx, dweight = _Grads(Fn())(Tensor(x), Tensor(weight), Tensor(np.zeros_like(w)), Tensor(w))[:2]
+    dx, dweight = _layer_grads(layers.Conv2dStride1(5, 7, kernel, padding), x, weight, w)
     _close(dx.asnumpy(), tx.grad.numpy(), 1e-5, "dx")
     _close(dweight.asnumpy(), tweight.grad.numpy(), 1e-5, "dweight")
 
@@ -90,17 +96,7 @@ def test_fp16_stored_weights_compute_in_fp32(graph_mode):
     w = rng.standard_normal((2, 6, 5)).astype(np.float32)
     tx, tweight = torch.tensor(x, requires_grad=True), torch.tensor(weight.astype(np.float32), requires_grad=True)
     (torch.nn.functional.linear(tx, tweight) * torch.tensor(w)).sum().backward()
-    dense = layers.StoredDense()
-
-    class Dense(nn.Cell):
-        def __init__(self):
-            super().__init__()
-            self.dense = dense
-
-        def construct(self, a, b, c):
-            return self.dense(a, b) + c
-
-    dx, dweight = _Grads(Dense())(Tensor(x), Tensor(weight), Tensor(np.zeros_like(w)), Tensor(w))[:2]
+    dx, dweight = _layer_grads(layers.StoredDense(), x, weight, w)
     assert dx.dtype == ms.float32 and dweight.dtype == ms.float16
     _close(dx.asnumpy(), tx.grad.numpy(), 1e-6, "dense dx")
     _close(dweight.asnumpy(), tweight.grad.numpy(), 1e-3, "dense dweight (fp16)")
@@ -111,16 +107,6 @@ def test_fp16_stored_weights_compute_in_fp32(graph_mode):
     tx = torch.tensor(x, requires_grad=True)
     (torch.nn.functional.conv2d(tx, torch.tensor(weight.astype(np.float32)), padding=1)
      * torch.tensor(w)).sum().backward()
-    conv = layers.Conv2dStride1(5, 7, 3, 1)
-
-    class Conv(nn.Cell):
-        def __init__(self):
-            super().__init__()
-            self.conv = conv
-
-        def construct(self, a, b, c):
-            return self.conv(a, b) + c
-
-    dx = _Grads(Conv())(Tensor(x), Tensor(weight), Tensor(np.zeros_like(w)), Tensor(w))[0]
+    dx = _layer_grads(layers.Conv2dStride1(5, 7, 3, 1), x, weight, w)[0]
     assert dx.dtype == ms.float32
     _close(dx.asnumpy(), tx.grad.numpy(), 1e-5, "conv dx")
