@@ -221,7 +221,7 @@ class Generator:
     """
 
     def __init__(self, te1, te2, vae, unet, dtype_name="fp32", vae_dtype_name="fp32", prepare_models=True,
-                 sequential_guidance=False):
+                 sequential_guidance=False, keep_text_encoders=True):
         from library.autoencoder_kl import VAEDecode
         from library.clip_tokenizer import load_tokenizers
 
@@ -254,6 +254,7 @@ class Generator:
         self.pixel_multiple = self.vae_factor * self.unet_factor
 
         self.sequential_guidance = sequential_guidance
+        self.keep_text_encoders = keep_text_encoders
         self._denoisers = {}
 
     def check_size(self, width, height):
@@ -275,14 +276,30 @@ class Generator:
         return self.ms.Tensor(np.asarray(ids, np.int32).reshape(len(texts), MAX_TOKENS))
 
     def encode(self, prompts1, prompts2):
-        """-> (context (B,77,C1+C2), pooled (B,P)) as numpy float32."""
+        """-> (context (B,77,C1+C2), pooled (B,P)) as numpy float32.
+
+        PyNative: 77 tokens cost no compile worth saving, and a graph-mode call would keep the text
+        encoders' weights resident after ``release_text_encoders`` (see ``pynative_mode``)."""
         import numpy as np
 
-        _, _, hidden1 = self.te1(self._tokens(self.tokenizer1, prompts1))
-        _, _, pooled2, hidden2 = self.te2(self._tokens(self.tokenizer2, prompts2))
-        context = np.concatenate([penultimate_hidden_state(self.te1, hidden1).asnumpy(),
-                                  penultimate_hidden_state(self.te2, hidden2).asnumpy()], -1).astype(np.float32)
-        return context, pooled2.asnumpy().astype(np.float32)
+        from library.device_utils import pynative_mode
+
+        if self.te1 is None:
+            raise RuntimeError("the text encoders were released (keep_text_encoders=False)")
+        with pynative_mode():
+            _, _, hidden1 = self.te1(self._tokens(self.tokenizer1, prompts1))
+            _, _, pooled2, hidden2 = self.te2(self._tokens(self.tokenizer2, prompts2))
+            context = np.concatenate([penultimate_hidden_state(self.te1, hidden1).asnumpy(),
+                                      penultimate_hidden_state(self.te2, hidden2).asnumpy()], -1).astype(np.float32)
+            return context, pooled2.asnumpy().astype(np.float32)
+
+    def release_text_encoders(self):
+        """Drop the text encoders (3.3 GB in fp32 for SDXL): one-shot generation encodes its prompts once,
+        and at 1024x1024 the VAE decode needs that memory."""
+        from library.device_utils import release_host_memory
+
+        self.te1 = self.te2 = None
+        release_host_memory()
 
     def conditioning(self, prompt, prompt2, negative_prompt, guidance_scale, size_args, width, height):
         """-> (context, y) for the U-Net: (negative, prompt) rows when guided (scale > 1), else the prompt's;
@@ -294,6 +311,8 @@ class Generator:
             context, pooled = self.encode([negative_prompt, prompt], [negative_prompt, prompt2])
         else:
             context, pooled = self.encode([prompt], [prompt2])
+        if not self.keep_text_encoders:
+            self.release_text_encoders()
         # 256 sinusoids per size value in SDXL; tiny models of the same topology may use fewer
         size_emb = size_conditioning(size_args, width, height, (self.unet.adm_in_channels - pooled.shape[-1]) // 6)
         y = np.concatenate([pooled, np.repeat(size_emb, pooled.shape[0], 0)], -1).astype(np.float32)
@@ -475,7 +494,9 @@ def main(argv=None):
     load_dtype = "fp16" if args.fp16_unet_weights else dtype_name  # the Generator still computes in dtype_name
     te1, te2, vae, unet = load_models(args.ckpt_path, args.vae, load_dtype, vae_dtype_name)
     merge_loras(loras, te1, te2, vae, unet)
-    gen = Generator(te1, te2, vae, unet, dtype_name, vae_dtype_name, sequential_guidance=args.sequential_guidance)
+    gen = Generator(te1, te2, vae, unet, dtype_name, vae_dtype_name, sequential_guidance=args.sequential_guidance,
+                    keep_text_encoders=args.interactive)
+    del te1, te2  # the Generator's references are the last ones: released after the prompt is encoded
     gen.check_size(args.width, args.height)
     init_latents = None
     if args.init_latents is not None:

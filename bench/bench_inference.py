@@ -10,8 +10,9 @@ folder (``--cache``, fp16 on disk for ``full``, about 7 GB); with ``--model`` a 
 (both sides need one: diffusers cannot read an SAI single file offline). Each side runs in its own
 process (peak RSS is that side's alone). Guidance 7 (both CFG branches in one U-Net batch on both
 sides), fp32. Each side times its parts: the prompt encoding and the VAE decode twice (the first
-MindSpore call of each compiles its graph), every denoising step (the first MindSpore step compiles
-the U-Net step). s/image = encode + ``--steps`` x s/step + decode, with s/step the mean of the steps
+MindSpore decode compiles its graph; the prompt encoding runs in PyNative, then the MindSpore side
+drops the text encoders as ``sdxl_minimal_inference.py`` does), every denoising step (the first
+MindSpore step compiles the U-Net step); the timings also go to stderr as they come. s/image = encode + ``--steps`` x s/step + decode, with s/step the mean of the steps
 after the first; "first image" adds the compile overheads. Every step of a schedule costs the same,
 so ``--run_steps K`` (K >= 2) runs only the first K steps of the ``--steps`` schedule (a full-size
 1024x1024 step takes minutes on a small CPU) and the table says so. On a 24 GB machine the MindSpore
@@ -103,10 +104,17 @@ def worker_prepare(args):
     return {}
 
 
-def _timed(fn, *a):
+def _progress(what, seconds):
+    """Each timing on stderr as it comes: a worker that runs out of memory later still shows them."""
+    print(f"{what}: {seconds:.2f} s (peak RSS {peak_rss_gb():.2f} GB)", file=sys.stderr, flush=True)
+
+
+def _timed(fn, *a, what="call"):
     t0 = time.perf_counter()
     out = fn(*a)
-    return out, time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    _progress(what, seconds)
+    return out, seconds
 
 
 def _stop_after(run_steps, times):
@@ -116,6 +124,7 @@ def _stop_after(run_steps, times):
     def on_step(i):
         now = time.perf_counter()
         times.append(now - last[0])
+        _progress(f"step {i}", times[-1])
         last[0] = now
         return run_steps is not None and i + 1 >= run_steps
 
@@ -151,8 +160,8 @@ def worker_torch(args):
         with torch.no_grad():
             return pipe.encode_prompt(prompt=PROMPT, negative_prompt=NEGATIVE, do_classifier_free_guidance=True)
 
-    (pe, npe, ppe, nppe), encode_first = _timed(encode)
-    _, encode_s = _timed(encode)
+    (pe, npe, ppe, nppe), encode_first = _timed(encode, what="encode")
+    _, encode_s = _timed(encode, what="encode")
     steps = []
     on_step, last = _stop_after(args.run_steps, steps)
 
@@ -172,8 +181,8 @@ def worker_torch(args):
         with torch.no_grad():
             return pipe.vae.decode(latents / pipe.vae.config.scaling_factor)
 
-    _, decode_first = _timed(decode)
-    _, decode_s = _timed(decode)
+    _, decode_first = _timed(decode, what="decode")
+    _, decode_s = _timed(decode, what="decode")
     np.save(args.out_array, latents.numpy())
     return {"load": load, "encode": encode_s, "encode_first": encode_first, "steps": steps, "decode": decode_s,
             "decode_first": decode_first, "rss": peak_rss_gb()}
@@ -190,8 +199,10 @@ def worker_ms(args):
     t0 = time.perf_counter()
     te1, te2, vae, unet = smi.load_models(args.model, None, "fp16" if args.fp16_unet_weights else "fp32")
     gen = smi.Generator(te1, te2, vae, unet, sequential_guidance=args.sequential_guidance)
+    del te1, te2  # the Generator holds the last references (released after the prompt encoding)
     gen.check_size(args.size, args.size)
     load = time.perf_counter() - t0
+    _progress("load", load)
     noise = np.load(args.noise)
     ns = argparse.Namespace(original_size=None, target_size=None, crop=(0, 0))
 
@@ -201,15 +212,16 @@ def worker_ms(args):
         size = smi.size_conditioning(ns, args.size, args.size, dim)
         return context, np.concatenate([pooled, np.repeat(size, 2, 0)], -1).astype(np.float32)
 
-    _, encode_first = _timed(encode)
-    (context, y), encode_s = _timed(encode)
+    _, encode_first = _timed(encode, what="encode")
+    (context, y), encode_s = _timed(encode, what="encode")
+    gen.release_text_encoders()  # as sdxl_minimal_inference does for one-shot generation
     steps = []
     on_step, last = _stop_after(args.run_steps, steps)
     last[0] = time.perf_counter()
     latents = gen.sample(noise, get_scheduler("euler"), args.steps, context, y, 7.0,
                          callback=lambda i, _latents: on_step(i))
-    _, decode_first = _timed(gen.decode, latents)
-    _, decode_s = _timed(gen.decode, latents)
+    _, decode_first = _timed(gen.decode, latents, what="decode")
+    _, decode_s = _timed(gen.decode, latents, what="decode")
     np.save(args.out_array, latents)
     return {"load": load, "encode": encode_s, "encode_first": encode_first, "steps": steps, "decode": decode_s,
             "decode_first": decode_first, "rss": peak_rss_gb()}

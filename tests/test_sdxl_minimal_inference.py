@@ -275,6 +275,15 @@ def test_sample_step_callback_and_sequential_guidance(setup):
         gen.sequential_guidance = True  # --sequential_guidance: one U-Net call per prompt, same latents
         sequential = gen.sample(noise, get_scheduler("euler"), 3, context, y, 7.0)
         assert_close(sequential, full, what="sequential guidance")
+        # one-shot generation (not --interactive): the text encoders are dropped after the prompt encoding
+        one_shot = smi.Generator(te1, te2, vae, unet, keep_text_encoders=False)
+        del te1, te2
+        context2, y2 = one_shot.conditioning("a cat", "a cat", "", 7.0, size_args, 64, 64)
+        np.testing.assert_array_equal(context2, context)
+        np.testing.assert_array_equal(y2, y)
+        assert one_shot.te1 is None and one_shot.te2 is None and gen.te1 is not None
+        with pytest.raises(RuntimeError, match="released"):
+            one_shot.encode(["a cat"], ["a cat"])
     finally:
         ms.set_context(mode=ms.GRAPH_MODE)
 
