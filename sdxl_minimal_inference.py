@@ -215,13 +215,16 @@ def penultimate_hidden_state(text_encoder, hidden_states):
 class Generator:
     """Text encoding, denoising (graph mode) and decoding for one loaded model.
 
+    ``one_shot`` (one ``generate_images`` call, not ``--interactive``): the text encoders are dropped after
+    the prompt encoding and the compiled U-Net step before the last decode (1024x1024 needs the memory).
+
     ``prepare_models`` (inference): put the models in eval mode and let the text encoders return only
     the penultimate hidden state. The trainer's samples pass False: the models stay as training set them
     (it switches their train/eval mode itself around sampling) and all hidden states are returned.
     """
 
     def __init__(self, te1, te2, vae, unet, dtype_name="fp32", vae_dtype_name="fp32", prepare_models=True,
-                 sequential_guidance=False, keep_text_encoders=True):
+                 sequential_guidance=False, one_shot=False):
         from library.autoencoder_kl import VAEDecode
         from library.clip_tokenizer import load_tokenizers
 
@@ -254,7 +257,7 @@ class Generator:
         self.pixel_multiple = self.vae_factor * self.unet_factor
 
         self.sequential_guidance = sequential_guidance
-        self.keep_text_encoders = keep_text_encoders
+        self.one_shot = one_shot
         self._denoisers = {}
 
     def check_size(self, width, height):
@@ -285,7 +288,7 @@ class Generator:
         from library.device_utils import pynative_mode
 
         if self.te1 is None:
-            raise RuntimeError("the text encoders were released (keep_text_encoders=False)")
+            raise RuntimeError("the text encoders were released (one_shot Generator)")
         with pynative_mode():
             _, _, hidden1 = self.te1(self._tokens(self.tokenizer1, prompts1))
             _, _, pooled2, hidden2 = self.te2(self._tokens(self.tokenizer2, prompts2))
@@ -301,6 +304,15 @@ class Generator:
         self.te1 = self.te2 = None
         release_host_memory()
 
+    def release_denoisers(self):
+        """Drop the compiled denoising steps: a compiled graph holds its activation memory until its cell is
+        deleted (full SDXL at 1024x1024: 7 GB, which the VAE decode's graph then reuses). The next
+        ``sample`` compiles again."""
+        from library.device_utils import release_host_memory
+
+        self._denoisers.clear()
+        release_host_memory()
+
     def conditioning(self, prompt, prompt2, negative_prompt, guidance_scale, size_args, width, height):
         """-> (context, y) for the U-Net: (negative, prompt) rows when guided (scale > 1), else the prompt's;
         y = pooled + SDXL size embeddings of ``size_args`` (original_size, crop, target_size; see
@@ -311,7 +323,7 @@ class Generator:
             context, pooled = self.encode([negative_prompt, prompt], [negative_prompt, prompt2])
         else:
             context, pooled = self.encode([prompt], [prompt2])
-        if not self.keep_text_encoders:
+        if self.one_shot:
             self.release_text_encoders()
         # 256 sinusoids per size value in SDXL; tiny models of the same topology may use fewer
         size_emb = size_conditioning(size_args, width, height, (self.unet.adm_in_channels - pooled.shape[-1]) // 6)
@@ -439,6 +451,8 @@ def generate_images(gen, args, prompt, prompt2, negative_prompt, seed, model_nam
             rng.standard_normal((1,) + shape, dtype=np.float32)
         scheduler = get_scheduler(args.sampler, timestep_spacing=args.timestep_spacing)
         latents = gen.sample(noise, scheduler, args.steps, context, y, args.guidance_scale, rng)
+        if gen.one_shot and i == args.num_images - 1:
+            gen.release_denoisers()
         pixels = gen.decode(latents)
         info = {"prompt": prompt, "prompt2": prompt2, "negative_prompt": negative_prompt,
                 "seed": image_seed if init_latents is None else f"{image_seed} (initial latents from "
@@ -495,7 +509,7 @@ def main(argv=None):
     te1, te2, vae, unet = load_models(args.ckpt_path, args.vae, load_dtype, vae_dtype_name)
     merge_loras(loras, te1, te2, vae, unet)
     gen = Generator(te1, te2, vae, unet, dtype_name, vae_dtype_name, sequential_guidance=args.sequential_guidance,
-                    keep_text_encoders=args.interactive)
+                    one_shot=not args.interactive)
     del te1, te2  # the Generator's references are the last ones: released after the prompt is encoded
     gen.check_size(args.width, args.height)
     init_latents = None

@@ -10,8 +10,9 @@ folder (``--cache``, fp16 on disk for ``full``, about 7 GB); with ``--model`` a 
 (both sides need one: diffusers cannot read an SAI single file offline). Each side runs in its own
 process (peak RSS is that side's alone). Guidance 7 (both CFG branches in one U-Net batch on both
 sides), fp32. Each side times its parts: the prompt encoding and the VAE decode twice (the first
-MindSpore decode compiles its graph; the prompt encoding runs in PyNative, then the MindSpore side
-drops the text encoders as ``sdxl_minimal_inference.py`` does), every denoising step (the first
+MindSpore decode compiles its graph; the prompt encoding runs in PyNative; as
+``sdxl_minimal_inference.py`` does, the MindSpore side drops the text encoders after the encoding and
+the compiled U-Net step before decoding), every denoising step (the first
 MindSpore step compiles the U-Net step); the timings also go to stderr as they come. s/image = encode + ``--steps`` x s/step + decode, with s/step the mean of the steps
 after the first; "first image" adds the compile overheads. Every step of a schedule costs the same,
 so ``--run_steps K`` (K >= 2) runs only the first K steps of the ``--steps`` schedule (a full-size
@@ -220,6 +221,7 @@ def worker_ms(args):
     last[0] = time.perf_counter()
     latents = gen.sample(noise, get_scheduler("euler"), args.steps, context, y, 7.0,
                          callback=lambda i, _latents: on_step(i))
+    gen.release_denoisers()  # as sdxl_minimal_inference does before the last decode
     _, decode_first = _timed(gen.decode, latents, what="decode")
     _, decode_s = _timed(gen.decode, latents, what="decode")
     np.save(args.out_array, latents)

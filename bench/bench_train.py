@@ -49,6 +49,8 @@ def run_training(args, work):
         cmd.append("--cache_text_encoder_outputs")
     if args.jit_level:
         cmd += ["--jit_level", args.jit_level]
+    if args.pynative:
+        cmd.append("--pynative")
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.time() - t0
@@ -77,6 +79,8 @@ def main():
     parser.add_argument("--no_cache_text_encoder_outputs", action="store_true",
                         help="encode the captions in every step (the text encoders stay in memory)")
     parser.add_argument("--jit_level", default=None, choices=[None, "O0", "O1", "O2"])
+    parser.add_argument("--pynative", action="store_true",
+                        help="train step in PyNative mode (no compile; each op's memory is freed when unused)")
     args = parser.parse_args()
     ensure_sdxl_file(args.file, args.generate, parser)
     with tempfile.TemporaryDirectory() as work:
@@ -84,7 +88,7 @@ def main():
     case = (f"SDXL U-Net LoRA dim {args.network_dim}, {args.resolution}px, batch 1, "
             f"{'no checkpointing' if args.no_checkpointing else 'checkpointing'}, mixed_precision {args.mixed_precision}"
             + (f", jit_level {args.jit_level}" if args.jit_level else "") + (", mem_eff_attn" if args.mem_eff_attn else "")
-            + (", fp16 U-Net weights" if args.fp16_unet_weights else "")
+            + (", fp16 U-Net weights" if args.fp16_unet_weights else "") + (", PyNative" if args.pynative else "")
             + (", text encoder outputs cached" if not args.no_cache_text_encoder_outputs else ""))
     print(case)
     print(f"{'compile s':>10} {'s/step':>8} {'peak GB':>8} {'wall s':>8}")

@@ -276,7 +276,7 @@ def test_sample_step_callback_and_sequential_guidance(setup):
         sequential = gen.sample(noise, get_scheduler("euler"), 3, context, y, 7.0)
         assert_close(sequential, full, what="sequential guidance")
         # one-shot generation (not --interactive): the text encoders are dropped after the prompt encoding
-        one_shot = smi.Generator(te1, te2, vae, unet, keep_text_encoders=False)
+        one_shot = smi.Generator(te1, te2, vae, unet, one_shot=True)
         del te1, te2
         context2, y2 = one_shot.conditioning("a cat", "a cat", "", 7.0, size_args, 64, 64)
         np.testing.assert_array_equal(context2, context)
