@@ -8,6 +8,7 @@ Default case (issue #6): U-Net LoRA only, dim 16, gradient checkpointing, 512x51
 latents), batch 1, cached latents and text encoder outputs (the text encoders' 3.1 GB are freed
 before the step is compiled), fp32 (``--mixed_precision fp16`` needs more memory on CPU: its
 fp16 matmuls run through fp32 copies of the frozen weights that live until the backward).
+``--pynative`` runs the step in PyNative mode (the graph-mode step does not fit 23 GB at 512x512).
 ``--generate`` writes a random SDXL-shaped SAI file (fp16, ~7 GB) when the file is missing.
 "compile s" is the first step (graph compile + one step), "s/step" the mean of the later steps,
 "peak GB" the child's ru_maxrss.
