@@ -284,6 +284,10 @@ def test_sample_step_callback_and_sequential_guidance(setup):
         assert one_shot.te1 is None and one_shot.te2 is None and gen.te1 is not None
         with pytest.raises(RuntimeError, match="released"):
             one_shot.encode(["a cat"], ["a cat"])
+        first = one_shot.sample(noise, get_scheduler("euler"), 2, context, y, 7.0)
+        one_shot.release_denoisers()  # before the last decode; a later sample builds the step again
+        assert not one_shot._denoisers
+        np.testing.assert_array_equal(one_shot.sample(noise, get_scheduler("euler"), 2, context, y, 7.0), first)
     finally:
         ms.set_context(mode=ms.GRAPH_MODE)
 
