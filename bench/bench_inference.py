@@ -16,9 +16,9 @@ first MindSpore step compiles the U-Net step); the timings also go to stderr as 
 the compiled U-Net step before decoding. s/image = encode + ``--steps`` x s/step + decode, with s/step
 the mean of the steps after the first; "first image" adds the compile overheads. Every step of a
 schedule costs the same, so ``--run_steps K`` (K >= 2) runs only the first K steps of the ``--steps``
-schedule (a full-size 1024x1024 step takes minutes on a small CPU) and the table says so. On a 24 GB machine the MindSpore
-side needs ``--fp16_unet_weights --sequential_guidance`` at 1024x1024 (the U-Net forward alone at
-128x128 latents, batch 2, fp16 weights: 20.9 GB peak). The last column is the max
+schedule (a full-size 1024x1024 step takes minutes on a small CPU) and the table says so. On a 24 GB
+machine the MindSpore side needs ``--fp16_unet_weights --sequential_guidance`` at 1024x1024 (the U-Net
+forward alone at 128x128 latents, batch 2, fp16 weights: 20.9 GB peak). The last column is the max
 difference of the latents after the steps run (the same initial noise on both sides).
 
 Do not run the full configuration on a shared machine: it needs ~20 GB of RAM per process and minutes
