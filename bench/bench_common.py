@@ -9,6 +9,15 @@ import time
 
 
 def peak_rss_gb():
+    """This process's peak RSS (VmHWM). Not ``ru_maxrss``: on Linux a child starts with its parent's
+    ``ru_maxrss`` at fork, so a small worker of a large parent would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024 ** 2
+    except OSError:  # not Linux
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
 
 

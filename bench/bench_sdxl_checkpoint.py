@@ -4,7 +4,7 @@
     python bench/bench_sdxl_checkpoint.py --file sd_xl_base_1.0.safetensors
 
 ``--generate`` writes a random SDXL-shaped SAI file (fp16, ~7 GB, streamed) when the file is
-missing. The load runs in a child process so that its peak RSS (ru_maxrss) is the load's alone;
+missing. The load runs in a child process so that its peak RSS (VmHWM) is the load's alone;
 "model" is the bytes of the loaded parameters, "ratio" peak RSS / model bytes (the target for an
 fp16 file into fp32 models is <= 1.5). ``--dump`` also writes small forward outputs (tests),
 ``--save`` writes the loaded models back (fp16) and reports the save time.
@@ -12,7 +12,6 @@ fp16 file into fp32 models is <= 1.5). ``--dump`` also writes small forward outp
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench_common import ensure_sdxl_file  # noqa: E402
+from bench_common import ensure_sdxl_file, peak_rss_gb  # noqa: E402
 
 
 def _rss_gb():
@@ -44,7 +43,7 @@ def child(args):
     t0 = time.time()
     te1, te2, vae, unet, logit_scale, info = load_models_from_sdxl_checkpoint(args.file, dtype=args.dtype)
     seconds = time.time() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+    peak = peak_rss_gb()
     model_bytes = sum(p.asnumpy().nbytes for m in (te1, te2, vae, unet) for p in m.get_parameters())
     result = dict(file=args.file, file_gb=os.path.getsize(args.file) / 1024 ** 3, load_s=seconds,
                   base_rss_gb=base, peak_rss_gb=peak, model_gb=model_bytes / 1024 ** 3,

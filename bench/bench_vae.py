@@ -4,7 +4,7 @@ vs torch diffusers, full SDXL VAE config, random weights.
     python bench/bench_vae.py                       # 128x128 latent (1024x1024 image), ms graph chunked + torch
     python bench/bench_vae.py --latent 64 --runs ms_graph ms_graph_plain torch
 
-Each run is its own process, so peak RSS (ru_maxrss) is that run's alone. Reported: first call
+Each run is its own process, so peak RSS (VmHWM) is that run's alone. Reported: first call
 (graph compile + run) and the mean of --iters steady calls, in seconds, and peak RSS in GB.
 
 Measured 2026-11-26 (MindSpore 2.10 CPU, 2 shared cores): graph mode keeps the intermediates of
@@ -15,7 +15,6 @@ graph decode would need >100 GB. PyNative frees them. Use small --latent for ms_
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -23,11 +22,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench_common import peak_rss_gb  # noqa: E402
+
 RUNS = ("ms_graph", "ms_graph_plain", "ms_pynative", "torch")
-
-
-def peak_rss_gb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
 
 
 def child(run, latent, iters, chunk):
