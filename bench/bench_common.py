@@ -8,17 +8,28 @@ import sys
 import time
 
 
-def peak_rss_gb():
-    """This process's peak RSS (VmHWM). Not ``ru_maxrss``: on Linux a child starts with its parent's
-    ``ru_maxrss`` at fork, so a small worker of a large parent would report the parent's peak."""
+def _status_gb(field):
+    """A memory field of /proc/self/status (kB) in GB; None where there is none (not Linux)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024 ** 2
-    except OSError:  # not Linux
+    except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+    return None
+
+
+def rss_gb():
+    """This process's resident memory now."""
+    return _status_gb("VmRSS") or 0.0
+
+
+def peak_rss_gb():
+    """This process's peak RSS (VmHWM). Not ``ru_maxrss``: on Linux a child starts with its parent's
+    ``ru_maxrss`` at fork, so a small worker of a large parent would report the parent's peak."""
+    peak = _status_gb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
 
 
 def run_worker(script, args, env=None):

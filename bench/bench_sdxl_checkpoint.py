@@ -19,15 +19,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench_common import ensure_sdxl_file, peak_rss_gb  # noqa: E402
-
-
-def _rss_gb():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024 ** 2
-    return 0.0
+from bench_common import ensure_sdxl_file, peak_rss_gb, rss_gb  # noqa: E402
 
 
 def child(args):
@@ -39,7 +31,7 @@ def child(args):
     ms.set_context(mode=ms.PYNATIVE_MODE)
     from library.sdxl_model_util import load_models_from_sdxl_checkpoint, save_stable_diffusion_checkpoint
 
-    base = _rss_gb()
+    base = rss_gb()
     t0 = time.time()
     te1, te2, vae, unet, logit_scale, info = load_models_from_sdxl_checkpoint(args.file, dtype=args.dtype)
     seconds = time.time() - t0
