@@ -102,8 +102,8 @@ def _build_sdxl_loss_cell():
             self.eos_token_id2 = eos_token_id2
             self.loss_type = loss_type
 
-        def construct(self, latents, noise, noisy_noise, timesteps, sqrt_ab, sqrt_1mab, weights, input_ids1,
-                      input_ids2, size_emb, huber_c, loss_mask):
+        def conditioning(self, latents, noisy_noise, sqrt_ab, sqrt_1mab, input_ids1, input_ids2, size_emb):
+            """(noisy latents in the U-Net's dtype, context, y): what the U-Net is called with."""
             if self.cached_text_encoder_outputs:  # input_ids1: context (B, T, 2048), input_ids2: pool2
                 context, pool2 = input_ids1.astype(self.unet_dtype), input_ids2
             else:
@@ -116,13 +116,59 @@ def _build_sdxl_loss_cell():
             a = ops.broadcast_to(sqrt_ab.reshape(-1, 1, 1, 1), shape)
             s = ops.broadcast_to(sqrt_1mab.reshape(-1, 1, 1, 1), shape)
             noisy = a * latents + s * noisy_noise
-            pred = self.unet(noisy.astype(self.unet_dtype), timesteps, context, y).astype(ms.float32)
+            return noisy.astype(self.unet_dtype), context, y
+
+        def loss_from_prediction(self, pred, latents, noise, sqrt_ab, sqrt_1mab, weights, huber_c, loss_mask):
+            pred = pred.astype(ms.float32)
             if self.v_parameterization:
+                shape = latents.shape
+                a = ops.broadcast_to(sqrt_ab.reshape(-1, 1, 1, 1), shape)
+                s = ops.broadcast_to(sqrt_1mab.reshape(-1, 1, 1, 1), shape)
                 target = a * noise - s * latents  # diffusers get_velocity
             else:
                 target = noise
             per_sample = masked_per_sample_loss(pred, target, self.loss_type, huber_c, loss_mask)
             return ops.mean(per_sample * weights)
+
+        def construct(self, latents, noise, noisy_noise, timesteps, sqrt_ab, sqrt_1mab, weights, input_ids1,
+                      input_ids2, size_emb, huber_c, loss_mask):
+            x, context, y = self.conditioning(latents, noisy_noise, sqrt_ab, sqrt_1mab, input_ids1, input_ids2,
+                                              size_emb)
+            pred = self.unet(x, timesteps, context, y)
+            return self.loss_from_prediction(pred, latents, noise, sqrt_ab, sqrt_1mab, weights, huber_c, loss_mask)
+
+        def segments(self):
+            """This loss as a ``SegmentChain`` (gradient checkpointing by the program): the conditioning
+            (with the text encoders when they are not cached: one segment), the U-Net's blocks, the loss."""
+            from library.segments import Segment
+            from library.unet_segments import unet_segments
+
+            return ([Segment("conditioning", _Conditioning(self), ("latents", "noisy_noise", "sqrt_ab", "sqrt_1mab",
+                                                                   "input_ids1", "input_ids2", "size_emb"),
+                             ("x", "context", "y"),
+                             param_cells=[] if self.cached_text_encoder_outputs else [self.text_encoder1,
+                                                                                       self.text_encoder2])]
+                    + unet_segments(self.unet)
+                    + [Segment("loss", _Loss(self), ("pred", "latents", "noise", "sqrt_ab", "sqrt_1mab", "weights",
+                                                     "huber_c", "loss_mask"), ("loss",), param_cells=[])])
+
+    class _Conditioning(nn.Cell):
+        def __init__(self, loss_net):
+            super().__init__(auto_prefix=False)
+            self.loss_net = loss_net
+
+        def construct(self, latents, noisy_noise, sqrt_ab, sqrt_1mab, input_ids1, input_ids2, size_emb):
+            return self.loss_net.conditioning(latents, noisy_noise, sqrt_ab, sqrt_1mab, input_ids1, input_ids2,
+                                              size_emb)
+
+    class _Loss(nn.Cell):
+        def __init__(self, loss_net):
+            super().__init__(auto_prefix=False)
+            self.loss_net = loss_net
+
+        def construct(self, pred, latents, noise, sqrt_ab, sqrt_1mab, weights, huber_c, loss_mask):
+            return self.loss_net.loss_from_prediction(pred, latents, noise, sqrt_ab, sqrt_1mab, weights, huber_c,
+                                                      loss_mask)
 
     return SdxlNetworkLoss
 

@@ -1,12 +1,25 @@
 """The compiled training step cells: forward+backward+clip+update in one graph (``TrainStep``), or
 gradient accumulation (``AccumulateStep``) with a separate update (``ApplyAccumulated``); fp16 loss
-scaling and data-parallel gradient means plug into them."""
+scaling and data-parallel gradient means plug into them.
+
+``SegmentedStep`` is the same step with the forward and backward run as a chain of compiled segments
+(``library.segments``: gradient checkpointing by the program); the gradients then go to
+``ApplyGrads`` (reduce, clip, update) or ``AccumulateGrads`` (into the buffers ``ApplyAccumulated``
+reads), the same maths as ``TrainStep`` / ``AccumulateStep`` after their backward."""
+import functools
 
 
 # ---------------------------------------------------------------------------------------------
 # the compiled step
 
 def _build_step_cells():
+    """(LossAndGrads, TrainStep, AccumulateStep, ApplyAccumulated)."""
+    c = _step_cells()
+    return c["LossAndGrads"], c["TrainStep"], c["AccumulateStep"], c["ApplyAccumulated"]
+
+
+@functools.lru_cache(maxsize=None)
+def _step_cells():
     """Cells are defined lazily so that importing this module does not import mindspore."""
     import mindspore as ms
     from mindspore import ParameterTuple, nn, ops
@@ -136,4 +149,75 @@ def _build_step_cells():
                 grads = ops.depend(grads, self.optimizer(grads))
             return ops.depend(finite, hyper_map(zero, self.accum))
 
-    return LossAndGrads, TrainStep, AccumulateStep, ApplyAccumulated
+    class ApplyGrads(nn.Cell):
+        """``TrainStep`` after its backward: data-parallel mean, clip, optimizer update; returns the loss."""
+
+        def __init__(self, optimizer, max_grad_norm, reducer=None):
+            super().__init__(auto_prefix=False)
+            self.optimizer = optimizer
+            self.max_grad_norm = float(max_grad_norm or 0.0)
+            self.reduce = reducer is not None
+            self.reducer = reducer
+
+        def construct(self, loss, grads):
+            if self.reduce:
+                grads = self.reducer.grads(grads)
+                loss = self.reducer.loss(loss)
+            if self.max_grad_norm > 0:
+                grads = clip_grads(grads, self.max_grad_norm)
+            return ops.depend(loss, self.optimizer(grads))
+
+    class AccumulateGrads(nn.Cell):
+        """``AccumulateStep`` after its backward: grads / accumulation_steps (unscaled) into the buffers."""
+
+        def __init__(self, accum_buffers, accumulation_steps, reducer=None, loss_scale=None):
+            super().__init__(auto_prefix=False)
+            self.accum = accum_buffers
+            self.scale = ms.Tensor(1.0 / accumulation_steps, ms.float32)
+            self.scaled = loss_scale is not None
+            self.loss_scale = loss_scale
+            self.reduce = reducer is not None
+            self.reducer = reducer
+
+        def construct(self, loss, grads):
+            if self.reduce:
+                loss = self.reducer.loss(loss)
+            scale = self.scale
+            if self.scaled:
+                scale = scale / self.loss_scale
+            done = hyper_map(ops.partial(accumulate, scale), self.accum, grads)
+            return ops.depend(loss, done)
+
+    return dict(LossAndGrads=LossAndGrads, TrainStep=TrainStep, AccumulateStep=AccumulateStep,
+                ApplyAccumulated=ApplyAccumulated, ApplyGrads=ApplyGrads, AccumulateGrads=AccumulateGrads)
+
+
+class SegmentedStep:
+    """Called as ``TrainStep`` / ``AccumulateStep`` are (``step(*inputs) -> loss``): forward and backward
+    over ``chain`` (a ``SegmentChain`` whose data names are the inputs, in order, and whose last output
+    is the loss), then ``apply_cell(loss, grads)`` (``ApplyGrads`` or ``AccumulateGrads``).
+    ``loss_scale`` (fp16): the backward starts from it, as ``LossAndGrads`` does."""
+
+    def __init__(self, chain, apply_cell, loss_name="loss", loss_scale=None):
+        self.chain = chain
+        self.apply_cell = apply_cell
+        self.loss_name = loss_name
+        self.loss_scale = loss_scale
+
+    def set_train(self, mode=True):
+        self.chain.set_train(mode)
+        self.apply_cell.set_train(mode)
+
+    def loss_and_grads(self, *inputs):
+        from mindspore import ops
+
+        values = self.chain.forward(dict(zip(self.chain.data, inputs)))
+        loss = values[self.loss_name]
+        sens = ops.ones_like(loss)
+        if self.loss_scale is not None:
+            sens = sens * self.loss_scale.astype(loss.dtype)
+        return loss, self.chain.backward(values, {self.loss_name: sens})
+
+    def __call__(self, *inputs):
+        loss, grads = self.loss_and_grads(*inputs)
+        return self.apply_cell(loss, grads)
