@@ -86,7 +86,10 @@ def _build_sdxl_loss_cell():
         context (B, T, 2048) and pool2 (B, 1280); size_emb (B, 1536); huber_c (B,) and
         loss_mask (B, 1, h, w) (``custom_train_functions.loss_extra_inputs``).
         loss = mean_b(weights_b * mean_chw(loss_mask * conditional_loss(pred, target))), target = noise or v.
+        ``segments()`` is the same loss as a ``SegmentChain`` over ``input_names`` (gradient checkpointing).
         """
+        input_names = ("latents", "noise", "noisy_noise", "timesteps", "sqrt_ab", "sqrt_1mab", "weights",
+                       "input_ids1", "input_ids2", "size_emb", "huber_c", "loss_mask")
 
         def __init__(self, text_encoder1, text_encoder2, unet, max_token_length=None, v_parameterization=False,
                      eos_token_id2=49407, loss_type="l2"):

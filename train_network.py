@@ -48,7 +48,7 @@ from library.device_utils import UserError, release_host_memory  # noqa: E402
 from library.train_args import NOT_IMPLEMENTED, check_not_implemented, parse_args, setup_parser  # noqa: E402,F401
 from library.train_outputs import (get_epoch_ckpt_name, get_last_ckpt_name, get_step_ckpt_name,  # noqa: E402
                                    write_loss_curve_png)
-from library.train_step import _build_step_cells  # noqa: E402,F401
+from library.train_step import SegmentedStep, _build_step_cells, _step_cells  # noqa: E402,F401
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +184,9 @@ class NetworkTrainer:
             from library.train_state import read_state
 
             self.resume_state = read_state(args.resume)  # a bad folder stops before any model work
+        if args.gradient_checkpointing and self.dynamic_shapes:
+            raise UserError("KOHYA_MS_DYNAMIC_SHAPES=1 cannot be combined with --gradient_checkpointing (the "
+                            "segmented step compiles per shape)")
         if args.mem_eff_attn and args.flash_attn:
             raise UserError("--mem_eff_attn and --flash_attn cannot be used together")
         if args.network_train_unet_only and args.text_encoder_lr is not None and args.text_encoder_lr != 0:
@@ -330,17 +333,40 @@ class NetworkTrainer:
         noise_schedule = ctf.NoiseSchedule(zero_terminal_snr=args.zero_terminal_snr)
 
         # compiled cells
-        LossAndGrads, TrainStep, AccumulateStep, ApplyAccumulated = _build_step_cells()
+        cells = _step_cells()
         scaler = DynamicLossScaler() if args.mixed_precision == "fp16" else None
+        loss_scale = None if scaler is None else scaler.parameter
+        chain = None
+        dropouts = [name for name in ("dropout", "rank_dropout", "module_dropout")
+                    if any(getattr(lora, name, None) for lora in network.loras)]
+        if args.gradient_checkpointing and dropouts:
+            logger.warning("gradient checkpointing: LoRA %s would draw other masks when a segment is recomputed; "
+                           "training with the one-graph step instead (no memory saved)", "/".join(dropouts))
+        elif args.gradient_checkpointing:  # the loss as a chain of segments, recomputed one at a time
+            from library.segments import SegmentChain
+
+            chain = SegmentChain(loss_net.segments(), loss_net.input_names, params)
+            logger.info("gradient checkpointing: %d segments, %d compiled graphs", len(chain.segments),
+                        chain.num_graphs)
         if accum == 1 and scaler is None:
-            step_cell = TrainStep(loss_net, params, optimizer, args.max_grad_norm, self.dp.step_reducer(params))
+            if chain is None:
+                step_cell = cells["TrainStep"](loss_net, params, optimizer, args.max_grad_norm,
+                                               self.dp.step_reducer(params))
+            else:
+                step_cell = SegmentedStep(chain, cells["ApplyGrads"](optimizer, args.max_grad_norm,
+                                                                      self.dp.step_reducer(params)))
             apply_cell = None
         else:  # fp16 goes this way too: gradients unscaled into fp32 buffers, the update skipped on overflow
             buffers = ParameterTuple(params).clone(prefix="grad_accum", init="zeros")
-            step_cell = AccumulateStep(loss_net, params, buffers, accum, self.dp.step_reducer(params),
-                                       loss_scale=None if scaler is None else scaler.parameter)
-            apply_cell = ApplyAccumulated(buffers, optimizer, args.max_grad_norm, self.dp.step_reducer(params),
-                                          skip_non_finite=scaler is not None)
+            if chain is None:
+                step_cell = cells["AccumulateStep"](loss_net, params, buffers, accum, self.dp.step_reducer(params),
+                                                    loss_scale=loss_scale)
+            else:
+                step_cell = SegmentedStep(chain, cells["AccumulateGrads"](buffers, accum, self.dp.step_reducer(params),
+                                                                          loss_scale=loss_scale),
+                                          loss_scale=loss_scale)
+            apply_cell = cells["ApplyAccumulated"](buffers, optimizer, args.max_grad_norm,
+                                                   self.dp.step_reducer(params), skip_non_finite=scaler is not None)
 
         def lr_position():  # accelerate does not step the LR scheduler when GradScaler skipped the update
             return global_step - (scaler.skipped_steps if scaler is not None else 0)

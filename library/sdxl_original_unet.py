@@ -20,8 +20,8 @@ not change afterwards):
 - ``set_attention_impl("plain" | "chunked" | "flash", chunk_size)``, see
   ``library.attention``; kohya's ``set_use_memory_efficient_attention`` and
   ``set_use_sdpa`` map onto it.
-- ``set_gradient_checkpointing(True)``: MindSpore recompute on every
-  transformer feed-forward (graph mode); see the method for why not whole blocks.
+- ``set_gradient_checkpointing(True)``: a flag the trainer reads to run the U-Net as
+  segments with program-driven recompute (``library.unet_segments``).
 - ``to_dtype(ms.float16)``: Linear/Conv weights to half precision, norms kept
   in fp32 (they compute their statistics in fp32 anyway).
 """
@@ -408,34 +408,16 @@ class SdxlUNet2DConditionModel(nn.Cell):
             self.set_attention_impl("plain")
 
     def set_gradient_checkpointing(self, value: bool = False):
-        """Recompute the transformer feed-forwards (GEGLU, 8x-wide hidden) in the backward pass.
+        """Mark the U-Net as trained with gradient checkpointing.
 
-        Not whole blocks: MindSpore's recompute cannot see through cells with a
-        hand-written backward (the attention core and stride-1 convolutions,
-        which keep far less memory than the primitives' backward on the CPU
-        graph backend) and then keeps more, not less. Measured, forward+backward
-        peak RSS at 64x64 latents, fp32, one process each: mid config 3.36 GB
-        off, 3.17 GB with the feed-forwards recomputed, 3.50 GB with every
-        ResBlock and BasicTransformerBlock recomputed; full SDXL 21.6 GB off,
-        19.5 GB on.
-
-        MindSpore's ``Cell.recompute()`` can be set once and not undone: turning
-        it off again raises (build a new model instead).
+        The checkpointing is done by the program, not by the backend: the trainer then runs the U-Net
+        as a chain of compiled segments (``library.unet_segments``) whose backward recomputes one layer
+        at a time, which bounds the memory whatever the backend keeps inside a graph. ``construct``
+        (one graph) is unchanged. MindSpore's ``Cell.recompute()`` is not used: in PyNative mode it
+        left the parameters inside the recomputed cells without gradient (the LoRA modules of the
+        feed-forwards), and on the CPU graph backend it did not lower the peak.
         """
-        value = bool(value)
-        if value == self.gradient_checkpointing:
-            return
-        if not value:
-            raise RuntimeError("gradient checkpointing (MindSpore recompute) cannot be turned off once "
-                               "enabled on a model: build a new SdxlUNet2DConditionModel instead")
-        for cell in self._cells_of((FeedForward,)):
-            cell.recompute()
-            # fp16-stored weights (to_dtype with an fp32 compute_dtype): a recomputed cell recasts its
-            # weights in the backward anyway, and a hand-written backward inside would block the recompute
-            for _, sub in cell.cells_and_names():
-                if isinstance(sub, layers.Linear):
-                    sub.stored_dense = None
-        self.gradient_checkpointing = True
+        self.gradient_checkpointing = bool(value)
 
     def enable_gradient_checkpointing(self):
         self.set_gradient_checkpointing(True)

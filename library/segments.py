@@ -12,9 +12,9 @@ graph backend keeps every kernel's output until its graph ends).
 In PyNative mode the same chain runs eagerly: the forward builds no autodiff tape, and each
 segment's backward is its own ``GradOperation``.
 
-Random ops inside a segment would draw differently in the forward and in the recomputation; the
-LoRA dropouts therefore draw from a per-step seed that stays fixed between the two
-(``networks.lora``), which is what torch's checkpoint achieves by restoring the RNG state.
+Random ops inside a segment draw differently in the forward and in the recomputation (torch's
+checkpoint restores the RNG state instead), so a chain is only built for deterministic segments:
+the trainer keeps the one-graph step when LoRA dropouts are on.
 """
 import copy
 from typing import Dict, List, Sequence
@@ -202,6 +202,7 @@ class SegmentChain:
         """Gradients of ``self.params`` given ``sens`` (output name -> its gradient, e.g. the loss scale).
 
         ``values`` is what ``forward`` returned; it is emptied as the boundaries stop being needed."""
+        import mindspore as ms
         from mindspore import ops
 
         grads = dict(sens)
@@ -213,7 +214,8 @@ class SegmentChain:
             if not any(n in grads for n in seg.outputs):
                 continue  # nothing downstream of it reaches the loss
             douts = [grads.pop(n) if n in grads else ops.zeros_like(values[n]) for n in seg.outputs]
-            sens_arg = douts[0] if len(douts) == 1 else tuple(douts)
+            # mutable: a tuple argument of a graph is otherwise a constant, recompiled for every new value
+            sens_arg = douts[0] if len(douts) == 1 else ms.mutable(tuple(douts))
             input_grads, p_grads = seg.run_backward([values[n] for n in seg.inputs] + [sens_arg])
             for p, g in zip(seg.params, p_grads):
                 param_grads[id(p)] = g

@@ -219,5 +219,7 @@ class SegmentedStep:
         return loss, self.chain.backward(values, {self.loss_name: sens})
 
     def __call__(self, *inputs):
+        import mindspore as ms
+
         loss, grads = self.loss_and_grads(*inputs)
-        return self.apply_cell(loss, grads)
+        return self.apply_cell(loss, ms.mutable(grads))  # mutable: not a constant of the graph (recompiled)

@@ -122,7 +122,7 @@ class LoRAModule(nn.Cell):
             self.lora_up = layers.Linear(self.lora_dim, out_dim, bias=False)
             fan_in = in_dim
             self.bias_add = ops.BiasAdd()
-            self.stored_dense = getattr(org_module, "stored_dense", None)  # None inside recomputed cells
+            self.stored_dense = getattr(org_module, "stored_dense", None)
         self.lora_down.weight.set_data(Tensor(_kaiming_uniform(self.lora_down.weight.shape, fan_in)))
         self.lora_up.weight.set_data(Tensor(np.zeros(self.lora_up.weight.shape, np.float32)))
 
