@@ -74,6 +74,10 @@ def setup_parser() -> argparse.ArgumentParser:
                    help="run the U-Net on the negative and the positive prompt one after the other (batch 1 each) "
                         "instead of as one batch of 2: same images, about half the activation memory (1024x1024 "
                         "in fp32 on a 24 GB CPU machine needs it)")
+    p.add_argument("--whole_graph_unet", action="store_true",
+                   help="compile the U-Net step as one graph instead of one graph per layer (the default, whose "
+                        "graphs give their memory back as they end and whose transformer blocks share one "
+                        "compiled graph): more memory and a longer compile")
     p.add_argument("--fp16_unet_weights", action="store_true",
                    help="with --dtype fp32: keep the U-Net weights in fp16 (half their memory; an fp16 checkpoint "
                         "loses nothing) and compute in fp32, each layer casting its weight as it runs")
@@ -217,6 +221,8 @@ class Generator:
 
     ``one_shot`` (one ``generate_images`` call, not ``--interactive``): the text encoders are dropped after
     the prompt encoding and the compiled U-Net step before the last decode (1024x1024 needs the memory).
+    ``segmented`` (default): the U-Net step runs as one compiled graph per layer
+    (``library.unet_segments.SegmentedDenoise``); False compiles it as one graph (``Denoise``).
 
     ``prepare_models`` (inference): put the models in eval mode and let the text encoders return only
     the penultimate hidden state. The trainer's samples pass False: the models stay as training set them
@@ -224,7 +230,7 @@ class Generator:
     """
 
     def __init__(self, te1, te2, vae, unet, dtype_name="fp32", vae_dtype_name="fp32", prepare_models=True,
-                 sequential_guidance=False, one_shot=False):
+                 sequential_guidance=False, one_shot=False, segmented=True):
         from library.autoencoder_kl import VAEDecode
         from library.clip_tokenizer import load_tokenizers
 
@@ -258,6 +264,7 @@ class Generator:
 
         self.sequential_guidance = sequential_guidance
         self.one_shot = one_shot
+        self.segmented = segmented
         self._denoisers = {}
 
     def check_size(self, width, height):
@@ -335,7 +342,12 @@ class Generator:
 
     def denoiser(self, guided):
         if guided not in self._denoisers:
-            self._denoisers[guided] = Denoise(self.unet, guided, self.dtype)
+            if self.segmented:
+                from library.unet_segments import SegmentedDenoise
+
+                self._denoisers[guided] = SegmentedDenoise(self.unet, guided, self.dtype)
+            else:
+                self._denoisers[guided] = Denoise(self.unet, guided, self.dtype)
         return self._denoisers[guided]
 
     def sample(self, noise, scheduler, steps, context, y, guidance_scale, rng=None, callback=None):
@@ -509,7 +521,7 @@ def main(argv=None):
     te1, te2, vae, unet = load_models(args.ckpt_path, args.vae, load_dtype, vae_dtype_name)
     merge_loras(loras, te1, te2, vae, unet)
     gen = Generator(te1, te2, vae, unet, dtype_name, vae_dtype_name, sequential_guidance=args.sequential_guidance,
-                    one_shot=not args.interactive)
+                    one_shot=not args.interactive, segmented=not args.whole_graph_unet)
     del te1, te2  # the Generator's references are the last ones: released after the prompt is encoded
     gen.check_size(args.width, args.height)
     init_latents = None

@@ -163,7 +163,9 @@ class SegmentChain:
             groups = {}
             for seg in self.segments:
                 if seg.param_cells == [seg.cell]:
-                    groups.setdefault((type(seg.cell), structure_key(seg.cell)), []).append(seg)
+                    trainable = {id(p) for p in seg.params}
+                    positions = tuple(i for i, p in enumerate(seg.cell.get_parameters()) if id(p) in trainable)
+                    groups.setdefault((type(seg.cell), structure_key(seg.cell), positions), []).append(seg)
             for segs in groups.values():
                 if len(segs) > 1:
                     shared = SharedGraph(segs[0], len(self.shared))
@@ -175,10 +177,11 @@ class SegmentChain:
         for seg in self.segments:
             if seg.params or any(n in self.needs_grad for n in seg.inputs):
                 self.needs_grad.update(seg.outputs)
-        self.first_use = {}
+        self.first_use, self.last_use = {}, {}
         for i, seg in enumerate(self.segments):
             for n in seg.inputs:
                 self.first_use.setdefault(n, i)
+                self.last_use[n] = i
 
     def set_train(self, mode=True):
         for cell in [seg.cell for seg in self.segments] + [shared.cell for shared in self.shared]:
@@ -189,13 +192,18 @@ class SegmentChain:
         """Distinct compiled forward graphs (each with at most one backward)."""
         return len([s for s in self.segments if s.template is None]) + len(self.shared)
 
-    def forward(self, values: Dict[str, object]) -> Dict[str, object]:
-        """Runs every segment; ``values`` (the data tensors) gains every boundary tensor."""
-        for seg in self.segments:
+    def forward(self, values: Dict[str, object], keep=True) -> Dict[str, object]:
+        """Runs every segment; ``values`` (the data tensors) gains every boundary tensor. ``keep=False``
+        (inference): each tensor is dropped after its last reader, only the outputs no segment reads stay."""
+        for i, seg in enumerate(self.segments):
             out = seg.run_forward([values[n] for n in seg.inputs])
             if len(seg.outputs) == 1:
                 out = (out,)
             values.update(zip(seg.outputs, out))
+            if not keep:
+                for n in seg.inputs:
+                    if self.last_use[n] == i:
+                        values.pop(n, None)
         return values
 
     def backward(self, values: Dict[str, object], sens: Dict[str, object]):

@@ -153,18 +153,19 @@ def test_loss_and_lora_grads_match_torch(setup, v_parameterization):
         setup["loss32"] = float(loss.asnumpy())  # test_fp16_mixed_precision_loss compares with it
     by_param = dict(zip([p.name for p in setup["params"]], grads))
     n_checked = n_nonzero = 0
-    # fp32 gradient bound: 1e-3 of the largest LoRA gradient (modules far from the loss have tiny grads)
-    scale = max(max(np.abs(g).max() for pair in ref_grads.values() for g in pair), 1e-6) * 5.0
+    # each tensor against its own largest gradient: U-Net 1e-4; text encoders 1e-3 (measured up to 8.2e-4 on
+    # text encoder 2's last layer, whose gradient only arrives through the pooled embedding, label_emb and
+    # the sum over every ResBlock's time embedding: fp32 rounding of a sum that mostly cancels)
     for lora in setup["network"].loras:
-        g_down = by_param[lora.lora_down.weight.name].asnumpy()
-        g_up = by_param[lora.lora_up.weight.name].asnumpy()
-        r_down, r_up = ref_grads[lora.lora_name]
-        n_nonzero += int(np.abs(r_down).max() > 0)
-        np.testing.assert_allclose(g_down, r_down, atol=2e-4 * scale + 1e-8, err_msg=lora.lora_name)
-        np.testing.assert_allclose(g_up, r_up, atol=2e-4 * scale + 1e-8, err_msg=lora.lora_name)
+        bound = 1e-4 if lora.lora_name.startswith("lora_unet_") else 1e-3
+        for part, r in zip(("lora_down", "lora_up"), ref_grads[lora.lora_name]):
+            g = by_param[getattr(lora, part).weight.name].asnumpy()
+            err = np.abs(g - r).max()
+            assert err <= bound * np.abs(r).max(), f"{lora.lora_name}.{part}: {err:.3g} vs max {np.abs(r).max():.3g}"
+        n_nonzero += int(np.abs(ref_grads[lora.lora_name][0]).max() > 0)
         n_checked += 1
     assert n_checked == len(setup["network"].loras) > 20
-    assert n_nonzero >= n_checked - 6  # only text encoder 1's last layer (6 modules) is unused
+    assert n_nonzero == n_checked - 6  # only text encoder 1's last layer (6 modules) is unused
 
 
 def test_adamw_update_matches_torch():
@@ -283,7 +284,8 @@ STEP_INPUTS = ("latents", "noise", "noisy_noise", "timesteps", "sqrt_ab", "sqrt_
 @pytest.mark.parametrize("mode", ["graph", "pynative"])
 def test_segmented_step_equals_whole_graph(setup, mode):
     """Gradient checkpointing by segments: the same loss and every LoRA gradient (text encoders and U-Net)
-    as the one-graph step, each tensor within 1e-5 of its own largest value."""
+    as the one-graph step: each tensor within 1e-5 relative (Frobenius norm), and no value further than
+    2e-5 of the tensor's largest (fp32 rounding in another order: measured up to 1.01e-5)."""
     LossAndGrads, *_ = _build_step_cells()
     loss_net = make_sdxl_loss_net(setup["te1"], setup["te2"], setup["unet"], None, False,
                                   eos_token_id2=H.TE2["eos_token_id"])
@@ -298,5 +300,5 @@ def test_segmented_step_equals_whole_graph(setup, mode):
     assert len(grads) == len(ref_grads) == len(setup["params"])
     for p, g, r in zip(setup["params"], grads, ref_grads):
         g, r = g.asnumpy(), r.asnumpy()
-        err = np.abs(g - r).max()
-        assert err <= 1e-5 * np.abs(r).max() + 1e-12, (p.name, err, np.abs(r).max())
+        assert np.linalg.norm(g - r) <= 1e-5 * np.linalg.norm(r) + 1e-12, (p.name, np.linalg.norm(g - r))
+        assert np.abs(g - r).max() <= 2e-5 * np.abs(r).max() + 1e-12, (p.name, np.abs(g - r).max(), np.abs(r).max())
