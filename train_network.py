@@ -10,7 +10,10 @@ The step: forward (text encoders + UNet with LoRA), backward over the LoRA
 parameters only (base weights frozen), global-norm clipping and the AdamW
 update are ONE graph-mode cell (``TrainStep``); with
 ``--gradient_accumulation_steps`` > 1 one cell accumulates gradients and a
-second small one clips and updates. Random numbers (noise, timesteps, noise
+second small one clips and updates. With ``--gradient_checkpointing`` the
+forward and backward run as a chain of compiled segments instead
+(``SegmentedStep``, ``library/segments.py``: one graph per U-Net layer, the
+backward recomputing one layer at a time) and the same update cells follow. Random numbers (noise, timesteps, noise
 offsets) are drawn on the host from one numpy generator seeded by ``--seed``
 and fed to the step, so the graph does not depend on the loss options.
 
@@ -44,11 +47,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import library  # noqa: E402,F401  (sets the CPU runtime env before mindspore loads)
 from library import config_util, train_util  # noqa: E402
-from library.device_utils import UserError, release_host_memory  # noqa: E402
+from library.device_utils import UserError, peak_rss_gb, release_host_memory, reset_peak_rss  # noqa: E402
 from library.train_args import NOT_IMPLEMENTED, check_not_implemented, parse_args, setup_parser  # noqa: E402,F401
 from library.train_outputs import (get_epoch_ckpt_name, get_last_ckpt_name, get_step_ckpt_name,  # noqa: E402
                                    write_loss_curve_png)
-from library.train_step import SegmentedStep, _build_step_cells, _step_cells  # noqa: E402,F401
+from library.train_step import SegmentedLoss, SegmentedStep, _build_step_cells, _step_cells  # noqa: E402,F401
 
 logger = logging.getLogger(__name__)
 
@@ -378,7 +381,8 @@ class NetworkTrainer:
             unet.set_train(True)
 
         set_train_modes()
-        validator = self.make_validator(args, val_group, loss_net, vae, noise_schedule, set_train_modes)
+        eval_net = loss_net if chain is None else SegmentedLoss(chain)  # validation: the step's own forward
+        validator = self.make_validator(args, val_group, eval_net, vae, noise_schedule, set_train_modes)
 
         # metadata
         os.makedirs(args.output_dir, exist_ok=True)
@@ -400,9 +404,10 @@ class NetworkTrainer:
             "ss_validate_every_n_epochs": args.validate_every_n_epochs,
             "ss_validate_every_n_steps": args.validate_every_n_steps,
         }
-        text_encoder_lr = args.text_encoder_lr if args.text_encoder_lr is not None else args.learning_rate
+        dataset_md.update(lora_metadata.dataset_metadata(args, train_group, dataset_md["ss_total_batch_size"]))
         metadata = lora_metadata.build_training_metadata(
-            args, session_id=session_id, training_started_at=training_started_at, text_encoder_lr=text_encoder_lr,
+            args, session_id=session_id, training_started_at=training_started_at,
+            text_encoder_lr=args.text_encoder_lr,  # as given (kohya writes None when unset)
             optimizer_name=optimizer_name, optimizer_args=optimizer_args, model_version=model_version,
             network_kwargs=net_kwargs, dataset_metadata=dataset_md)
         minimum_metadata = lora_metadata.minimum_metadata(metadata)
@@ -529,6 +534,7 @@ class NetworkTrainer:
         epoch = start_epoch
         optimizer.set_lrs(schedule.lrs(lr_position()))
         micro_losses = []
+        steps_measured = reset_peak_rss()  # the steps' peak memory, without the loading before them
         t_update = time.perf_counter()
         for epoch in range(start_epoch, num_train_epochs):
             if global_step >= args.max_train_steps:
@@ -643,7 +649,12 @@ class NetworkTrainer:
         summary = {"steps": global_step, "epochs": num_train_epochs,
                    "compile_s": {(k if isinstance(k, str) else "x".join(map(str, k))): round(v, 2) for k, v in compile_times.items()},
                    "s_per_step": round(sum(step_times) / len(step_times), 4) if step_times else None,
-                   "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
+                   "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+                   "steps_peak_rss_gb": round(peak_rss_gb(), 2) if steps_measured else None}
+        if chain is not None:
+            summary["num_graphs"] = chain.num_graphs
+        if isinstance(step_cell, SegmentedStep) and step_cell.time_breakdown():
+            summary["segmented_step_s"] = {k: round(v, 3) for k, v in step_cell.time_breakdown().items()}
         logger.info("training finished: %s", json.dumps(summary))
         print(f"model saved: {os.path.join(args.output_dir, get_last_ckpt_name(args, ext))} "
               f"(loss curve {args.output_name}_loss.png); {json.dumps(summary)}")

@@ -1,17 +1,23 @@
 """Full-size SDXL LoRA training step on this machine: s/step, compile time and peak RSS of
-``sdxl_train_network.py`` itself (a real run in a child process, on a real SAI checkpoint file).
+``sdxl_train_network.py`` itself (a real run in a child process, on a real SAI checkpoint file), beside
+the same step in torch (diffusers' U-Net from the same file) in the same invocation.
 
     python bench/bench_train.py --file /tmp/sdxl_random.safetensors --generate
     python bench/bench_train.py --file sd_xl_base_1.0.safetensors --resolution 256
 
-Default case (issue #6): U-Net LoRA only, dim 16, gradient checkpointing, 512x512 (64x64
-latents), batch 1, cached latents and text encoder outputs (the text encoders' 3.1 GB are freed
-before the step is compiled), fp32 (``--mixed_precision fp16`` needs more memory on CPU: its
-fp16 matmuls run through fp32 copies of the frozen weights that live until the backward).
-``--pynative`` runs the step in PyNative mode (the graph-mode step does not fit 23 GB at 512x512).
-``--generate`` writes a random SDXL-shaped SAI file (fp16, ~7 GB) when the file is missing.
-"compile s" is the first step (graph compile + one step), "s/step" the mean of the later steps,
-"peak GB" the child's ru_maxrss.
+Default case: U-Net LoRA only, rank 8 (alpha 1), gradient checkpointing (the segmented step),
+512x512 (64x64 latents), batch 1, cached latents and text encoder outputs (the text encoders' 3.1 GB
+are freed before the step is compiled), fp32 compute. ``--fp16_unet_weights`` keeps the frozen U-Net
+weights in fp16 on the MindSpore side (torch keeps fp32 weights). ``--pynative`` runs the step in
+PyNative mode. ``--generate`` writes a random SDXL-shaped SAI file (fp16, ~7 GB) when it is missing.
+
+The torch row: diffusers' UNet2DConditionModel with the file's weights (fp32), the same rank of LoRA
+on kohya's U-Net targets (every Linear of the transformer blocks, proj_in/proj_out), torch's
+gradient checkpointing, AdamW, the same latent size, timesteps drawn alike (``--skip_torch`` leaves
+it out). "compile s" is the first step (graph compile + one step), "s/step" the mean of the later
+steps, "peak GB" the process's peak RSS (the checkpoint load included), "steps GB" the peak during
+the training steps. The MindSpore row also prints where a step's time goes (per segment kind:
+forward, recompute+backward; the update; Python between the graph calls).
 """
 import argparse
 import json
@@ -26,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
-from bench_common import ensure_sdxl_file, fmt  # noqa: E402
+from bench_common import ensure_sdxl_file, fmt, run_worker  # noqa: E402
 
 
 def run_training(args, work):
@@ -61,8 +67,99 @@ def run_training(args, work):
         return {"error": f"exit {proc.returncode}", "peak_rss_gb": peak, "wall_s": wall}
     summary = json.loads(proc.stdout.strip().splitlines()[-1].split("; ", 1)[1])
     compile_s = next(iter(summary["compile_s"].values()))
-    return {"compile_s": compile_s, "s_per_step": summary["s_per_step"], "peak_rss_gb": peak, "wall_s": wall,
-            "first_loss": summary["first_loss"], "last_loss": summary["last_loss"]}
+    return {"compile_s": compile_s, "s_per_step": summary["s_per_step"], "peak_rss_gb": peak,
+            "steps_peak_rss_gb": summary.get("steps_peak_rss_gb"), "wall_s": wall,
+            "first_loss": summary["first_loss"], "last_loss": summary["last_loss"],
+            "segmented_step_s": summary.get("segmented_step_s"), "num_graphs": summary.get("num_graphs")}
+
+
+def worker_torch(args):
+    """The same training step in torch; prints RESULT json."""
+    import numpy as np
+    import torch
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from safetensors import safe_open
+
+    from bench_common import peak_rss_gb
+    from bench_inference import FULL
+    from library.sdxl_model_util import convert_sdxl_unet_state_dict_to_diffusers
+
+    torch.set_num_threads(os.cpu_count())
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**FULL["unet"])
+    prefix = "model.diffusion_model."
+    with safe_open(args.file, "np") as f:  # one tensor at a time
+        names = {k[len(prefix):]: k for k in f.keys() if k.startswith(prefix)}
+        sd = {d: torch.from_numpy(f.get_tensor(names[k]).astype(np.float32))
+              for d, k in convert_sdxl_unet_state_dict_to_diffusers({n: n for n in names}).items()}
+    unet.load_state_dict(sd, assign=True)
+    del sd
+    unet.requires_grad_(False)
+
+    class LoRALinear(torch.nn.Module):
+        def __init__(self, org, rank):
+            super().__init__()
+            self.org = org
+            self.down = torch.nn.Linear(org.in_features, rank, bias=False)
+            self.up = torch.nn.Linear(rank, org.out_features, bias=False)
+            torch.nn.init.kaiming_uniform_(self.down.weight, a=5 ** 0.5)
+            torch.nn.init.zeros_(self.up.weight)
+            self.scale = 1.0 / rank  # alpha 1, as the MindSpore run
+
+        def forward(self, x):
+            return self.org(x) + self.up(self.down(x)) * self.scale
+
+    params = []
+    for name, module in list(unet.named_modules()):
+        if type(module).__name__ != "Transformer2DModel":
+            continue
+        for child_name, child in list(module.named_modules()):
+            if isinstance(child, torch.nn.Linear):
+                parent = module.get_submodule(child_name.rsplit(".", 1)[0]) if "." in child_name else module
+                lora = LoRALinear(child, args.network_dim)
+                setattr(parent, child_name.rsplit(".", 1)[-1], lora)
+                params += [lora.down.weight, lora.up.weight]
+    unet.train()
+    unet.enable_gradient_checkpointing()
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    load_s = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    h = args.resolution // 8
+    context = torch.from_numpy(rng.standard_normal((1, 77, 2048), dtype=np.float32))
+    added = {"text_embeds": torch.from_numpy(rng.standard_normal((1, 1280), dtype=np.float32)),
+             "time_ids": torch.tensor([[args.resolution, args.resolution, 0, 0, args.resolution, args.resolution]],
+                                      dtype=torch.float32)}
+    reset = bench_reset_peak()
+    times = []
+    for _ in range(args.steps):
+        latents = torch.from_numpy(rng.standard_normal((1, 4, h, h), dtype=np.float32))
+        noise = torch.from_numpy(rng.standard_normal((1, 4, h, h), dtype=np.float32))
+        t = torch.tensor([int(rng.integers(0, 1000))])
+        t1 = time.perf_counter()
+        pred = unet(latents + noise, t, context, added_cond_kwargs=added).sample
+        loss = torch.nn.functional.mse_loss(pred, noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t1)
+        print(f"torch step {len(times)}: {times[-1]:.1f} s", file=sys.stderr, flush=True)
+    later = times[1:] or times
+    print("RESULT " + json.dumps({"compile_s": times[0], "s_per_step": sum(later) / len(later), "load_s": load_s,
+                                  "peak_rss_gb": peak_rss_gb(), "steps_peak_rss_gb": reset and peak_rss_gb(),
+                                  "lora_tensors": len(params)}))
+
+
+def bench_reset_peak():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def main():
@@ -71,7 +168,7 @@ def main():
     parser.add_argument("--generate", action="store_true", help="write a random SDXL-shaped fp16 file if missing")
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--steps", type=int, default=3, help="training steps (the first one compiles)")
-    parser.add_argument("--network_dim", type=int, default=16)
+    parser.add_argument("--network_dim", type=int, default=8)
     parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16"])
     parser.add_argument("--no_checkpointing", action="store_true")
     parser.add_argument("--mem_eff_attn", action="store_true")
@@ -82,20 +179,38 @@ def main():
     parser.add_argument("--jit_level", default=None, choices=[None, "O0", "O1", "O2"])
     parser.add_argument("--pynative", action="store_true",
                         help="train step in PyNative mode (no compile; each op's memory is freed when unused)")
+    parser.add_argument("--skip_torch", action="store_true", help="no torch row")
+    parser.add_argument("--worker", choices=["torch"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker == "torch":
+        import library  # noqa: F401  (CPU ISA env, as the MindSpore side)
+        return worker_torch(args)
     ensure_sdxl_file(args.file, args.generate, parser)
     with tempfile.TemporaryDirectory() as work:
         r = run_training(args, work)
+    tr = None
+    if not args.skip_torch:  # after the MindSpore run: one heavy process at a time
+        tr = run_worker(__file__, ["--worker", "torch", "--file", args.file, "--resolution", str(args.resolution),
+                                   "--steps", str(args.steps), "--network_dim", str(args.network_dim)])
     case = (f"SDXL U-Net LoRA dim {args.network_dim}, {args.resolution}px, batch 1, "
             f"{'no checkpointing' if args.no_checkpointing else 'checkpointing'}, mixed_precision {args.mixed_precision}"
             + (f", jit_level {args.jit_level}" if args.jit_level else "") + (", mem_eff_attn" if args.mem_eff_attn else "")
             + (", fp16 U-Net weights" if args.fp16_unet_weights else "") + (", PyNative" if args.pynative else "")
             + (", text encoder outputs cached" if not args.no_cache_text_encoder_outputs else ""))
     print(case)
-    print(f"{'compile s':>10} {'s/step':>8} {'peak GB':>8} {'wall s':>8}")
-    print(f"{fmt(r.get('compile_s'), '.1f'):>10} {fmt(r.get('s_per_step'), '.1f'):>8} "
-          f"{fmt(r.get('peak_rss_gb'), '.2f'):>8} {fmt(r.get('wall_s'), '.0f'):>8}" + (f"  {r['error']}" if "error" in r else ""))
-    print("RESULT " + json.dumps(dict(r, case=case)))
+    print(f"{'':16} {'compile s':>10} {'s/step':>8} {'peak GB':>8} {'steps GB':>9}")
+    rows = [("MindSpore", r)] + ([("torch", tr)] if tr is not None else [])
+    for name, row in rows:
+        print(f"{name:16} {fmt(row.get('compile_s'), '.1f'):>10} {fmt(row.get('s_per_step'), '.1f'):>8} "
+              f"{fmt(row.get('peak_rss_gb'), '.2f'):>8} {fmt(row.get('steps_peak_rss_gb'), '.2f'):>9}"
+              + (f"  {row['error']}" if "error" in row else ""))
+    if tr is not None and r.get("s_per_step") and tr.get("s_per_step"):
+        print(f"ratio MindSpore / torch: s/step {r['s_per_step'] / tr['s_per_step']:.2f}")
+    if r.get("segmented_step_s"):
+        print("MindSpore step, mean seconds per step by segment kind:")
+        for k, v in sorted(r["segmented_step_s"].items(), key=lambda kv: -kv[1]):
+            print(f"  {k:40} {v:8.2f}")
+    print("RESULT " + json.dumps(dict(r, case=case, torch=tr)))
 
 
 if __name__ == "__main__":

@@ -128,6 +128,29 @@ def release_host_memory():
         pass
 
 
+def reset_peak_rss():
+    """Start this process's peak resident memory (VmHWM) anew (Linux), so that ``peak_rss_gb`` measures
+    one phase (the training steps, not the checkpoint load before them). False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_gb():
+    """VmHWM in GB (since the start or the last ``reset_peak_rss``); None where there is none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024 ** 2
+    except OSError:
+        pass
+    return None
+
+
 @contextlib.contextmanager
 def pynative_mode():
     """Run the enclosed calls in PyNative mode, then restore the previous mode.

@@ -194,6 +194,71 @@ def build_training_metadata(args, *, session_id, training_started_at, text_encod
     return {k: str(v) for k, v in md.items()}
 
 
+def dataset_metadata(args, group, total_batch_size):
+    """kohya's dataset keys of the training metadata: with a dataset ``.toml`` ``ss_datasets`` (each
+    dataset and its subsets), ``ss_tag_frequency`` and ``ss_dataset_dirs`` (JSON); from command-line
+    folders the flat ``ss_resolution`` ... ``ss_bucket_info`` keys (train_network.py's two branches)."""
+    from library.dataset_dreambooth import DreamBoothDataset
+
+    def dirs_entry(subset):
+        return {"n_repeats": subset.num_repeats, "img_count": subset.img_count}
+
+    if getattr(args, "dataset_config", None) is not None:
+        datasets, tag_frequency, dirs = [], {}, {}
+        for dataset in group.datasets:
+            dreambooth = isinstance(dataset, DreamBoothDataset)
+            subsets = []
+            for subset in dataset.subsets:
+                sm = {"img_count": subset.img_count, "num_repeats": subset.num_repeats,
+                      "color_aug": bool(subset.color_aug), "flip_aug": bool(subset.flip_aug),
+                      "random_crop": bool(subset.random_crop), "shuffle_caption": bool(subset.shuffle_caption),
+                      "keep_tokens": subset.keep_tokens, "keep_tokens_separator": subset.keep_tokens_separator,
+                      "secondary_separator": subset.secondary_separator,
+                      "enable_wildcard": bool(subset.enable_wildcard), "caption_prefix": subset.caption_prefix,
+                      "caption_suffix": subset.caption_suffix}
+                dir_name = None
+                if subset.image_dir:
+                    sm["image_dir"] = dir_name = os.path.basename(subset.image_dir)
+                if dreambooth:
+                    sm["class_tokens"] = subset.class_tokens
+                    sm["is_reg"] = subset.is_reg
+                    if subset.is_reg:
+                        dir_name = None  # regularization folders are not listed
+                else:
+                    sm["metadata_file"] = dir_name = os.path.basename(subset.metadata_file)
+                subsets.append(sm)
+                if dir_name is not None:
+                    name, i = dir_name, 2
+                    while name in dirs:  # the same folder in several datasets
+                        name, i = f"{dir_name} ({i})", i + 1
+                    dirs[name] = dirs_entry(subset)
+            datasets.append({"is_dreambooth": dreambooth, "batch_size_per_device": dataset.batch_size,
+                             "num_train_images": dataset.num_train_images, "num_reg_images": dataset.num_reg_images,
+                             "resolution": (dataset.width, dataset.height), "enable_bucket": bool(dataset.enable_bucket),
+                             "min_bucket_reso": dataset.min_bucket_reso, "max_bucket_reso": dataset.max_bucket_reso,
+                             "tag_frequency": dataset.tag_frequency, "bucket_info": dataset.bucket_info,
+                             "subsets": subsets})
+            for dir_name, freq in dataset.tag_frequency.items():
+                tag_frequency.setdefault(dir_name, freq)  # a folder in several datasets counts once
+        return {"ss_datasets": json.dumps(datasets), "ss_tag_frequency": json.dumps(tag_frequency),
+                "ss_dataset_dirs": json.dumps(dirs)}
+    dataset = group.datasets[0]
+    dirs, reg_dirs = {}, {}
+    for subset in dataset.subsets:
+        if getattr(args, "in_json", None) is None:
+            (reg_dirs if subset.is_reg else dirs)[os.path.basename(subset.image_dir)] = dirs_entry(subset)
+        else:
+            dirs[os.path.basename(subset.metadata_file)] = dirs_entry(subset)
+    return {"ss_batch_size_per_device": args.train_batch_size, "ss_total_batch_size": total_batch_size,
+            "ss_resolution": args.resolution, "ss_color_aug": bool(args.color_aug), "ss_flip_aug": bool(args.flip_aug),
+            "ss_random_crop": bool(args.random_crop), "ss_shuffle_caption": bool(args.shuffle_caption),
+            "ss_enable_bucket": bool(dataset.enable_bucket), "ss_bucket_no_upscale": bool(dataset.bucket_no_upscale),
+            "ss_min_bucket_reso": dataset.min_bucket_reso, "ss_max_bucket_reso": dataset.max_bucket_reso,
+            "ss_keep_tokens": args.keep_tokens, "ss_dataset_dirs": json.dumps(dirs),
+            "ss_reg_dataset_dirs": json.dumps(reg_dirs), "ss_tag_frequency": json.dumps(dataset.tag_frequency),
+            "ss_bucket_info": json.dumps(dataset.bucket_info)}
+
+
 def minimum_metadata(metadata):
     return {k: metadata[k] for k in SS_METADATA_MINIMUM_KEYS if k in metadata}
 

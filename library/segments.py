@@ -16,7 +16,9 @@ Random ops inside a segment draw differently in the forward and in the recomputa
 checkpoint restores the RNG state instead), so a chain is only built for deterministic segments:
 the trainer keeps the one-graph step when LoRA dropouts are on.
 """
+import collections
 import copy
+import time
 from typing import Dict, List, Sequence
 
 # attributes that name a cell without changing what it computes
@@ -37,6 +39,7 @@ class Segment:
         self.outputs = tuple(outputs)
         self.params = []  # trainable parameters inside the cell (set by SegmentChain)
         self.template = None  # a SharedGraph running this segment's computation (set by SegmentChain)
+        self.kind = type(cell).__name__.strip("_")  # for the time breakdown
         self._backward = None
 
     def run_forward(self, args):
@@ -82,6 +85,7 @@ class SharedGraph:
         for p in self.cell_params:  # graph parameter names stay unique
             p.name = f"shared{index}.{p.name}"
         self.trainable_positions = None
+        self.attached = 0
         self._backward = None
 
     def attach(self, seg: "Segment"):
@@ -97,10 +101,10 @@ class SharedGraph:
             raise ValueError(f"segment {seg.name}: other trainable parameters than its shared graph's")
         seg._own_params = own
         seg.params = [own[i] for i in positions]  # in the shared graph's order
-        if seg.template is None and not hasattr(self, "_freed"):
-            self.bind(seg)  # frees the copy's own values
-            self._freed = True
         seg.template = self
+        if not self.attached:
+            self.bind(seg)  # frees the copy's own values
+        self.attached += 1
 
     def bind(self, seg):
         # every call: a parameter whose data was replaced (set_data: loading weights, resume) is seen
@@ -177,6 +181,7 @@ class SegmentChain:
         for seg in self.segments:
             if seg.params or any(n in self.needs_grad for n in seg.inputs):
                 self.needs_grad.update(seg.outputs)
+        self.seconds = collections.defaultdict(float)  # (phase, segment kind) -> time in its graph calls
         self.first_use, self.last_use = {}, {}
         for i, seg in enumerate(self.segments):
             for n in seg.inputs:
@@ -196,7 +201,9 @@ class SegmentChain:
         """Runs every segment; ``values`` (the data tensors) gains every boundary tensor. ``keep=False``
         (inference): each tensor is dropped after its last reader, only the outputs no segment reads stay."""
         for i, seg in enumerate(self.segments):
+            t0 = time.perf_counter()
             out = seg.run_forward([values[n] for n in seg.inputs])
+            self.seconds[("forward", seg.kind)] += time.perf_counter() - t0
             if len(seg.outputs) == 1:
                 out = (out,)
             values.update(zip(seg.outputs, out))
@@ -224,7 +231,9 @@ class SegmentChain:
             douts = [grads.pop(n) if n in grads else ops.zeros_like(values[n]) for n in seg.outputs]
             # mutable: a tuple argument of a graph is otherwise a constant, recompiled for every new value
             sens_arg = douts[0] if len(douts) == 1 else ms.mutable(tuple(douts))
+            t0 = time.perf_counter()
             input_grads, p_grads = seg.run_backward([values[n] for n in seg.inputs] + [sens_arg])
+            self.seconds[("recompute+backward", seg.kind)] += time.perf_counter() - t0
             for p, g in zip(seg.params, p_grads):
                 param_grads[id(p)] = g
             for n, g in zip(seg.inputs, input_grads):

@@ -7,6 +7,7 @@ scaling and data-parallel gradient means plug into them.
 ``ApplyGrads`` (reduce, clip, update) or ``AccumulateGrads`` (into the buffers ``ApplyAccumulated``
 reads), the same maths as ``TrainStep`` / ``AccumulateStep`` after their backward."""
 import functools
+import time
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,6 +204,20 @@ class SegmentedStep:
         self.apply_cell = apply_cell
         self.loss_name = loss_name
         self.loss_scale = loss_scale
+        self.calls = 0
+        self.seconds = {}
+
+    def time_breakdown(self):
+        """Mean seconds per step after the first (compiling) one: forward and recompute+backward per segment
+        kind, the update, and the rest (Python between the graph calls); {} before the second step."""
+        n = self.calls - 1
+        if n < 1:
+            return {}
+        out = {f"{phase} {kind}": v / n for (phase, kind), v in sorted(self.chain.seconds.items())}
+        out["update"] = self.seconds["update"] / n
+        out["between graphs"] = (self.seconds["total"] - sum(self.chain.seconds.values())
+                                 - self.seconds["update"]) / n
+        return out
 
     def set_train(self, mode=True):
         self.chain.set_train(mode)
@@ -221,5 +236,30 @@ class SegmentedStep:
     def __call__(self, *inputs):
         import mindspore as ms
 
+        if self.calls == 1:  # the first call compiled: measure from the second on
+            self.chain.seconds.clear()
+            self.seconds = {}
+        self.calls += 1
+        t0 = time.perf_counter()
         loss, grads = self.loss_and_grads(*inputs)
-        return self.apply_cell(loss, ms.mutable(grads))  # mutable: not a constant of the graph (recompiled)
+        t1 = time.perf_counter()
+        loss = self.apply_cell(loss, ms.mutable(grads))  # mutable: not a constant of the graph (recompiled)
+        t2 = time.perf_counter()
+        self.seconds["update"] = self.seconds.get("update", 0.0) + t2 - t1
+        self.seconds["total"] = self.seconds.get("total", 0.0) + t2 - t0
+        return loss
+
+
+class SegmentedLoss:
+    """The loss cell's forward run as ``chain``'s forward (validation with the segmented step): called
+    as the loss cell is, each boundary dropped after its last reader."""
+
+    def __init__(self, chain, loss_name="loss"):
+        self.chain = chain
+        self.loss_name = loss_name
+
+    def set_train(self, mode=True):
+        self.chain.set_train(mode)
+
+    def __call__(self, *inputs):
+        return self.chain.forward(dict(zip(self.chain.data, inputs)), keep=False)[self.loss_name]

@@ -757,8 +757,10 @@ class LoRANetwork:
     def merge_to(self, text_encoder, unet, weights_sd, dtype=None, device=None):
         """Merge ``weights_sd`` into the original weights: ``W += multiplier * up@down * alpha/dim``.
 
-        Every module is checked and every new weight computed before any is written: a file that does not
-        fit leaves the models unchanged.
+        Every module's shapes are checked before any weight is written (a file that does not fit leaves
+        the models unchanged); then the modules are merged one at a time, as kohya does, so that only one
+        merged weight exists besides the model at any moment (computing all of them first doubled the
+        full-size U-Net's memory).
         """
         apply_text_encoder = any(k.startswith(self.LORA_PREFIX_TEXT_ENCODER) for k in weights_sd)
         apply_unet = any(k.startswith(self.LORA_PREFIX_UNET) for k in weights_sd)
@@ -771,27 +773,27 @@ class LoRANetwork:
         for key, value in weights_sd.items():
             name, leaf = key.split(".", 1)
             per_module.setdefault(name, {})[leaf] = value
-        updates = []
+        todo = []
         for lora in self.loras:
             sd = per_module.get(lora.lora_name)
             if sd is None:
                 continue
-            org = lora.org_module
-            up = np.asarray(sd["lora_up.weight"], np.float32)
-            down = np.asarray(sd["lora_down.weight"], np.float32)
-            alpha = float(np.asarray(sd["alpha"], np.float32).reshape(-1)[0]) if "alpha" in sd else None
-            delta = lora_delta(up, down, alpha, float(lora.multiplier.asnumpy()))
-            weight = _param_numpy(org.weight).astype(np.float32)
-            if delta.shape != weight.shape:
-                raise UserError(f"LoRA module {lora.lora_name}: merged shape {delta.shape} does not fit the layer "
-                                f"weight {weight.shape}")
-            updates.append((org.weight, weight + delta))
+            up, down = np.shape(sd["lora_up.weight"]), np.shape(sd["lora_down.weight"])
+            merged_shape = (up[0], down[1]) + tuple(down[2:])
+            weight_shape = tuple(lora.org_module.weight.shape)
+            if merged_shape != weight_shape:
+                raise UserError(f"LoRA module {lora.lora_name}: merged shape {merged_shape} does not fit the layer "
+                                f"weight {weight_shape}")
+            todo.append((lora, sd))
         target = None if dtype is None else (dtype if isinstance(dtype, ms.Type) else
                                              {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}[
                                                  normalize_dtype(dtype)])
-        for param, value in updates:
-            _set_param(param, value, target)
-        logger.info("weights are merged: %d modules", len(updates))
+        for lora, sd in todo:
+            alpha = float(np.asarray(sd["alpha"], np.float32).reshape(-1)[0]) if "alpha" in sd else None
+            delta = lora_delta(sd["lora_up.weight"], sd["lora_down.weight"], alpha, float(lora.multiplier.asnumpy()))
+            weight = lora.org_module.weight
+            _set_param(weight, _param_numpy(weight).astype(np.float32) + delta, target)
+        logger.info("weights are merged: %d modules", len(todo))
 
     # -- weights -----------------------------------------------------------------
 

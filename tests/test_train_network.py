@@ -87,8 +87,9 @@ MAX_NORM = 1e-4
 
 def test_dreambooth_class_tokens_buckets_accumulation(tmp_path, tiny_ckpt):
     """DreamBooth class+identifier, two aspect-ratio buckets, text encoders trained too,
-    gradient accumulation 2, epochs and epoch saves with kohya's names, max-norm
-    regularisation (--scale_weight_norms) after every update."""
+    gradient accumulation 2 with gradient checkpointing (the segmented step), epochs and epoch saves
+    with kohya's names, max-norm regularisation (--scale_weight_norms) after every update, kohya's
+    dataset metadata."""
     import make_tiny_train_demo as demo
 
     images = tmp_path / "img"
@@ -115,7 +116,8 @@ batch_size = 2
                  "--network_alpha", 2, "--learning_rate", 1e-3, "--text_encoder_lr", 5e-4,
                  "--gradient_accumulation_steps", 2, "--max_train_epochs", 2, "--save_every_n_epochs", 1,
                  "--seed", 1, "--max_data_loader_n_workers", 0, "--lr_scheduler", "cosine",
-                 "--lr_warmup_steps", 1, "--save_precision", "fp32", "--scale_weight_norms", MAX_NORM])
+                 "--lr_warmup_steps", 1, "--save_precision", "fp32", "--scale_weight_norms", MAX_NORM,
+                 "--gradient_checkpointing"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = sorted(os.listdir(out))
     assert "db.safetensors" in files and "db-000001.safetensors" in files, files
@@ -139,6 +141,16 @@ batch_size = 2
     # 2 buckets x 1 batch each = 2 batches per epoch; accumulation 2 -> 1 update per epoch
     assert md["ss_steps"] == "2" and md["ss_epoch"] == "2" and md["ss_num_epochs"] == "2", md
     assert md["ss_network_module"] == "networks.lora" and md["ss_network_dim"] == "4"
+    assert md["ss_text_encoder_lr"] == "0.0005" and md["ss_gradient_checkpointing"] == "True"
+    (ds,) = json.loads(md["ss_datasets"])
+    assert ds["is_dreambooth"] and ds["batch_size_per_device"] == 2 and ds["resolution"] == [96, 96]
+    assert ds["enable_bucket"] and ds["min_bucket_reso"] == 64 and ds["max_bucket_reso"] == 128
+    (sub,) = ds["subsets"]
+    assert sub["image_dir"] == "img" and sub["class_tokens"] == "shq shape" and sub["is_reg"] is False
+    assert sub["img_count"] == 4 and sub["num_repeats"] == 1
+    assert json.loads(md["ss_dataset_dirs"]) == {"img": {"n_repeats": 1, "img_count": 4}}
+    assert json.loads(md["ss_tag_frequency"]) == {"img": {"shq shape": 4}} == ds["tag_frequency"]
+    assert sum(b["count"] for b in ds["bucket_info"]["buckets"].values()) == 4
     with open(out / "db_loss.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and all(np.isfinite(float(r["loss"])) for r in rows)
@@ -180,6 +192,8 @@ def test_demo_trains_with_falling_loss(tmp_path):
     assert last < 0.8 * first, (first, last, losses)
     summary = json.loads(proc.stdout.strip().splitlines()[-1].split("; ", 1)[1])
     assert summary["steps"] == len(losses)
+    _, md = _lora_file(str(out / "tiny_lora.safetensors"))
+    assert md["ss_text_encoder_lr"] == "None"  # not given: kohya writes None, not the resolved lr
 
 
 def test_dim_from_weights_starts_from_the_file(tmp_path, tiny_ckpt):
