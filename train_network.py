@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import library  # noqa: E402,F401  (sets the CPU runtime env before mindspore loads)
 from library import config_util, train_util  # noqa: E402
-from library.device_utils import UserError, peak_rss_gb, release_host_memory, reset_peak_rss  # noqa: E402
+from library.device_utils import UserError, peak_rss_gb, release_host_memory, reset_peak_rss, rss_gb  # noqa: E402
 from library.train_args import NOT_IMPLEMENTED, check_not_implemented, parse_args, setup_parser  # noqa: E402,F401
 from library.train_outputs import (get_epoch_ckpt_name, get_last_ckpt_name, get_step_ckpt_name,  # noqa: E402
                                    write_loss_curve_png)
@@ -278,6 +278,7 @@ class NetworkTrainer:
                 self.cache_text_encoder_outputs(args, text_encoders,
                                                 [g for g in (train_group, val_group) if g is not None])
         release_host_memory()  # what loading and caching freed, before the step is compiled
+        logger.info("host memory after loading and caching: %.2f GB", rss_gb() or 0.0)
 
         # network
         net_kwargs = {}
@@ -534,6 +535,7 @@ class NetworkTrainer:
         epoch = start_epoch
         optimizer.set_lrs(schedule.lrs(lr_position()))
         micro_losses = []
+        logger.info("host memory before the first step: %.2f GB", rss_gb() or 0.0)
         steps_measured = reset_peak_rss()  # the steps' peak memory, without the loading before them
         t_update = time.perf_counter()
         for epoch in range(start_epoch, num_train_epochs):

@@ -139,6 +139,18 @@ def reset_peak_rss():
         return False
 
 
+def rss_gb():
+    """This process's resident memory now (VmRSS) in GB; None where there is none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024 ** 2
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_gb():
     """VmHWM in GB (since the start or the last ``reset_peak_rss``); None where there is none."""
     try:

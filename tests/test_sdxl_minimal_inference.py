@@ -275,6 +275,9 @@ def test_sample_step_callback_and_sequential_guidance(setup):
         gen.sequential_guidance = True  # --sequential_guidance: one U-Net call per prompt, same latents
         sequential = gen.sample(noise, get_scheduler("euler"), 3, context, y, 7.0)
         assert_close(sequential, full, what="sequential guidance")
+        gen.sequential_guidance = False  # --whole_graph_unet: the U-Net step as one cell, same latents
+        gen.segmented, gen._denoisers = False, {}
+        assert_close(gen.sample(noise, get_scheduler("euler"), 3, context, y, 7.0), full, 1e-5, what="one graph")
         # one-shot generation (not --interactive): the text encoders are dropped after the prompt encoding
         one_shot = smi.Generator(te1, te2, vae, unet, one_shot=True)
         del te1, te2
