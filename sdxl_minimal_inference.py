@@ -16,7 +16,6 @@ import datetime
 import logging
 import os
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,12 +23,10 @@ import library  # noqa: E402,F401  (sets the CPU runtime env before mindspore lo
 from library.device_utils import (  # noqa: E402
     UserError, add_device_arguments, check_dtype_supported, run_main, setup_device_from_args)
 from library.path_utils import check_writable_folder  # noqa: E402
-import mindspore as ms  # noqa: E402
-from mindspore import nn, ops  # noqa: E402
+from library.sdxl_pipeline import Generator, save_png  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-MAX_TOKENS = 77
 DEFAULT_SIZE = 1024
 
 
@@ -168,12 +165,6 @@ def load_models(ckpt_path, vae_path=None, dtype_name="fp32", vae_dtype_name="fp3
     return te1, te2, vae, unet
 
 
-def use_penultimate_hidden_state(text_encoder):
-    """Return only the penultimate hidden state (kohya's te1 ``hidden_states[11]`` of 12 layers, te2 [-2])."""
-    tm = text_encoder.text_model
-    tm.hidden_state_indices = (tm.num_layers - 1,)
-
-
 def merge_loras(loras, te1, te2, vae, unet):
     """Merge each (path, multiplier) into the fp32 weights, in order."""
     from networks.lora import create_network_from_weights
@@ -185,222 +176,8 @@ def merge_loras(loras, te1, te2, vae, unet):
         network.merge_to([te1, te2], unet, weights_sd)
 
 
-class Denoise(nn.Cell):
-    """(latents, sqrt(sigma^2+1), t, context, y, scale) -> guided epsilon (float32)."""
-
-    def __init__(self, unet, guided, dtype):
-        super().__init__(auto_prefix=False)
-        self.unet = unet
-        self.guided = guided
-        self.dtype = dtype
-
-    def construct(self, x, input_scale, t, context, y, guidance_scale):
-        if self.guided:
-            x = ops.concat((x, x), 0)
-        x = x / input_scale
-        eps = self.unet(x.astype(self.dtype), t, context.astype(self.dtype),
-                        y.astype(self.dtype)).astype(ms.float32)
-        if self.guided:
-            b = eps.shape[0] // 2
-            uncond = eps[:b]
-            cond = eps[b:]
-            eps = uncond + guidance_scale * (cond - uncond)
-        return eps
-
-
-
-def penultimate_hidden_state(text_encoder, hidden_states):
-    """The penultimate layer's state from the ``hidden_states`` tuple a text encoder returned (all states, or
-    only the penultimate after ``use_penultimate_hidden_state``)."""
-    tm = text_encoder.text_model
-    return hidden_states[tuple(tm.hidden_state_indices).index(tm.num_layers - 1)]
-
-
-class Generator:
-    """Text encoding, denoising (graph mode) and decoding for one loaded model.
-
-    ``one_shot`` (one ``generate_images`` call, not ``--interactive``): the text encoders are dropped after
-    the prompt encoding and the compiled U-Net step before the last decode (1024x1024 needs the memory).
-    ``segmented`` (default): the U-Net step runs as one compiled graph per layer
-    (``library.unet_segments.SegmentedDenoise``); False compiles it as one graph (``Denoise``).
-
-    ``prepare_models`` (inference): put the models in eval mode and let the text encoders return only
-    the penultimate hidden state. The trainer's samples pass False: the models stay as training set them
-    (it switches their train/eval mode itself around sampling) and all hidden states are returned.
-    """
-
-    def __init__(self, te1, te2, vae, unet, dtype_name="fp32", vae_dtype_name="fp32", prepare_models=True,
-                 sequential_guidance=False, one_shot=False, segmented=True):
-        from library.autoencoder_kl import VAEDecode
-        from library.clip_tokenizer import load_tokenizers
-
-        self.ms = ms
-        self.te1, self.te2, self.vae, self.unet = te1, te2, vae, unet
-        if prepare_models:
-            for cell in (te1, te2, vae, unet):
-                cell.set_train(False)
-            use_penultimate_hidden_state(te1)
-            use_penultimate_hidden_state(te2)
-            if unet.attention_impl == "plain":  # same results; 1024x1024 needs it (4096-token attention)
-                unet.set_attention_impl("chunked")
-        self.tokenizer1, self.tokenizer2 = load_tokenizers()
-        dtypes = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
-        self.dtype = dtypes[dtype_name]
-        if self.dtype != ms.float32:
-            unet.to_dtype(self.dtype)
-        vae_dtype = dtypes[vae_dtype_name]
-        if vae_dtype != ms.float32:  # Linear/Conv weights (norms stay fp32), as the loader does
-            from library import layers
-            for _, cell in vae.cells_and_names():
-                if isinstance(cell, (layers.Linear, layers.Conv2d)):
-                    for p in cell.get_parameters(expand=False):
-                        if p.dtype != vae_dtype:
-                            p.set_dtype(vae_dtype)
-        self.vae_dtype = vae_dtype
-        self.vae_decode = VAEDecode(vae)
-        self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.unet_factor = 2 ** (len(unet.config.channel_mult) - 1)
-        self.pixel_multiple = self.vae_factor * self.unet_factor
-
-        self.sequential_guidance = sequential_guidance
-        self.one_shot = one_shot
-        self.segmented = segmented
-        self._denoisers = {}
-
-    def check_size(self, width, height):
-        m = self.pixel_multiple
-        for name, v in (("width", width), ("height", height)):
-            if v % m:
-                raise UserError(f"--{name} {v} is not a multiple of {m}: the VAE downsamples {self.vae_factor}x "
-                                f"and the U-Net {self.unet_factor}x more")
-
-    def _tokens(self, tokenizer, texts):
-        import numpy as np
-
-        for text in texts:
-            n = len(tokenizer(text)["input_ids"])
-            if n > MAX_TOKENS:
-                logger.warning("prompt is %d tokens; truncated to %d (as kohya's minimal inference): %.60s...",
-                               n, MAX_TOKENS, text)
-        ids = tokenizer(texts, padding="max_length", max_length=MAX_TOKENS, truncation=True)["input_ids"]
-        return self.ms.Tensor(np.asarray(ids, np.int32).reshape(len(texts), MAX_TOKENS))
-
-    def encode(self, prompts1, prompts2):
-        """-> (context (B,77,C1+C2), pooled (B,P)) as numpy float32.
-
-        PyNative: 77 tokens cost no compile worth saving, and a graph-mode call would keep the text
-        encoders' weights resident after ``release_text_encoders`` (see ``pynative_mode``)."""
-        import numpy as np
-
-        from library.device_utils import pynative_mode
-
-        if self.te1 is None:
-            raise RuntimeError("the text encoders were released (one_shot Generator)")
-        with pynative_mode():
-            _, _, hidden1 = self.te1(self._tokens(self.tokenizer1, prompts1))
-            _, _, pooled2, hidden2 = self.te2(self._tokens(self.tokenizer2, prompts2))
-            context = np.concatenate([penultimate_hidden_state(self.te1, hidden1).asnumpy(),
-                                      penultimate_hidden_state(self.te2, hidden2).asnumpy()], -1).astype(np.float32)
-            return context, pooled2.asnumpy().astype(np.float32)
-
-    def release_text_encoders(self):
-        """Drop the text encoders (3.3 GB in fp32 for SDXL): one-shot generation encodes its prompts once,
-        and at 1024x1024 the VAE decode needs that memory."""
-        from library.device_utils import release_host_memory
-
-        self.te1 = self.te2 = None
-        release_host_memory()
-
-    def release_denoisers(self):
-        """Drop the compiled denoising steps: a compiled graph holds its activation memory until its cell is
-        deleted (full SDXL at 1024x1024: 5 GB given back, 15.0 -> 9.9 GB). The next ``sample`` compiles
-        again."""
-        from library.device_utils import release_host_memory
-
-        self._denoisers.clear()
-        release_host_memory()
-
-    def conditioning(self, prompt, prompt2, negative_prompt, guidance_scale, size_args, width, height):
-        """-> (context, y) for the U-Net: (negative, prompt) rows when guided (scale > 1), else the prompt's;
-        y = pooled + SDXL size embeddings of ``size_args`` (original_size, crop, target_size; see
-        ``size_conditioning``)."""
-        import numpy as np
-
-        if guidance_scale > 1.0:
-            context, pooled = self.encode([negative_prompt, prompt], [negative_prompt, prompt2])
-        else:
-            context, pooled = self.encode([prompt], [prompt2])
-        if self.one_shot:
-            self.release_text_encoders()
-        # 256 sinusoids per size value in SDXL; tiny models of the same topology may use fewer
-        size_emb = size_conditioning(size_args, width, height, (self.unet.adm_in_channels - pooled.shape[-1]) // 6)
-        y = np.concatenate([pooled, np.repeat(size_emb, pooled.shape[0], 0)], -1).astype(np.float32)
-        return context, y
-
-    def latent_shape(self, width, height):
-        return (self.unet.in_channels, height // self.vae_factor, width // self.vae_factor)
-
-    def denoiser(self, guided):
-        if guided not in self._denoisers:
-            if self.segmented:
-                from library.unet_segments import SegmentedDenoise
-
-                self._denoisers[guided] = SegmentedDenoise(self.unet, guided, self.dtype)
-            else:
-                self._denoisers[guided] = Denoise(self.unet, guided, self.dtype)
-        return self._denoisers[guided]
-
-    def sample(self, noise, scheduler, steps, context, y, guidance_scale, rng=None, callback=None):
-        """Sampling from unscaled ``noise`` (1,4,h,w) with any ``library.sdxl_schedulers`` scheduler (it supplies
-        the timesteps, ``init_noise_sigma``, the model-input scale and the step); returns final latents
-        (numpy float32). ``callback(i, latents)`` runs after step i; when it returns True sampling stops there
-        (as diffusers' ``callback_on_step_end`` with ``interrupt``)."""
-        import numpy as np
-
-        ms = self.ms
-        guided = guidance_scale > 1.0
-        sequential = guided and self.sequential_guidance
-        scheduler.set_timesteps(steps)
-        latents = (np.asarray(noise, np.float32) * scheduler.init_noise_sigma).astype(np.float32)
-        step_cell = self.denoiser(guided and not sequential)
-        batch = 2 if guided and not sequential else 1
-        rows = [(ms.Tensor(context[j:j + 1]), ms.Tensor(y[j:j + 1])) for j in (0, 1)] if sequential else \
-            [(ms.Tensor(context), ms.Tensor(y))]
-        scale_t = ms.Tensor(np.float32(guidance_scale))
-        for i, t in enumerate(scheduler.timesteps):
-            x = (ms.Tensor(latents), ms.Tensor(scheduler.input_scale(i)), ms.Tensor(np.full((batch,), t, np.float32)))
-            if sequential:  # (negative, prompt) one U-Net call each: half the activation memory
-                uncond, cond = (step_cell(*x, c, yy, scale_t).asnumpy() for c, yy in rows)
-                eps = uncond + np.float32(guidance_scale) * (cond - uncond)
-            else:
-                eps = step_cell(*x, *rows[0], scale_t).asnumpy()
-            latents = scheduler.step(eps, i, latents, rng)
-            if callback is not None and callback(i, latents):
-                break
-        return latents
-
-    def decode(self, latents):
-        """Latents -> float pixels in [0, 1], (H, W, 3), as diffusers' output_type='np'."""
-        import numpy as np
-
-        z = self.ms.Tensor((latents / np.float32(self.vae.scaling_factor)).astype(np.float32))
-        image = self.vae_decode(z.astype(self.vae_dtype)).astype(self.ms.float32).asnumpy()[0]
-        return np.clip(image / 2 + 0.5, 0, 1).transpose(1, 2, 0)
-
-
 # ---------------------------------------------------------------------------
 # generation
-
-
-def size_conditioning(args, width, height, dim=256):
-    import numpy as np
-
-    from library.sdxl_original_unet import get_size_embeddings
-
-    original = args.original_size or (height, width)
-    target = args.target_size or (height, width)
-    return get_size_embeddings(np.array([original], np.float32), np.array([args.crop], np.float32),
-                               np.array([target], np.float32), dim).astype(np.float32)
 
 
 def load_init_latents(path, num_images, shape):
@@ -418,39 +195,14 @@ def load_init_latents(path, num_images, shape):
     return arr.astype(np.float32)
 
 
-def save_png(output_dir, name, pixels, info):
-    import numpy as np
-    from PIL import Image
-    from PIL.PngImagePlugin import PngInfo
-
-    path = os.path.join(output_dir, name + ".png")
-    k = 1
-    while os.path.exists(path):  # same second in --interactive mode: never overwrite
-        path = os.path.join(output_dir, f"{name}_{k}.png")
-        k += 1
-    meta = PngInfo()
-    for key, value in info.items():
-        meta.add_text(key, str(value))
-    image = Image.fromarray((pixels * 255).round().astype(np.uint8))
-    fd, tmp = tempfile.mkstemp(dir=output_dir, prefix=".tmp_", suffix=".png")
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG", pnginfo=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
-
-
 def generate_images(gen, args, prompt, prompt2, negative_prompt, seed, model_name, lora_desc, init_latents=None):
     import numpy as np
 
     from library.sdxl_schedulers import get_scheduler
 
     prompt2 = prompt if prompt2 is None else prompt2
-    context, y = gen.conditioning(prompt, prompt2, negative_prompt, args.guidance_scale, args, args.width, args.height)
+    context, y = gen.conditioning(prompt, prompt2, negative_prompt, args.guidance_scale, args.width, args.height,
+                                  args.original_size, args.crop, args.target_size)
     if seed is None:
         seed = int(np.random.SeedSequence().entropy % (2 ** 31))
     shape = gen.latent_shape(args.width, args.height)

@@ -194,6 +194,7 @@ def worker_ms(args):
 
     import sdxl_minimal_inference as smi
     from library.device_utils import setup_device
+    from library.sdxl_pipeline import size_conditioning
     from library.sdxl_schedulers import get_scheduler
 
     setup_device("CPU", pynative=args.pynative)
@@ -205,12 +206,11 @@ def worker_ms(args):
     load = time.perf_counter() - t0
     _progress("load", load)
     noise = np.load(args.noise)
-    ns = argparse.Namespace(original_size=None, target_size=None, crop=(0, 0))
 
     def encode():
         context, pooled = gen.encode([NEGATIVE, PROMPT], [NEGATIVE, PROMPT])
         dim = (unet.adm_in_channels - pooled.shape[-1]) // 6
-        size = smi.size_conditioning(ns, args.size, args.size, dim)
+        size = size_conditioning(args.size, args.size, dim=dim)
         return context, np.concatenate([pooled, np.repeat(size, 2, 0)], -1).astype(np.float32)
 
     _, encode_first = _timed(encode, what="encode")

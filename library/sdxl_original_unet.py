@@ -290,15 +290,29 @@ class SpatialTransformer(nn.Cell):
         self.proj_out = layers.Linear(inner, channels)
 
     def construct(self, x, emb, context):
-        b, c, hh, ww = x.shape
-        h = self.norm(x)
-        h = h.transpose(0, 2, 3, 1).reshape(b, hh * ww, c)
-        h = self.proj_in(h)
+        h = transformer_entry(self.norm, self.proj_in, x)
         for block in self.transformer_blocks:
             h = block(h, context)
-        h = self.proj_out(h)
-        h = h.reshape(b, hh, ww, c).transpose(0, 3, 1, 2)
-        return h + x
+        return transformer_exit(self.proj_out, h, x)
+
+
+def transformer_entry(norm, proj_in, x):
+    """A SpatialTransformer's input: GroupNorm, (B,C,H,W) -> (B,H*W,C) tokens, proj_in."""
+    b, c, hh, ww = x.shape
+    return proj_in(norm(x).transpose(0, 2, 3, 1).reshape(b, hh * ww, c))
+
+
+def transformer_exit(proj_out, h, x):
+    """A SpatialTransformer's output: proj_out, tokens back to x's (B,C,H,W), plus the residual x."""
+    b, c, hh, ww = x.shape
+    return proj_out(h).reshape(b, hh, ww, c).transpose(0, 3, 1, 2) + x
+
+
+def unet_embedding(time_proj, time_embed, label_emb, x, timesteps, context, y):
+    """(emb, context in x's dtype): the time + label ("vector") embedding every ResBlock adds."""
+    timesteps = ops.broadcast_to(timesteps.reshape(-1), (x.shape[0],))
+    t_emb = time_proj(timesteps).astype(x.dtype)
+    return time_embed(t_emb) + label_emb(y.astype(x.dtype)), context.astype(x.dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -452,10 +466,7 @@ class SdxlUNet2DConditionModel(nn.Cell):
     # -- forward ------------------------------------------------------------
 
     def construct(self, x, timesteps, context, y):
-        timesteps = ops.broadcast_to(timesteps.reshape(-1), (x.shape[0],))
-        t_emb = self.time_proj(timesteps).astype(x.dtype)
-        emb = self.time_embed(t_emb) + self.label_emb(y.astype(x.dtype))
-        context = context.astype(x.dtype)
+        emb, context = unet_embedding(self.time_proj, self.time_embed, self.label_emb, x, timesteps, context, y)
 
         hs = []
         h = x

@@ -17,7 +17,7 @@ else ``--sample_every_n_steps`` after update steps. Files: ``<output_dir>/sample
 or {step:06d}>_<prompt index:02d>_<YYYYmmddHHMMSS>[_<seed>].png`` (kohya's names), the prompt, seed,
 sampler etc. in the PNG's text chunks.
 
-Generation reuses ``sdxl_minimal_inference.Generator`` on the models being trained: LoRA applied
+Generation reuses ``library.sdxl_pipeline.Generator`` on the models being trained: LoRA applied
 (multiplier 1, not merged), models in eval mode while sampling (no LoRA dropout) and every cell's
 train/eval flag restored afterwards; the text encoders keep returning all hidden states (the training
 step needs them). Randomness comes from a numpy generator per prompt (seeded by ``--d``, or fresh OS
@@ -29,7 +29,7 @@ line (kohya logs and ignores, or falls back to DDIM for an unknown ``--ss``); th
 the first `` --`` is never read as an option (kohya parses ``w 512 ...`` at the start of a prompt as a
 width); comment lines may be indented; a ``.toml`` subset may override a ``[prompt]`` default (kohya
 raises). Not implemented: kohya's prompt weighting syntax ``(word:1.2)`` (the text goes to the tokenizers
-as written) and prompts longer than 75 tokens (truncated with a warning, as ``sdxl_minimal_inference``);
+as written) and prompts longer than 75 tokens (truncated with a warning, as ``sdxl_minimal_inference.py``);
 the initial noise is numpy's, so a seed gives a different image than kohya's torch noise.
 """
 from __future__ import annotations
@@ -40,7 +40,6 @@ import logging
 import os
 import re
 import time
-from types import SimpleNamespace
 from typing import Dict, List, Optional
 
 from library.device_utils import UserError
@@ -294,10 +293,10 @@ class TrainingSampler:
 
     def _generator(self):
         if self.gen is None:
-            import sdxl_minimal_inference as smi
+            from library.sdxl_pipeline import Generator
 
             te1, te2 = self.text_encoders
-            self.gen = smi.Generator(te1, te2, self.vae, self.unet, "fp32", "fp32", prepare_models=False)
+            self.gen = Generator(te1, te2, self.vae, self.unet, "fp32", "fp32", prepare_models=False)
         return self.gen
 
     def sample(self, epoch: Optional[int], steps: int) -> List[str]:
@@ -325,7 +324,7 @@ class TrainingSampler:
     def _sample_one(self, gen, save_dir, d, epoch, steps):
         import numpy as np
 
-        import sdxl_minimal_inference as smi
+        from library.sdxl_pipeline import save_png
         from library.sdxl_schedulers import get_kohya_scheduler
 
         args = self.args
@@ -343,9 +342,8 @@ class TrainingSampler:
         used_seed = seed if seed is not None else int(np.random.SeedSequence().entropy % (2 ** 31))
         rng = np.random.default_rng(used_seed)
         # kohya's SDXL pipeline: original = target = (height, width), crop (0, 0); the prompt to both encoders
-        size_args = SimpleNamespace(original_size=None, target_size=None, crop=(0, 0))
         t0 = time.perf_counter()
-        context, y = gen.conditioning(prompt, prompt, negative_prompt, scale, size_args, width, height)
+        context, y = gen.conditioning(prompt, prompt, negative_prompt, scale, width, height)
         noise = rng.standard_normal((1,) + gen.latent_shape(width, height), dtype=np.float32)
         scheduler = get_kohya_scheduler(sampler, args.v_parameterization)
         t1 = time.perf_counter()
@@ -362,7 +360,7 @@ class TrainingSampler:
                 "epoch": "" if epoch is None else epoch, "step": steps,
                 "model": os.path.basename(os.path.normpath(args.pretrained_model_name_or_path)),
                 "output_name": args.output_name or "", "v_parameterization": bool(args.v_parameterization)}
-        path = smi.save_png(save_dir, name, pixels, info)
+        path = save_png(save_dir, name, pixels, info)
         logger.info("saved %s (text encoders %.1f s, denoising %.1f s, VAE %.1f s; the first call of each "
                     "size compiles)", path, t1 - t0, t2 - t1, t3 - t2)
         return path

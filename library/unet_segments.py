@@ -11,7 +11,6 @@ The segments wrap the model's own cells (same parameters, nothing copied); the m
 
 Names: ``x``, ``timesteps``, ``context``, ``y`` in; ``pred`` out; inner names start with ``prefix``.
 """
-import mindspore as ms
 from mindspore import nn, ops
 
 from library import sdxl_original_unet as U
@@ -26,10 +25,7 @@ class _Stem(nn.Cell):
         self.label_emb = unet.label_emb
 
     def construct(self, x, timesteps, context, y):
-        timesteps = ops.broadcast_to(timesteps.reshape(-1), (x.shape[0],))
-        t_emb = self.time_proj(timesteps).astype(x.dtype)
-        emb = self.time_embed(t_emb) + self.label_emb(y.astype(x.dtype))
-        return emb, context.astype(x.dtype)
+        return U.unet_embedding(self.time_proj, self.time_embed, self.label_emb, x, timesteps, context, y)
 
 
 class _Layer(nn.Cell):
@@ -68,9 +64,7 @@ class _TransformerIn(nn.Cell):
         self.proj_in = st.proj_in
 
     def construct(self, h):
-        b, c, hh, ww = h.shape
-        t = self.norm(h).transpose(0, 2, 3, 1).reshape(b, hh * ww, c)
-        return self.proj_in(t)
+        return U.transformer_entry(self.norm, self.proj_in, h)
 
 
 class _TransformerBlock(nn.Cell):
@@ -88,8 +82,7 @@ class _TransformerOut(nn.Cell):
         self.proj_out = st.proj_out
 
     def construct(self, t, h):
-        b, c, hh, ww = h.shape
-        return self.proj_out(t).reshape(b, hh, ww, c).transpose(0, 3, 1, 2) + h
+        return U.transformer_exit(self.proj_out, t, h)
 
 
 class _Head(nn.Cell):
@@ -143,51 +136,3 @@ def unet_segments(unet, x="x", timesteps="timesteps", context="context", y="y", 
     segs.append(Segment(prefix + "head", _Head(unet.out), (h,), (pred,)))
     return segs
 
-
-class _GuidanceIn(nn.Cell):
-    def __init__(self, guided, dtype):
-        super().__init__(auto_prefix=False)
-        self.guided = guided
-        self.dtype = dtype
-
-    def construct(self, x, input_scale, context, y):
-        if self.guided:
-            x = ops.concat((x, x), 0)
-        x = x / input_scale
-        return x.astype(self.dtype), context.astype(self.dtype), y.astype(self.dtype)
-
-
-class _GuidanceOut(nn.Cell):
-    def __init__(self, guided):
-        super().__init__(auto_prefix=False)
-        self.guided = guided
-
-    def construct(self, pred, guidance_scale):
-        eps = pred.astype(ms.float32)
-        if self.guided:
-            b = eps.shape[0] // 2
-            uncond = eps[:b]
-            eps = uncond + guidance_scale * (eps[b:] - uncond)
-        return eps
-
-
-class SegmentedDenoise:
-    """``sdxl_minimal_inference.Denoise`` as a forward-only chain of segments: ``(latents, sqrt(sigma^2+1),
-    t, context, y, scale) -> guided epsilon``. Each layer's graph gives its memory back when it ends
-    (one graph for the whole U-Net keeps all of its activations to the end), and the transformer
-    blocks share their compiled graphs."""
-
-    def __init__(self, unet, guided, dtype):
-        from library.segments import SegmentChain
-
-        segs = ([Segment("guidance_in", _GuidanceIn(guided, dtype), ("latents", "input_scale", "context_in", "y_in"),
-                         ("x", "context", "y"))]
-                + unet_segments(unet)
-                + [Segment("guidance_out", _GuidanceOut(guided), ("pred", "guidance_scale"), ("eps",))])
-        self.chain = SegmentChain(segs, ("latents", "input_scale", "timesteps", "context_in", "y_in",
-                                         "guidance_scale"), [])
-        self.chain.set_train(False)
-
-    def __call__(self, x, input_scale, t, context, y, guidance_scale):
-        values = dict(zip(self.chain.data, (x, input_scale, t, context, y, guidance_scale)))
-        return self.chain.forward(values, keep=False)["eps"]

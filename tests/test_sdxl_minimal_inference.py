@@ -251,8 +251,6 @@ def test_sample_step_callback_and_sequential_guidance(setup):
     """Generator.sample's step callback sees each step's latents; returning True ends the loop there (what
     bench_inference uses to time the first steps of a long schedule). Sequential guidance (negative and
     positive prompt as two U-Net calls) gives the latents of the batched call."""
-    import argparse
-
     import mindspore as ms
 
     from library.sdxl_schedulers import get_scheduler
@@ -261,8 +259,7 @@ def test_sample_step_callback_and_sequential_guidance(setup):
     try:
         te1, te2, vae, unet = smi.load_models(setup["ckpt"])
         gen = smi.Generator(te1, te2, vae, unet)
-        size_args = argparse.Namespace(original_size=None, target_size=None, crop=(0, 0))
-        context, y = gen.conditioning("a cat", "a cat", "", 7.0, size_args, 64, 64)
+        context, y = gen.conditioning("a cat", "a cat", "", 7.0, 64, 64)
         noise = np.random.default_rng(0).standard_normal((1,) + gen.latent_shape(64, 64)).astype(np.float32)
         seen = []
         full = gen.sample(noise, get_scheduler("euler"), 3, context, y, 7.0,
@@ -281,7 +278,7 @@ def test_sample_step_callback_and_sequential_guidance(setup):
         # one-shot generation (not --interactive): the text encoders are dropped after the prompt encoding
         one_shot = smi.Generator(te1, te2, vae, unet, one_shot=True)
         del te1, te2
-        context2, y2 = one_shot.conditioning("a cat", "a cat", "", 7.0, size_args, 64, 64)
+        context2, y2 = one_shot.conditioning("a cat", "a cat", "", 7.0, 64, 64)
         np.testing.assert_array_equal(context2, context)
         np.testing.assert_array_equal(y2, y)
         assert one_shot.te1 is None and one_shot.te2 is None and gen.te1 is not None

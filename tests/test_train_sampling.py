@@ -260,8 +260,6 @@ def test_sampler_restores_modes_and_leaves_global_rngs_alone(tmp_path):
     in train mode under a parent in eval mode too); random/np.random untouched; noise from the prompt's seed."""
     from mindspore import nn
 
-    import sdxl_minimal_inference as smi  # noqa: F401  (the real save_png is used)
-
     class Net(nn.Cell):
         def __init__(self):
             super().__init__()
@@ -284,8 +282,9 @@ def test_sampler_restores_modes_and_leaves_global_rngs_alone(tmp_path):
     seen = []
 
     class FakeGen:
-        def conditioning(self, prompt, prompt2, negative, scale, size_args, width, height):
-            seen.append(("cond", prompt, prompt2, negative, scale, width, height, size_args.crop))
+        def conditioning(self, prompt, prompt2, negative, scale, width, height, original_size=None, crop=(0, 0),
+                         target_size=None):
+            seen.append(("cond", prompt, prompt2, negative, scale, width, height, crop))
             return np.zeros((2, 77, 8), np.float32), np.zeros((2, 8), np.float32)
 
         def latent_shape(self, width, height):
@@ -343,13 +342,13 @@ def test_sampler_restores_modes_and_leaves_global_rngs_alone(tmp_path):
 def test_penultimate_hidden_state_with_all_or_one_state():
     """Generator.encode picks the penultimate state whether the encoder returns all states (training's
     encoders, prepare_models=False) or only that one (inference)."""
-    import sdxl_minimal_inference as smi
+    from library.sdxl_pipeline import penultimate_hidden_state
 
     tm = SimpleNamespace(num_layers=3, hidden_state_indices=(0, 1, 2, 3))
     te = SimpleNamespace(text_model=tm)
-    assert smi.penultimate_hidden_state(te, ("s0", "s1", "s2", "s3")) == "s2"
+    assert penultimate_hidden_state(te, ("s0", "s1", "s2", "s3")) == "s2"
     tm.hidden_state_indices = (2,)
-    assert smi.penultimate_hidden_state(te, ("s2",)) == "s2"
+    assert penultimate_hidden_state(te, ("s2",)) == "s2"
 
 
 # -- end to end ----------------------------------------------------------------------------------------
