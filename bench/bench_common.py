@@ -7,28 +7,19 @@ import subprocess
 import sys
 import time
 
-
-def _status_gb(field):
-    """A memory field of /proc/self/status (kB) in GB; None where there is none (not Linux)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024 ** 2
-    except OSError:
-        pass
-    return None
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from library import device_utils  # noqa: E402  (no mindspore import: /proc readers)
 
 
 def rss_gb():
     """This process's resident memory now."""
-    return _status_gb("VmRSS") or 0.0
+    return device_utils.rss_gb() or 0.0
 
 
 def peak_rss_gb():
     """This process's peak RSS (VmHWM). Not ``ru_maxrss``: on Linux a child starts with its parent's
     ``ru_maxrss`` at fork, so a small worker of a large parent would report the parent's peak."""
-    peak = _status_gb("VmHWM")
+    peak = device_utils.peak_rss_gb()
     return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
 
 

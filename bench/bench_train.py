@@ -83,6 +83,7 @@ def worker_torch(args):
 
     from bench_common import peak_rss_gb
     from bench_inference import FULL
+    from library.device_utils import reset_peak_rss
     from library.sdxl_model_util import convert_sdxl_unet_state_dict_to_diffusers
 
     torch.set_num_threads(os.cpu_count())
@@ -132,7 +133,7 @@ def worker_torch(args):
     added = {"text_embeds": torch.from_numpy(rng.standard_normal((1, 1280), dtype=np.float32)),
              "time_ids": torch.tensor([[args.resolution, args.resolution, 0, 0, args.resolution, args.resolution]],
                                       dtype=torch.float32)}
-    reset = bench_reset_peak()
+    reset = reset_peak_rss()
     times = []
     for _ in range(args.steps):
         latents = torch.from_numpy(rng.standard_normal((1, 4, h, h), dtype=np.float32))
@@ -151,15 +152,6 @@ def worker_torch(args):
     print("RESULT " + json.dumps({"compile_s": times[0], "s_per_step": sum(later) / len(later), "load_s": load_s,
                                   "peak_rss_gb": peak_rss_gb(), "steps_peak_rss_gb": reset and peak_rss_gb(),
                                   "lora_tensors": len(params)}))
-
-
-def bench_reset_peak():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def main():

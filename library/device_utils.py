@@ -139,28 +139,26 @@ def reset_peak_rss():
         return False
 
 
-def rss_gb():
-    """This process's resident memory now (VmRSS) in GB; None where there is none."""
+def _status_gb(field):
+    """A memory field of /proc/self/status (kB) in GB; None where there is none (not Linux)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024 ** 2
     except OSError:
         pass
     return None
+
+
+def rss_gb():
+    """This process's resident memory now (VmRSS) in GB; None where there is none."""
+    return _status_gb("VmRSS")
 
 
 def peak_rss_gb():
     """VmHWM in GB (since the start or the last ``reset_peak_rss``); None where there is none."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024 ** 2
-    except OSError:
-        pass
-    return None
+    return _status_gb("VmHWM")
 
 
 @contextlib.contextmanager

@@ -50,13 +50,18 @@ class Segment:
 
     def run_backward(self, args):
         """(input grads, grads of ``self.params`` in order)."""
-        if self.template is not None:
-            self.template.bind(self)
-            return self.template.backward(args)
-        if self._backward is None:
-            self._backward = _backward_cell_class()(self.cell, self.params)
-        result = self._backward(*args)
-        return result if self.params else (result, ())
+        if self.template is None:
+            return _run_backward(self, self.cell, self.params, args)
+        self.template.bind(self)
+        return _run_backward(self.template, self.template.cell, self.template.trainable, args)
+
+
+def _run_backward(owner, cell, params, args):
+    """``owner``'s backward graph of ``cell`` (built on first use) on ``args``: (input grads, param grads)."""
+    if owner._backward is None:
+        owner._backward = _backward_cell_class()(cell, params)
+    result = owner._backward(*args)
+    return result if params else (result, ())
 
 
 def structure_key(cell):
@@ -75,47 +80,28 @@ def structure_key(cell):
 
 
 class SharedGraph:
-    """One compiled forward and backward for every segment with the same ``structure_key``: a copy of
-    the first segment's cell whose parameters are pointed at the running segment's parameters
-    (``Parameter.set_data`` shares the storage: nothing is copied) before each call."""
+    """One compiled forward and backward for ``segments`` with the same ``structure_key`` and the same
+    trainable parameter positions: a copy of the first segment's cell whose parameters are pointed at
+    the running segment's parameters (``Parameter.set_data`` shares the storage: nothing is copied)
+    before each call."""
 
-    def __init__(self, key_segment: "Segment", index: int):
-        self.cell = copy.deepcopy(key_segment.cell)
+    def __init__(self, segments: List["Segment"], positions, index: int):
+        self.cell = copy.deepcopy(segments[0].cell)
         self.cell_params = list(self.cell.get_parameters())
         for p in self.cell_params:  # graph parameter names stay unique
             p.name = f"shared{index}.{p.name}"
-        self.trainable_positions = None
-        self.attached = 0
+        self.trainable = [self.cell_params[i] for i in positions]
         self._backward = None
-
-    def attach(self, seg: "Segment"):
-        own = list(seg.cell.get_parameters())
-        if [tuple(p.shape) for p in own] != [tuple(p.shape) for p in self.cell_params]:
-            raise ValueError(f"segment {seg.name} does not fit its shared graph")
-        trainable = {id(p) for p in seg.params}
-        positions = [i for i, p in enumerate(own) if id(p) in trainable]
-        if self.trainable_positions is None:
-            self.trainable_positions = positions
-            self._trainable = [self.cell_params[i] for i in positions]
-        elif positions != self.trainable_positions:
-            raise ValueError(f"segment {seg.name}: other trainable parameters than its shared graph's")
-        seg._own_params = own
-        seg.params = [own[i] for i in positions]  # in the shared graph's order
-        seg.template = self
-        if not self.attached:
-            self.bind(seg)  # frees the copy's own values
-        self.attached += 1
+        for seg in segments:
+            seg._own_params = list(seg.cell.get_parameters())
+            seg.params = [seg._own_params[i] for i in positions]  # in the shared graph's order
+            seg.template = self
+        self.bind(segments[0])  # frees the copy's own values
 
     def bind(self, seg):
         # every call: a parameter whose data was replaced (set_data: loading weights, resume) is seen
         for t, p in zip(self.cell_params, seg._own_params):
             t.set_data(p)
-
-    def backward(self, args):
-        if self._backward is None:
-            self._backward = _backward_cell_class()(self.cell, self._trainable)
-        result = self._backward(*args)
-        return result if self._trainable else (result, ())
 
 
 def _backward_cell_class():
@@ -147,7 +133,7 @@ class SegmentChain:
     parameters whose gradients ``backward`` returns, in that order (zeros for one no segment reaches).
     """
 
-    def __init__(self, segments: List[Segment], data: Sequence[str], params, share_graphs=True):
+    def __init__(self, segments: List[Segment], data: Sequence[str], params):
         self.segments = list(segments)
         self.data = tuple(data)
         self.params = list(params)
@@ -162,20 +148,14 @@ class SegmentChain:
         owned = [id(p) for seg in self.segments for p in seg.params]
         if len(owned) != len(set(owned)):
             raise ValueError("a trainable parameter belongs to more than one segment")
-        self.shared = []
-        if share_graphs:
-            groups = {}
-            for seg in self.segments:
-                if seg.param_cells == [seg.cell]:
-                    trainable = {id(p) for p in seg.params}
-                    positions = tuple(i for i, p in enumerate(seg.cell.get_parameters()) if id(p) in trainable)
-                    groups.setdefault((type(seg.cell), structure_key(seg.cell), positions), []).append(seg)
-            for segs in groups.values():
-                if len(segs) > 1:
-                    shared = SharedGraph(segs[0], len(self.shared))
-                    for seg in segs:
-                        shared.attach(seg)
-                    self.shared.append(shared)
+        groups = {}
+        for seg in self.segments:
+            if seg.param_cells == [seg.cell]:
+                trainable = {id(p) for p in seg.params}
+                positions = tuple(i for i, p in enumerate(seg.cell.get_parameters()) if id(p) in trainable)
+                groups.setdefault((type(seg.cell), structure_key(seg.cell), positions), []).append(seg)
+        self.shared = [SharedGraph(segs, positions, index) for index, ((_, _, positions), segs)
+                       in enumerate((k, v) for k, v in groups.items() if len(v) > 1)]
         # a tensor needs a gradient when a trainable parameter is upstream of it
         self.needs_grad = set()
         for seg in self.segments:

@@ -82,19 +82,17 @@ def _step_cells():
         coef = ops.minimum(max_norm / (total + 1e-6), ops.ones((), ms.float32))
         return hyper_map(ops.partial(scale_grad, coef), grads)
 
-    class TrainStep(nn.Cell):
-        """forward + backward + clip + optimizer update in one graph; returns the loss."""
+    class ApplyGrads(nn.Cell):
+        """``TrainStep`` after its backward: data-parallel mean, clip, optimizer update; returns the loss."""
 
-        def __init__(self, loss_net, params, optimizer, max_grad_norm, reducer=None):
+        def __init__(self, optimizer, max_grad_norm, reducer=None):
             super().__init__(auto_prefix=False)
-            self.loss_and_grads = LossAndGrads(loss_net, params)
             self.optimizer = optimizer
             self.max_grad_norm = float(max_grad_norm or 0.0)
             self.reduce = reducer is not None  # data parallel: mean over ranks (library/distributed.py)
             self.reducer = reducer
 
-        def construct(self, *inputs):
-            loss, grads = self.loss_and_grads(*inputs)
+        def construct(self, loss, grads):
             if self.reduce:
                 grads = self.reducer.grads(grads)
                 loss = self.reducer.loss(loss)
@@ -102,12 +100,11 @@ def _step_cells():
                 grads = clip_grads(grads, self.max_grad_norm)
             return ops.depend(loss, self.optimizer(grads))
 
-    class AccumulateStep(nn.Cell):
-        """forward + backward; adds grads / accumulation_steps to buffers (accelerate's loss scaling)."""
+    class AccumulateGrads(nn.Cell):
+        """``AccumulateStep`` after its backward: grads / accumulation_steps (unscaled) into the buffers."""
 
-        def __init__(self, loss_net, params, accum_buffers, accumulation_steps, reducer=None, loss_scale=None):
+        def __init__(self, accum_buffers, accumulation_steps, reducer=None, loss_scale=None):
             super().__init__(auto_prefix=False)
-            self.loss_and_grads = LossAndGrads(loss_net, params, loss_scale)
             self.accum = accum_buffers
             self.scale = ms.Tensor(1.0 / accumulation_steps, ms.float32)
             self.scaled = loss_scale is not None  # unscaled as they are accumulated (fp32 buffers)
@@ -115,8 +112,7 @@ def _step_cells():
             self.reduce = reducer is not None  # the loss only: gradients are averaged once per update
             self.reducer = reducer
 
-        def construct(self, *inputs):
-            loss, grads = self.loss_and_grads(*inputs)
+        def construct(self, loss, grads):
             if self.reduce:
                 loss = self.reducer.loss(loss)
             scale = self.scale
@@ -124,6 +120,30 @@ def _step_cells():
                 scale = scale / self.loss_scale
             done = hyper_map(ops.partial(accumulate, scale), self.accum, grads)
             return ops.depend(loss, done)
+
+    class TrainStep(nn.Cell):
+        """forward + backward + clip + optimizer update in one graph; returns the loss."""
+
+        def __init__(self, loss_net, params, optimizer, max_grad_norm, reducer=None):
+            super().__init__(auto_prefix=False)
+            self.loss_and_grads = LossAndGrads(loss_net, params)
+            self.apply = ApplyGrads(optimizer, max_grad_norm, reducer)
+
+        def construct(self, *inputs):
+            loss, grads = self.loss_and_grads(*inputs)
+            return self.apply(loss, grads)
+
+    class AccumulateStep(nn.Cell):
+        """forward + backward; adds grads / accumulation_steps to buffers (accelerate's loss scaling)."""
+
+        def __init__(self, loss_net, params, accum_buffers, accumulation_steps, reducer=None, loss_scale=None):
+            super().__init__(auto_prefix=False)
+            self.loss_and_grads = LossAndGrads(loss_net, params, loss_scale)
+            self.accumulate = AccumulateGrads(accum_buffers, accumulation_steps, reducer, loss_scale)
+
+        def construct(self, *inputs):
+            loss, grads = self.loss_and_grads(*inputs)
+            return self.accumulate(loss, grads)
 
     class ApplyAccumulated(nn.Cell):
         """clip + optimizer update from the buffers, then zero them."""
@@ -149,45 +169,6 @@ def _step_cells():
                     grads = clip_grads(grads, self.max_grad_norm)
                 grads = ops.depend(grads, self.optimizer(grads))
             return ops.depend(finite, hyper_map(zero, self.accum))
-
-    class ApplyGrads(nn.Cell):
-        """``TrainStep`` after its backward: data-parallel mean, clip, optimizer update; returns the loss."""
-
-        def __init__(self, optimizer, max_grad_norm, reducer=None):
-            super().__init__(auto_prefix=False)
-            self.optimizer = optimizer
-            self.max_grad_norm = float(max_grad_norm or 0.0)
-            self.reduce = reducer is not None
-            self.reducer = reducer
-
-        def construct(self, loss, grads):
-            if self.reduce:
-                grads = self.reducer.grads(grads)
-                loss = self.reducer.loss(loss)
-            if self.max_grad_norm > 0:
-                grads = clip_grads(grads, self.max_grad_norm)
-            return ops.depend(loss, self.optimizer(grads))
-
-    class AccumulateGrads(nn.Cell):
-        """``AccumulateStep`` after its backward: grads / accumulation_steps (unscaled) into the buffers."""
-
-        def __init__(self, accum_buffers, accumulation_steps, reducer=None, loss_scale=None):
-            super().__init__(auto_prefix=False)
-            self.accum = accum_buffers
-            self.scale = ms.Tensor(1.0 / accumulation_steps, ms.float32)
-            self.scaled = loss_scale is not None
-            self.loss_scale = loss_scale
-            self.reduce = reducer is not None
-            self.reducer = reducer
-
-        def construct(self, loss, grads):
-            if self.reduce:
-                loss = self.reducer.loss(loss)
-            scale = self.scale
-            if self.scaled:
-                scale = scale / self.loss_scale
-            done = hyper_map(ops.partial(accumulate, scale), self.accum, grads)
-            return ops.depend(loss, done)
 
     return dict(LossAndGrads=LossAndGrads, TrainStep=TrainStep, AccumulateStep=AccumulateStep,
                 ApplyAccumulated=ApplyAccumulated, ApplyGrads=ApplyGrads, AccumulateGrads=AccumulateGrads)
