@@ -127,11 +127,11 @@ def _step_cells():
         def __init__(self, loss_net, params, optimizer, max_grad_norm, reducer=None):
             super().__init__(auto_prefix=False)
             self.loss_and_grads = LossAndGrads(loss_net, params)
-            self.apply = ApplyGrads(optimizer, max_grad_norm, reducer)
+            self.update = ApplyGrads(optimizer, max_grad_norm, reducer)
 
         def construct(self, *inputs):
             loss, grads = self.loss_and_grads(*inputs)
-            return self.apply(loss, grads)
+            return self.update(loss, grads)
 
     class AccumulateStep(nn.Cell):
         """forward + backward; adds grads / accumulation_steps to buffers (accelerate's loss scaling)."""

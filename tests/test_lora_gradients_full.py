@@ -1,0 +1,165 @@
+"""Full-size SDXL: every U-Net LoRA gradient of the segmented step (what ``--gradient_checkpointing`` runs)
+against torch (opt-in: --runslow / RUN_SLOW=1; ~7 GB disk, ~11 GB RAM per process, minutes).
+
+A rank-8 LoRA on kohya's U-Net targets (722 modules) with random non-zero up weights is written as a
+kohya file; one process computes our gradients (graph mode, frozen weights stored in fp16 as
+``--fp16_unet_weights``, fp32 compute: the file's weights are fp16, so both sides compute with the
+same values), another torch's (diffusers' U-Net from the same file, the LoRA added by forward hooks,
+torch's gradient checkpointing), each saving its gradients; every tensor must agree within 1e-4 of
+its own largest gradient. ``SDXL_FULL_FILE`` names an existing full-size file to use.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from conftest import ROOT  # noqa: E402
+
+pytestmark = pytest.mark.slow
+RANK, LATENT = 8, 32  # 256x256 images
+
+
+def _inputs():
+    from library.sdxl_original_unet import get_size_embeddings
+
+    rng = np.random.default_rng(0)
+    time_ids = np.array([[256, 256, 0, 0, 256, 256]], np.float32)
+    pooled = rng.standard_normal((1, 1280), dtype=np.float32)
+    size = get_size_embeddings(time_ids[:, 0:2], time_ids[:, 2:4], time_ids[:, 4:6], dim=256)
+    return dict(x=rng.standard_normal((1, 4, LATENT, LATENT), dtype=np.float32), t=np.array([500.0], np.float32),
+                context=rng.standard_normal((1, 77, 2048), dtype=np.float32), pooled=pooled, time_ids=time_ids,
+                y=np.concatenate([pooled, size], -1).astype(np.float32),
+                target=rng.standard_normal((1, 4, LATENT, LATENT), dtype=np.float32))
+
+
+def worker_ours(ckpt, lora_file, out):
+    """Write the LoRA file (random up weights) and our gradients of the l2 loss."""
+    import mindspore as ms
+    from mindspore import Tensor, ops
+
+    from library import layers
+    from library.sdxl_model_util import load_models_from_sdxl_checkpoint
+    from library.segments import Segment, SegmentChain
+    from library.unet_segments import unet_segments
+    from networks import lora as lora_module
+    from test_lora_gradients import _MSE
+
+    ms.set_device("CPU")
+    ms.set_context(mode=ms.GRAPH_MODE)
+    te1, te2, vae, unet, _, _ = load_models_from_sdxl_checkpoint(ckpt)
+    del te1, te2, vae
+    unet.to_dtype(ms.float16, compute_dtype=ms.float32)
+    layers.set_init_seed(5)
+    network = lora_module.create_network(1.0, RANK, RANK, None, [], unet)
+    network.apply_to([], unet, False, True)
+    rng = np.random.default_rng(7)
+    for lora in network.loras:
+        w = lora.lora_up.weight
+        w.set_data(Tensor((0.01 * rng.standard_normal(w.shape)).astype(np.float32)))
+    network.save_weights(lora_file, "float", {})
+    for p in unet.get_parameters():
+        p.requires_grad = False
+    network.requires_grad_(True)
+    unet.set_train(True)
+    params = network.get_trainable_params()
+    segs = unet_segments(unet) + [Segment("loss", _MSE(), ("pred", "target", "weights"), ("loss",))]
+    chain = SegmentChain(segs, ("x", "timesteps", "context", "y", "target", "weights"), params)
+    chain.set_train(True)
+    d = _inputs()
+    values = chain.forward(dict(zip(chain.data, [Tensor(d[k]) for k in ("x", "t", "context", "y", "target")]
+                                    + [Tensor(np.ones(1, np.float32))])))
+    loss = float(values["loss"].asnumpy())
+    grads = chain.backward(values, {"loss": ops.ones_like(values["loss"])})
+    names = {p.name: lora for lora in network.loras for p in (lora.lora_down.weight, lora.lora_up.weight)}
+    np.savez(out, loss=loss, **{f"{names[p.name].lora_name}.{p.name.split('.')[-2]}": g.asnumpy()
+                                for p, g in zip(params, grads)})
+
+
+def worker_torch(ckpt, lora_file, out):
+    """torch's gradients of the same loss with the same LoRA (kohya's formula, by forward hooks)."""
+    import torch
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    import sdxl_checkpoint_helpers as H
+    from library.sdxl_model_util import convert_sdxl_unet_state_dict_to_diffusers
+
+    torch.set_num_threads(os.cpu_count())
+    with init_empty_weights():
+        du = UNet2DConditionModel(**H.SDXL_UNET_KWARGS)
+    prefix = "model.diffusion_model."
+    with safe_open(ckpt, "np") as f:
+        names = {k[len(prefix):]: k for k in f.keys() if k.startswith(prefix)}
+        to_diffusers = convert_sdxl_unet_state_dict_to_diffusers({n: n for n in names})
+        du.load_state_dict({d: torch.from_numpy(f.get_tensor(names[k]).astype(np.float32))
+                            for d, k in to_diffusers.items()}, assign=True)
+    du.requires_grad_(False)
+    du.train()
+    du.enable_gradient_checkpointing()
+    sgm_to_diffusers = {sgm: d for d, sgm in to_diffusers.items()}
+    module_of = {}  # kohya module name -> diffusers module path
+    for sgm in names:
+        if sgm.endswith(".weight"):
+            module_of["lora_unet_" + sgm[:-len(".weight")].replace(".", "_")] = sgm_to_diffusers[sgm][:-len(".weight")]
+    sd = load_file(lora_file)
+    tensors = {}
+    for key in sd:
+        if not key.endswith(".lora_down.weight"):
+            continue
+        name = key[:-len(".lora_down.weight")]
+        down = torch.tensor(sd[key], requires_grad=True)
+        up = torch.tensor(sd[name + ".lora_up.weight"], requires_grad=True)
+        scale = float(sd[name + ".alpha"]) / down.shape[0]
+        tensors[name] = (down, up)
+
+        def hook(module, args, output, down=down, up=up, scale=scale):
+            return output + torch.nn.functional.linear(torch.nn.functional.linear(args[0], down), up) * scale
+        du.get_submodule(module_of[name]).register_forward_hook(hook)
+    d = _inputs()
+    pred = du(torch.tensor(d["x"]), torch.tensor(d["t"]), torch.tensor(d["context"]),
+              added_cond_kwargs={"text_embeds": torch.tensor(d["pooled"]), "time_ids": torch.tensor(d["time_ids"])}).sample
+    loss = ((pred - torch.tensor(d["target"])) ** 2).mean()
+    loss.backward()
+    out_arrays = {"loss": float(loss.detach())}
+    for name, (down, up) in tensors.items():
+        out_arrays[name + ".lora_down"] = down.grad.numpy()
+        out_arrays[name + ".lora_up"] = up.grad.numpy()
+    np.savez(out, **out_arrays)
+
+
+def _run(worker, *args):
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), worker] + [str(a) for a in args],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_full_size_segmented_lora_gradients_match_torch(tmp_path):
+    import sdxl_checkpoint_helpers as H
+
+    ckpt = os.environ.get("SDXL_FULL_FILE") or str(tmp_path / "sdxl_random.safetensors")
+    if not os.path.exists(ckpt):
+        H.write_full_size_sai(ckpt)
+    lora_file, ours, ref = tmp_path / "lora.safetensors", tmp_path / "ours.npz", tmp_path / "torch.npz"
+    _run("ours", ckpt, lora_file, ours)  # one heavy process at a time
+    _run("torch", ckpt, lora_file, ref)
+    a, b = dict(np.load(ours)), dict(np.load(ref))
+    assert set(a) == set(b) and len(a) == 2 * 722 + 1
+    assert abs(float(a["loss"]) - float(b["loss"])) <= 1e-5 * abs(float(b["loss"]))
+    errors = {k: float(np.abs(a[k] - b[k]).max() / np.abs(b[k]).max()) for k in b if k != "loss"}
+    worst = sorted(errors.items(), key=lambda kv: -kv[1])[:5]
+    print(json.dumps({"loss": float(a["loss"]), "torch_loss": float(b["loss"]), "worst": worst}))
+    assert all(np.abs(a[k]).max() > 0 for k in errors)
+    assert worst[0][1] <= 1e-4, worst
+
+
+if __name__ == "__main__":
+    import library  # noqa: F401  (CPU ISA env before mindspore/torch)
+
+    {"ours": worker_ours, "torch": worker_torch}[sys.argv[1]](*sys.argv[2:])
