@@ -51,7 +51,8 @@ from library.device_utils import UserError, peak_rss_gb, release_host_memory, re
 from library.train_args import NOT_IMPLEMENTED, check_not_implemented, parse_args, setup_parser  # noqa: E402,F401
 from library.train_outputs import (get_epoch_ckpt_name, get_last_ckpt_name, get_step_ckpt_name,  # noqa: E402
                                    write_loss_curve_png)
-from library.train_step import SegmentedLoss, SegmentedStep, _build_step_cells, _step_cells  # noqa: E402,F401
+from library.train_step import (ParameterwiseUpdate, SegmentedLoss, SegmentedStep, _build_step_cells,  # noqa: E402,F401
+                                _step_cells)
 
 logger = logging.getLogger(__name__)
 
@@ -356,6 +357,8 @@ class NetworkTrainer:
             if chain is None:
                 step_cell = cells["TrainStep"](loss_net, params, optimizer, args.max_grad_norm,
                                                self.dp.step_reducer(params))
+            elif ParameterwiseUpdate.supports(optimizer, self.dp.step_reducer(params), accum, loss_scale):
+                step_cell = SegmentedStep(chain, ParameterwiseUpdate(optimizer, args.max_grad_norm))
             else:
                 step_cell = SegmentedStep(chain, cells["ApplyGrads"](optimizer, args.max_grad_norm,
                                                                       self.dp.step_reducer(params)))

@@ -21,6 +21,13 @@ Optimizer protocol (all of them): ``__init__(params, group_of, lrs, **optimizer_
 The learning rates live in a ``lrs`` Parameter (one element per group), so the schedule changes no
 graph; all state is float32.
 
+The built-in ones (``GroupedOptimizer``) map one per-parameter function, ``update_fn(*step_scalars,
+lr, param, *states, grad)``, over the parameters; ``step_scalars(step)`` gives the values shared by
+every parameter at a step and ``per_param_states()`` a ParameterTuple per state, each aligned with
+``params``, so that ``library.train_step.ParameterwiseUpdate`` can run the same function one parameter
+at a time through one small graph per parameter shape. (Their ``construct`` index the scalars
+instead of unpacking them: MindSpore 2.10's graph compiler fails on a starred tuple there.)
+
 The schedules are in ``library/lr_schedules.py`` (re-exported here).
 """
 from __future__ import annotations
@@ -109,6 +116,14 @@ class GroupedOptimizer(nn.Cell):
         ops.assign(self.step_count, step)
         return step
 
+    def step_scalars(self, step):
+        """The tensors every parameter's ``update_fn`` call starts with at this step (in the graph)."""
+        raise NotImplementedError
+
+    def per_param_states(self):
+        """The state ParameterTuples ``update_fn`` takes after the parameter, each aligned with ``params``."""
+        raise NotImplementedError
+
 
 class AdamW(GroupedOptimizer):
     """torch.optim.AdamW over ``params`` with one learning rate per group (``group_of[i]``)."""
@@ -125,14 +140,20 @@ class AdamW(GroupedOptimizer):
         self.beta2_t = Tensor(np.float32(self.beta2))
         self.eps_t = Tensor(np.float32(self.eps))
         self.wd_t = Tensor(np.float32(self.weight_decay))
+        self.update_fn = _adamw_update
 
-    def construct(self, grads):
-        step = self._next_step()
+    def step_scalars(self, step):
         bc1 = 1.0 - ops.pow(self.beta1_t, step)
         sqrt_bc2 = ops.sqrt(1.0 - ops.pow(self.beta2_t, step))
-        return self.hyper_map(ops.partial(_adamw_update, self.beta1_t, self.beta2_t, self.eps_t, self.wd_t, bc1,
-                                          sqrt_bc2), self._param_lrs(), self.params, self.exp_avg, self.exp_avg_sq,
-                              grads)
+        return self.beta1_t, self.beta2_t, self.eps_t, self.wd_t, bc1, sqrt_bc2
+
+    def per_param_states(self):
+        return self.exp_avg, self.exp_avg_sq
+
+    def construct(self, grads):
+        s = self.step_scalars(self._next_step())
+        return self.hyper_map(ops.partial(self.update_fn, s[0], s[1], s[2], s[3], s[4], s[5]), self._param_lrs(),
+                              self.params, self.exp_avg, self.exp_avg_sq, grads)
 
 
 _adamw_update = ops.MultitypeFuncGraph("adamw_update")
@@ -164,11 +185,18 @@ class SGDNesterov(GroupedOptimizer):
         self.momentum_buffer = self._zeros("momentum_buffer")
         self.momentum_t = Tensor(np.float32(momentum))
         self.wd_t = Tensor(np.float32(weight_decay))
+        self.update_fn = _sgd_nesterov_update
+
+    def step_scalars(self, step):
+        return self.momentum_t, self.wd_t
+
+    def per_param_states(self):
+        return (self.momentum_buffer,)
 
     def construct(self, grads):
-        self._next_step()
-        return self.hyper_map(ops.partial(_sgd_nesterov_update, self.momentum_t, self.wd_t), self._param_lrs(),
-                              self.params, self.momentum_buffer, grads)
+        s = self.step_scalars(self._next_step())
+        return self.hyper_map(ops.partial(self.update_fn, s[0], s[1]), self._param_lrs(), self.params,
+                              self.momentum_buffer, grads)
 
 
 _sgd_nesterov_update = ops.MultitypeFuncGraph("sgd_nesterov_update")
@@ -198,11 +226,18 @@ class Lion(GroupedOptimizer):
         self.beta1_t = Tensor(np.float32(betas[0]))
         self.beta2_t = Tensor(np.float32(betas[1]))
         self.wd_t = Tensor(np.float32(weight_decay))
+        self.update_fn = _lion_update
+
+    def step_scalars(self, step):
+        return self.beta1_t, self.beta2_t, self.wd_t
+
+    def per_param_states(self):
+        return (self.exp_avg,)
 
     def construct(self, grads):
-        self._next_step()
-        return self.hyper_map(ops.partial(_lion_update, self.beta1_t, self.beta2_t, self.wd_t), self._param_lrs(),
-                              self.params, self.exp_avg, grads)
+        s = self.step_scalars(self._next_step())
+        return self.hyper_map(ops.partial(self.update_fn, s[0], s[1], s[2]), self._param_lrs(), self.params,
+                              self.exp_avg, grads)
 
 
 _lion_update = ops.MultitypeFuncGraph("lion_update")
@@ -254,6 +289,7 @@ class Adafactor(GroupedOptimizer):
         self.wd_t = Tensor(np.float32(weight_decay))
         self.scale_t = Tensor(np.float32(1.0 if scale_parameter else 0.0))
         self.relative_t = Tensor(np.float32(1.0 if relative_step else 0.0))
+        self.update_fn = _adafactor_update
 
     def _moments(self, prefix, factored, shape_fn):
         """The moment for parameters of this kind (factored: 2+ dims), a placeholder for the others."""
@@ -269,8 +305,8 @@ class Adafactor(GroupedOptimizer):
             out.append(t)
         return ParameterTuple(out)
 
-    def construct(self, grads):
-        step = self._next_step()
+    def step_scalars(self, step):
+        """Also records ``last_lrs`` (a side effect of the step, as the update itself)."""
         beta2t = 1.0 - ops.pow(step, self.decay_rate)
         if self.warmup_init:
             min_step = 1e-6 * step
@@ -283,9 +319,18 @@ class Adafactor(GroupedOptimizer):
         for i in self.first_of_group:
             base = rel * self.relative_t + group_lrs[self.group_of[i]] * (1.0 - self.relative_t)
             firsts = firsts + (_adafactor_lr(self.eps2, self.scale_t, base, self.params[i].astype(ms.float32)),)
-        ops.assign(self.last_lrs, ops.stack(firsts))
-        update = ops.partial(_adafactor_update, self.eps1, self.eps2, self.clip, beta2t, self.beta1_t, self.wd_t,
-                             self.scale_t, self.relative_t, rel)
+        beta2t = ops.depend(beta2t, ops.assign(self.last_lrs, ops.stack(firsts)))
+        return self.eps1, self.eps2, self.clip, beta2t, self.beta1_t, self.wd_t, self.scale_t, self.relative_t, rel
+
+    def per_param_states(self):
+        if self.use_first_moment:
+            return self.exp_avg, self.exp_avg_sq_row, self.exp_avg_sq_col, self.exp_avg_sq
+        return self.exp_avg_sq_row, self.exp_avg_sq_col, self.exp_avg_sq
+
+    def construct(self, grads):
+        step = self._next_step()
+        s = self.step_scalars(step)
+        update = ops.partial(self.update_fn, s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8])
         if self.use_first_moment:
             return self.hyper_map(update, self._param_lrs(), self.params, self.exp_avg, self.exp_avg_sq_row,
                                   self.exp_avg_sq_col, self.exp_avg_sq, grads)

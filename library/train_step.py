@@ -244,3 +244,95 @@ class SegmentedLoss:
 
     def __call__(self, *inputs):
         return self.chain.forward(dict(zip(self.chain.data, inputs)), keep=False)[self.loss_name]
+
+
+class ParameterwiseUpdate:
+    """``ApplyGrads`` (clip, optimizer update) one parameter at a time, for the segmented step.
+
+    One graph over every LoRA tensor costs per kernel, not per byte: for SDXL's 1444 LoRA tensors AdamW
+    compiled for 62 s, kept 3.3 GB and took 1.3 s per update (100 tensors: 2.7 s, 0.14 GB). Here the
+    optimizer's own per-parameter function (``update_fn``, see ``library.train_optimizers``) runs in one
+    small graph per parameter shape, whose parameter and state Parameters are pointed at each real one
+    (``Parameter.set_data`` shares the storage) before its call; the step's shared scalars come from one
+    small prologue graph. The total gradient norm for ``max_grad_norm`` is summed on the host.
+    Only single-process steps without accumulation or loss scaling use it (``supports``)."""
+
+    def __init__(self, optimizer, max_grad_norm):
+        import numpy as np
+        import mindspore as ms
+
+        self.max_grad_norm = float(max_grad_norm or 0.0)
+        self.prologue = _update_cells()["Prologue"](optimizer)
+        states = optimizer.per_param_states()
+        templates, self.items = {}, []
+        for i, p in enumerate(optimizer.params):
+            own = [p] + [s[i] for s in states]
+            key = tuple((tuple(t.shape), str(t.dtype)) for t in own)
+            if key not in templates:
+                templates[key] = _update_cells()["UpdateOne"](optimizer.update_fn, own, len(templates))
+            self.items.append((templates[key], own, ms.Tensor(np.int32(optimizer.group_of[i]))))
+        self.templates = list(templates.values())
+
+    @staticmethod
+    def supports(optimizer, reducer, accumulation_steps, loss_scale):
+        return (reducer is None and accumulation_steps == 1 and loss_scale is None
+                and getattr(optimizer, "update_fn", None) is not None)
+
+    def set_train(self, mode=True):
+        pass
+
+    def __call__(self, loss, grads):
+        import numpy as np
+        import mindspore as ms
+
+        coef = 1.0
+        if self.max_grad_norm > 0:  # torch's clip_grad_norm_
+            total = np.sqrt(sum(float(np.square(g.asnumpy(), dtype=np.float64).sum()) for g in grads))
+            coef = min(self.max_grad_norm / (total + 1e-6), 1.0)
+        coef = ms.Tensor(np.float32(coef))
+        scalars = ms.mutable(self.prologue())
+        for (template, own, group), g in zip(self.items, grads):
+            template.bind(own)
+            template(scalars, group, coef, g)
+        return loss
+
+
+@functools.lru_cache(maxsize=None)
+def _update_cells():
+    import numpy as np
+    import mindspore as ms
+    from mindspore import Parameter, ParameterTuple, nn, ops
+
+    class Prologue(nn.Cell):
+        """One optimizer step's start: the step count advanced, the shared scalars and the group lrs."""
+
+        def __init__(self, optimizer):
+            super().__init__(auto_prefix=False)
+            self.optimizer = optimizer
+
+        def construct(self):
+            step = self.optimizer._next_step()
+            return self.optimizer.step_scalars(step) + (self.optimizer.lrs * 1.0,)
+
+    class UpdateOne(nn.Cell):
+        """``update_fn`` for one parameter of a shape (its parameter and states bound by ``bind``)."""
+
+        def __init__(self, update_fn, like, index):
+            super().__init__(auto_prefix=False)
+            self.update_fn = update_fn
+            self.param = Parameter(ms.Tensor(np.zeros(like[0].shape, ms.dtype_to_nptype(like[0].dtype))),
+                                   name=f"update{index}.param", requires_grad=False)
+            self.states = ParameterTuple([Parameter(ms.Tensor(np.zeros(t.shape, ms.dtype_to_nptype(t.dtype))),
+                                                    name=f"update{index}.state{j}", requires_grad=False)
+                                          for j, t in enumerate(like[1:])])
+
+        def bind(self, own):
+            for t, p in zip((self.param,) + tuple(self.states), own):
+                t.set_data(p)
+
+        def construct(self, scalars, group, coef, grad):
+            lrs = scalars[-1]
+            lr = ops.gather(lrs, group, 0)
+            return self.update_fn(*scalars[:-1], lr, self.param, *self.states, grad * coef.astype(grad.dtype))
+
+    return dict(Prologue=Prologue, UpdateOne=UpdateOne)

@@ -401,3 +401,29 @@ def test_adafactor_trains_end_to_end(tmp_path):
         lrs = [float(r["lr"]) for r in csv.DictReader(f)]
     # relative step: min(1e-2, 1/sqrt(step)) x max(1e-3, RMS of the first LoRA weight): not the 1e-3 given
     assert len(lrs) == 2 and all(0 < lr < 1e-2 for lr in lrs) and lrs[0] != 1e-3, lrs
+
+
+@pytest.mark.parametrize("opt_args", [dict(optimizer_type="AdamW"), dict(optimizer_type="SGDNesterov"),
+                                      dict(optimizer_type="Lion"),
+                                      dict(optimizer_type="AdaFactor", optimizer_args=["relative_step=False"]),
+                                      dict(optimizer_type="AdaFactor", optimizer_args=["beta1=0.9"])])
+def test_parameterwise_update_equals_the_one_graph_update(opt_args):
+    """The segmented step's update (one small graph per parameter shape, the gradient norm on the host)
+    moves every parameter and state as ApplyGrads (clip + the optimizer in one graph) does."""
+    from library.train_step import ParameterwiseUpdate, _step_cells
+
+    w0, grads = _data(5)
+    order = [0, 2, 1]
+    results = []
+    for kind in ("one graph", "parameterwise"):
+        params = [Parameter(Tensor(w.copy()), name=f"p{i}") for i, w in enumerate(w0)]
+        groups = [{"params": [params[0], params[2]], "lr": BASE_LRS[0]}, {"params": [params[1]], "lr": BASE_LRS[1]}]
+        opt = to.create_optimizer(_args(**opt_args), groups)[0]
+        update = (_step_cells()["ApplyGrads"](opt, 0.5) if kind == "one graph" else ParameterwiseUpdate(opt, 0.5))
+        for k, g in enumerate(grads):
+            opt.set_lrs(_lrs_at(k, BASE_LRS))
+            update(Tensor(np.float32(1.0)), ms.mutable(tuple(Tensor(g[i] * 3) for i in order)))  # clipped
+        results.append([p.asnumpy() for p in params] + [s.asnumpy() for s in opt.state_parameters()])
+    for i, (a, b) in enumerate(zip(*results)):
+        assert_close(a, b, 1e-6, what=f"{opt_args} tensor {i}")
+    assert not np.allclose(results[0][0], w0[0])
