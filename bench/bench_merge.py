@@ -5,8 +5,9 @@ what ``sdxl_minimal_inference.py --lora_weights`` and ``networks/sdxl_merge_lora
 
 The child loads the checkpoint, drops the text encoders and the VAE, writes a LoRA of ``--rank`` on
 kohya's U-Net targets (random up weights), then measures the merge alone: "U-Net GB" is the U-Net's
-parameter bytes, "peak GB" the peak RSS during the merge (VmHWM reset before it), "ratio" their
-quotient (target <= 1.1: one merged weight at a time besides the model).
+parameter bytes, "before GB" the process's RSS just before the merge (the U-Net, the LoRA and the
+runtime), "peak GB" the peak RSS during the merge (VmHWM reset before it), "ratio" peak / U-Net (target
+<= 1.1: one merged weight at a time besides the model).
 """
 import argparse
 import json
@@ -26,7 +27,7 @@ def child(args):
     import numpy as np
     import mindspore as ms
 
-    from library.device_utils import peak_rss_gb, release_host_memory, reset_peak_rss
+    from library.device_utils import peak_rss_gb, release_host_memory, reset_peak_rss, rss_gb
     from library.sdxl_model_util import load_models_from_sdxl_checkpoint
     from networks import lora
 
@@ -53,12 +54,14 @@ def child(args):
         del sd
         release_host_memory()
         network, weights_sd = lora.create_network_from_weights(1.0, path, None, [], unet, for_inference=True)
+        release_host_memory()
+        before = rss_gb()
         reset_peak_rss()
         t0 = time.time()
         network.merge_to([], unet, weights_sd)
         seconds = time.time() - t0
         peak = peak_rss_gb()
-    print("RESULT " + json.dumps({"unet_gb": unet_gb, "merge_s": seconds, "peak_rss_gb": peak,
+    print("RESULT " + json.dumps({"unet_gb": unet_gb, "merge_s": seconds, "peak_rss_gb": peak, "before_gb": before,
                                   "modules": len(network.unet_loras)}))
 
 
@@ -74,9 +77,10 @@ def main():
     ensure_sdxl_file(args.file, args.generate, parser)
     r = run_worker(__file__, ["--child", "--file", args.file, "--rank", str(args.rank)])
     print(f"U-Net LoRA rank {args.rank} merged into the full SDXL U-Net (fp32)")
-    print(f"{'modules':>8} {'U-Net GB':>9} {'peak GB':>8} {'ratio':>6} {'merge s':>8}")
+    print(f"{'modules':>8} {'U-Net GB':>9} {'before GB':>10} {'peak GB':>8} {'ratio':>6} {'merge s':>8}")
     ratio = r["peak_rss_gb"] / r["unet_gb"] if "peak_rss_gb" in r else None
-    print(f"{r.get('modules', '-'):>8} {fmt(r.get('unet_gb')):>9} {fmt(r.get('peak_rss_gb')):>8} {fmt(ratio):>6} "
+    print(f"{r.get('modules', '-'):>8} {fmt(r.get('unet_gb')):>9} {fmt(r.get('before_gb')):>10} "
+          f"{fmt(r.get('peak_rss_gb')):>8} {fmt(ratio):>6} "
           f"{fmt(r.get('merge_s'), '.1f'):>8}" + (f"  {r['error']}" if "error" in r else ""))
     print("RESULT " + json.dumps(r))
 
