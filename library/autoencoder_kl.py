@@ -287,6 +287,11 @@ class Decoder(nn.Cell):
         return self.conv_out(self.conv_act(self.conv_norm_out(x)))
 
 
+def posterior(moments, latent_channels):
+    """The encoder's moments -> (mean, logvar of the diagonal Gaussian), logvar clamped to [-30, 20]."""
+    return moments[:, :latent_channels], ops.clamp(moments[:, latent_channels:], LOGVAR_MIN, LOGVAR_MAX)
+
+
 def sample_latents(mean, logvar, noise):
     """Posterior sample ``mean + exp(logvar / 2) * noise`` (unscaled latents)."""
     return mean + ops.exp(0.5 * logvar) * noise
@@ -308,11 +313,7 @@ class AutoencoderKL(nn.Cell):
 
     def encode(self, x):
         """Image in [-1, 1] -> (mean, logvar), logvar clamped to [-30, 20]."""
-        moments = self.quant_conv(self.encoder(x))
-        lc = self.latent_channels
-        mean = moments[:, :lc]
-        logvar = ops.clamp(moments[:, lc:], LOGVAR_MIN, LOGVAR_MAX)
-        return mean, logvar
+        return posterior(self.quant_conv(self.encoder(x)), self.latent_channels)
 
     def decode(self, z):
         """Unscaled latents -> image."""

@@ -133,10 +133,10 @@ def make_vae_encode_fn(vae, sample: bool = True, seed: Optional[int] = None) -> 
     The sampling noise comes from a numpy generator seeded with ``seed``."""
     import mindspore as ms
 
-    from library.autoencoder_kl import VAEEncode
+    from library.vae_segments import SegmentedEncode
 
-    encoder = VAEEncode(vae)
-    encoder.set_train(False)
+    vae.set_train(False)
+    encoder = SegmentedEncode(vae)  # one graph per layer: the memory pool stays small (see vae_segments)
     dtype = next(iter(vae.get_parameters())).dtype
     rng = np.random.default_rng(seed)
 

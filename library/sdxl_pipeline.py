@@ -121,7 +121,7 @@ class Generator:
 
     def __init__(self, te1, te2, vae, unet, dtype_name="fp32", vae_dtype_name="fp32", prepare_models=True,
                  sequential_guidance=False, one_shot=False, segmented=True):
-        from library.autoencoder_kl import VAEDecode
+        from library.vae_segments import SegmentedDecode
         from library.clip_tokenizer import load_tokenizers
 
         self.ms = ms
@@ -147,7 +147,7 @@ class Generator:
                         if p.dtype != vae_dtype:
                             p.set_dtype(vae_dtype)
         self.vae_dtype = vae_dtype
-        self.vae_decode = VAEDecode(vae)
+        self.vae_decode = SegmentedDecode(vae)  # one graph per layer (see library.vae_segments)
         self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.unet_factor = 2 ** (len(unet.config.channel_mult) - 1)
         self.pixel_multiple = self.vae_factor * self.unet_factor

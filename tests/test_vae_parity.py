@@ -86,6 +86,14 @@ def test_encode_decode_parity(tiny_pair, ms_mode, shape):
     assert img.shape == shape
     assert_close(img.asnumpy(), ref_img, what="decode")
     assert_close(ours(Tensor(x)).asnumpy(), ref_full, what="reconstruction")
+    # the segmented encode and decode (latent caching, inference) compute the same
+    from library.vae_segments import SegmentedDecode, SegmentedEncode
+
+    seg_mean, seg_logvar = SegmentedEncode(ours)(Tensor(x))
+    assert_close(seg_mean.asnumpy(), ref_mean, what="segmented mean")
+    assert_close(seg_logvar.asnumpy(), ref_logvar, what="segmented logvar")
+    assert_close(SegmentedDecode(ours)(Tensor(ref_mean)).asnumpy(), ref_img, what="segmented decode")
+    assert [p.name for p in ours.get_parameters()] == [p.name for p in VAEEncode(ours).get_parameters()]
 
 
 def test_chunked_attention_matches_plain(tiny_pair):
