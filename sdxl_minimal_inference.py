@@ -20,9 +20,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import library  # noqa: E402,F401  (sets the CPU runtime env before mindspore loads)
+from library.arg_utils import ArgumentParser  # noqa: E402
 from library.device_utils import (  # noqa: E402
     UserError, add_device_arguments, check_dtype_supported, run_main, setup_device_from_args)
-from library.path_utils import check_writable_folder  # noqa: E402
+from library.path_utils import check_output_folder, make_output_folder, remove_empty_folders  # noqa: E402
 from library.sdxl_pipeline import Generator, save_png  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -31,14 +32,17 @@ DEFAULT_SIZE = 1024
 
 
 def setup_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt_path", type=str, required=True,
                    help="SDXL checkpoint: SAI single file (.safetensors / MindSpore .ckpt) or diffusers folder")
-    p.add_argument("--prompt", type=str, default="A photo of a cat")
+    p.add_argument("--prompt", type=str, default="A photo of a cat",
+                   help="what to draw (text encoder 1, and text encoder 2 unless --prompt2 is given)")
     p.add_argument("--prompt2", type=str, default=None,
                    help="prompt for text encoder 2 (default: --prompt)")
-    p.add_argument("--negative_prompt", type=str, default="")
-    p.add_argument("--output_dir", type=str, default=".")
+    p.add_argument("--negative_prompt", type=str, default="",
+                   help="what to steer away from (classifier-free guidance; default: empty)")
+    p.add_argument("--output_dir", type=str, default=".",
+                   help="folder for the PNGs (created when the first image is written)")
     p.add_argument("--lora_weights", type=str, nargs="*", default=[],
                    help="LoRA files (ours or kohya's torch .safetensors/.ckpt), each 'path;multiplier' "
                         "(multiplier default 1.0); several are merged in order")
@@ -107,17 +111,6 @@ def parse_lora_spec(spec):
     return path, multiplier
 
 
-def check_output_dir(output_dir):
-    """Create the output folder and check it is writable (one line on failure)."""
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{output_dir}: cannot create output folder ({e.strerror or e})") from None
-    if not os.path.isdir(output_dir):
-        raise UserError(f"{output_dir}: output path is not a folder")
-    check_writable_folder(output_dir, "--output_dir")
-
-
 def check_args(args):
     for name in ("width", "height"):
         v = getattr(args, name)
@@ -143,7 +136,8 @@ def check_args(args):
     loras = [parse_lora_spec(s) for s in args.lora_weights]
     if args.init_latents is not None and not os.path.isfile(args.init_latents):
         raise UserError(f"{args.init_latents}: initial latents file not found")
-    check_output_dir(args.output_dir)
+    # checked now, created when the first image is written: a failed run leaves no empty folder behind
+    check_output_folder(args.output_dir, "--output_dir")
     return loras
 
 
@@ -197,6 +191,7 @@ def load_init_latents(path, num_images, shape):
 
 def generate_images(gen, args, prompt, prompt2, negative_prompt, seed, model_name, lora_desc, init_latents=None):
     import numpy as np
+    from tqdm import tqdm
 
     from library.sdxl_schedulers import get_scheduler
 
@@ -208,7 +203,7 @@ def generate_images(gen, args, prompt, prompt2, negative_prompt, seed, model_nam
     shape = gen.latent_shape(args.width, args.height)
     timestamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     paths = []
-    for i in range(args.num_images):
+    for i in tqdm(range(args.num_images), desc="images", unit="image", dynamic_ncols=True):
         image_seed = seed + i
         rng = np.random.default_rng(image_seed)
         noise = init_latents[i:i + 1] if init_latents is not None else \
@@ -229,11 +224,15 @@ def generate_images(gen, args, prompt, prompt2, negative_prompt, seed, model_nam
                 "target_size": " ".join(map(str, args.target_size or (args.height, args.width))),
                 "model": model_name, "vae": os.path.basename(os.path.normpath(args.vae)) if args.vae else "from model",
                 "loras": lora_desc, "dtype": args.dtype, "vae_dtype": args.vae_dtype}
-        path = save_png(args.output_dir, f"image_{timestamp}_{i:03d}", pixels, info)
+        created = make_output_folder(args.output_dir, "--output_dir")
+        try:
+            path = save_png(args.output_dir, f"image_{timestamp}_{i:03d}", pixels, info)
+        except BaseException:
+            remove_empty_folders(created)
+            raise
         if args.save_latents:
             np.savez(os.path.splitext(path)[0] + ".npz", latents=latents, pixels=pixels)
-        logger.info("saved %s", path)
-        print(path)
+        tqdm.write(path, file=sys.stdout)  # the saved image's path; between the progress bars, not through them
         paths.append(path)
     return paths
 

@@ -48,6 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import library  # noqa: E402,F401  (sets the CPU runtime env before mindspore loads)
 from library import config_util, train_util  # noqa: E402
 from library.device_utils import UserError, peak_rss_gb, release_host_memory, reset_peak_rss, rss_gb  # noqa: E402
+from library.path_utils import check_output_folder, make_output_folder  # noqa: E402
 from library.train_args import NOT_IMPLEMENTED, check_not_implemented, parse_args, setup_parser  # noqa: E402,F401
 from library.train_outputs import (get_epoch_ckpt_name, get_last_ckpt_name, get_step_ckpt_name,  # noqa: E402
                                    write_loss_curve_png)
@@ -127,6 +128,10 @@ class NetworkTrainer:
             raise UserError("--pretrained_model_name_or_path is required")
         if args.output_dir is None:
             raise UserError("--output_dir is required")
+        # the outputs are written after the model load, caching and compile: a bad path must stop now
+        check_output_folder(args.output_dir, "--output_dir")
+        if args.logging_dir is not None:
+            check_output_folder(args.logging_dir, "--logging_dir")
         if args.dim_from_weights:
             if args.network_weights is None:
                 raise UserError("--dim_from_weights needs --network_weights (the file the dims come from)")
@@ -389,7 +394,7 @@ class NetworkTrainer:
         validator = self.make_validator(args, val_group, eval_net, vae, noise_schedule, set_train_modes)
 
         # metadata
-        os.makedirs(args.output_dir, exist_ok=True)
+        make_output_folder(args.output_dir, "--output_dir")
         num_train_images = sum(d.num_train_images for d in train_group.datasets)
         num_reg_images = sum(d.num_reg_images for d in train_group.datasets)
         dataset_md = {

@@ -33,7 +33,6 @@ import functools
 import gzip
 import json
 import os
-import tempfile
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import ftfy
@@ -378,19 +377,6 @@ def load_tokenizers() -> List[CLIPTokenizer]:
     return [load_tokenizer1(), load_tokenizer2()]
 
 
-def _write_atomic(path: str, text: str) -> None:
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def write_hf_tokenizer_files(
     output_dir: str,
     pad_token: str = EOS_TOKEN,
@@ -402,6 +388,8 @@ def write_hf_tokenizer_files(
     ``transformers.CLIPTokenizer.from_pretrained(output_dir)`` loads the same
     vocabulary (pass ``pad_token="!"`` for SDXL's tokenizer 2). Each file is
     written atomically. Returns {name: path}."""
+    from library.path_utils import atomic_write_text
+
     merges, encoder = load_bpe_vocab(bpe_path)
     if pad_token not in encoder:
         raise ValueError(f"pad token {pad_token!r} is not in the CLIP vocabulary")
@@ -417,13 +405,16 @@ def write_hf_tokenizer_files(
     paths = {}
     for name, text in contents.items():
         path = os.path.join(output_dir, name)
-        _write_atomic(path, text)
+        atomic_write_text(path, text)
         paths[name] = path
     return paths
 
 
 if __name__ == "__main__":
     import argparse
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a file: library/
 
     parser = argparse.ArgumentParser(description="write the CLIP BPE vocabulary as Hugging Face tokenizer files")
     parser.add_argument("output_dir")

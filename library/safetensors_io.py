@@ -27,7 +27,6 @@ Nothing here imports mindspore or torch: tensors are numpy arrays.
 Every format problem raises ``library.device_utils.UserError`` with one line
 naming the file.
 """
-import itertools
 import json
 import os
 import struct
@@ -35,6 +34,7 @@ import struct
 import numpy as np
 
 from library.device_utils import UserError
+from library.path_utils import atomic_write  # noqa: F401  (shared with library.lora_file)
 
 # safetensors dtype name -> numpy dtype (BF16 is read as float32, see module doc)
 _ST_TO_NP = {
@@ -390,26 +390,6 @@ def open_weights(path):
     if kind in ("torch-zip", "torch-pickle"):
         refuse_pickle(path)
     raise UserError(f"{path}: not a checkpoint (neither safetensors nor a MindSpore .ckpt)")
-
-
-_TMP_SERIAL = itertools.count()
-
-
-def atomic_write(path, write):
-    """Call ``write(tmp)`` with the name of a new temporary file in ``path``'s folder (``.tmp_<name>.<pid>.<n>``),
-    then rename it to ``path``: a failure never leaves a half-written file under the final name, and the
-    temporary file is removed."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise UserError(f"{path}: output folder {folder} does not exist")
-    tmp = os.path.join(folder, f".tmp_{os.path.basename(path)}.{os.getpid()}.{next(_TMP_SERIAL)}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _atomic_write_stream(path, write):

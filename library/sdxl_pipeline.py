@@ -8,12 +8,12 @@ layer (``SegmentedDenoise``, the default) or as one graph (``Denoise``).
 """
 import logging
 import os
-import tempfile
 
 import mindspore as ms
 from mindspore import nn, ops
 
 from library.device_utils import UserError
+from library.path_utils import atomic_write
 from library.segments import Segment, SegmentChain
 from library.unet_segments import unet_segments
 
@@ -239,12 +239,14 @@ class Generator:
                 self._denoisers[guided] = Denoise(self.unet, guided, self.dtype)
         return self._denoisers[guided]
 
-    def sample(self, noise, scheduler, steps, context, y, guidance_scale, rng=None, callback=None):
+    def sample(self, noise, scheduler, steps, context, y, guidance_scale, rng=None, callback=None, progress=True):
         """Sampling from unscaled ``noise`` (1,4,h,w) with any ``library.sdxl_schedulers`` scheduler (it supplies
         the timesteps, ``init_noise_sigma``, the model-input scale and the step); returns final latents
         (numpy float32). ``callback(i, latents)`` runs after step i; when it returns True sampling stops there
-        (as diffusers' ``callback_on_step_end`` with ``interrupt``)."""
+        (as diffusers' ``callback_on_step_end`` with ``interrupt``). ``progress``: a tqdm bar per denoising step
+        on stderr (a full-size image on CPU takes minutes per step; without it the run looks hung)."""
         import numpy as np
+        from tqdm import tqdm
 
         ms = self.ms
         guided = guidance_scale > 1.0
@@ -256,16 +258,23 @@ class Generator:
         rows = [(ms.Tensor(context[j:j + 1]), ms.Tensor(y[j:j + 1])) for j in (0, 1)] if sequential else \
             [(ms.Tensor(context), ms.Tensor(y))]
         scale_t = ms.Tensor(np.float32(guidance_scale))
-        for i, t in enumerate(scheduler.timesteps):
-            x = (ms.Tensor(latents), ms.Tensor(scheduler.input_scale(i)), ms.Tensor(np.full((batch,), t, np.float32)))
-            if sequential:  # (negative, prompt) one U-Net call each: half the activation memory
-                uncond, cond = (step_cell(*x, c, yy, scale_t).asnumpy() for c, yy in rows)
-                eps = uncond + np.float32(guidance_scale) * (cond - uncond)
-            else:
-                eps = step_cell(*x, *rows[0], scale_t).asnumpy()
-            latents = scheduler.step(eps, i, latents, rng)
-            if callback is not None and callback(i, latents):
-                break
+        bar = tqdm(total=len(scheduler.timesteps), desc="denoising", unit="step", leave=False, disable=not progress,
+                   dynamic_ncols=True)
+        try:
+            for i, t in enumerate(scheduler.timesteps):
+                x = (ms.Tensor(latents), ms.Tensor(scheduler.input_scale(i)),
+                     ms.Tensor(np.full((batch,), t, np.float32)))
+                if sequential:  # (negative, prompt) one U-Net call each: half the activation memory
+                    uncond, cond = (step_cell(*x, c, yy, scale_t).asnumpy() for c, yy in rows)
+                    eps = uncond + np.float32(guidance_scale) * (cond - uncond)
+                else:
+                    eps = step_cell(*x, *rows[0], scale_t).asnumpy()
+                latents = scheduler.step(eps, i, latents, rng)
+                bar.update(1)
+                if callback is not None and callback(i, latents):
+                    break
+        finally:
+            bar.close()
         return latents
 
     def decode(self, latents):
@@ -303,13 +312,5 @@ def save_png(output_dir, name, pixels, info):
     for key, value in info.items():
         meta.add_text(key, str(value))
     image = Image.fromarray((pixels * 255).round().astype(np.uint8))
-    fd, tmp = tempfile.mkstemp(dir=output_dir, prefix=".tmp_", suffix=".png")
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG", pnginfo=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=meta))
     return path

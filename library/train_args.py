@@ -8,14 +8,18 @@ import os
 import sys
 
 from library import config_util, train_util
+from library.arg_utils import ArgumentParser, suggest_options
 from library.device_utils import UserError, add_device_arguments
 
 
 # ---------------------------------------------------------------------------------------------
 # arguments
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not usage + error
+class _Parser(ArgumentParser):
+    """Exact option names, "did you mean" for an unknown one (``library.arg_utils``; kohya's parser takes
+    prefixes); an error is one line, not usage + error."""
+
+    def error(self, message):
         raise UserError(message)
 
 
@@ -257,7 +261,10 @@ def read_config_from_file(args: argparse.Namespace, parser: argparse.ArgumentPar
     known = {a.dest for a in parser._actions}
     unknown = sorted(k for k in flat if k not in known)
     if unknown:
-        raise UserError(f"{path}: unknown argument(s) {', '.join(unknown)}")
+        hints = [f"{k}: did you mean {' or '.join(c[2:] for c in close)}?" for k in unknown
+                 for close in [suggest_options(parser, "--" + k)] if close]
+        raise UserError(f"{path}: unknown argument(s) {', '.join(unknown)}"
+                        + (f" ({'; '.join(hints)})" if hints else ""))
     flat.pop("config_file", None)
     return parser.parse_args(sys.argv[1:] if args._argv is None else args._argv,
                              namespace=argparse.Namespace(**flat))

@@ -314,9 +314,11 @@ class TrainingSampler:
         os.makedirs(save_dir, exist_ok=True)
         paths = []
         t0 = time.perf_counter()
+        from tqdm import tqdm
+
         with eval_mode(*self.text_encoders, self.vae, self.unet):
             gen = self._generator()
-            for prompt_dict in prompts:
+            for prompt_dict in tqdm(prompts, desc="sample images", unit="image", leave=False, dynamic_ncols=True):
                 paths.append(self._sample_one(gen, save_dir, prompt_dict, epoch, steps))
         logger.info("%d sample images in %.1f s", len(paths), time.perf_counter() - t0)
         return paths

@@ -436,12 +436,25 @@ def convert_diffusers_to_sai_if_needed(weights_sd, unet, dtypes=None):
     return weights_sd
 
 
+FOREIGN_KEYS_HINT = ("is it a LoRA for another model (SD 1.x/2.x LoRAs do not fit SDXL)? An SDXL LoRA with "
+                     "diffusers/PEFT key names converts to kohya's with: python tools/convert_weights.py "
+                     "--convert_keys --input <lora> --output <lora_kohya.safetensors>")
+
+
+def _convert_keys_of(source, weights_sd, unet, dtypes=None):
+    """``convert_diffusers_to_sai_if_needed`` whose errors name the LoRA file and the way out."""
+    try:
+        return convert_diffusers_to_sai_if_needed(weights_sd, unet, dtypes)
+    except UserError as e:
+        raise UserError(f"{source}: {e}; {FOREIGN_KEYS_HINT}") from None
+
+
 def load_lora_weights_file(file, unet=None):
     """-> (weights_sd in kohya names, metadata, dtypes) from .safetensors / MindSpore .ckpt / torch .ckpt."""
     weights_sd, metadata, dtypes = load_state_dict_file(file)
     if not weights_sd:
         raise UserError(f"{file}: holds no tensors")
-    convert_diffusers_to_sai_if_needed(weights_sd, unet, dtypes)
+    _convert_keys_of(file, weights_sd, unet, dtypes)
     for key in weights_sd:
         if "." not in key:
             raise UserError(f"{file}: '{key}' is not a LoRA weight name (expected <module>.lora_down.weight ...)")
@@ -483,7 +496,7 @@ def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weigh
     if weights_sd is None:
         weights_sd, _, _ = load_lora_weights_file(file, unet)
     else:
-        weights_sd = convert_diffusers_to_sai_if_needed(OrderedDict(weights_sd), unet)
+        weights_sd = _convert_keys_of(source, OrderedDict(weights_sd), unet)
     modules_dim, modules_alpha = _dims_alphas_from_weights(weights_sd, source)
     module_class = LoRAInfModule if for_inference else LoRAModule
     network = LoRANetwork(text_encoder, unet, multiplier=multiplier, modules_dim=modules_dim,
@@ -493,7 +506,7 @@ def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weigh
     if missing:
         raise UserError(f"{source}: LoRA module {missing[0]} does not exist in the model"
                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-                        + "; is it a LoRA for another model type (SD1/SD2) or a text encoder that was not given?")
+                        + "; a text encoder that was not given? Or " + FOREIGN_KEYS_HINT)
     network.check_weights_fit(weights_sd, source)
     block_lr_weight = parse_block_lr_kwargs(is_sdxl, kwargs)
     if block_lr_weight is not None:

@@ -31,8 +31,9 @@ from collections import OrderedDict
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import library  # noqa: E402,F401  (CPU runtime env before mindspore loads)
+from library.arg_utils import ArgumentParser  # noqa: E402
 from library.device_utils import UserError, add_device_arguments, run_main, setup_device_from_args  # noqa: E402
-from library.path_utils import check_writable_folder  # noqa: E402
+from library.path_utils import check_output_folder, make_output_folder, remove_empty_folders  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ PRECISIONS = ("float", "fp16", "bf16")
 
 
 def setup_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--save_precision", type=str, default=None, choices=PRECISIONS,
                    help="precision of the saved file (default: --precision)")
     p.add_argument("--precision", type=str, default="float", choices=PRECISIONS,
@@ -90,10 +91,10 @@ def check_args(args):
     for m in args.models:
         if not os.path.isfile(m):
             raise UserError(f"{m}: LoRA file not found")
-    folder = os.path.dirname(os.path.abspath(args.save_to))
-    if not os.path.isdir(folder):
-        raise UserError(f"{args.save_to}: output folder {folder} does not exist")
-    check_writable_folder(folder, args.save_to)
+    if os.path.isdir(args.save_to):
+        raise UserError(f"--save_to {args.save_to}: is a folder; give the output file name")
+    # the folder is created when the merged file is written (as training and inference do)
+    check_output_folder(os.path.dirname(os.path.abspath(args.save_to)), f"--save_to {args.save_to}: output folder")
 
 
 def _dtype_name(precision):
@@ -230,8 +231,8 @@ def merge(args):
             metadata = build_modelspec_metadata(sdxl=True, lora=False, timestamp=time.time(), title=title,
                                                 merged_from=merged_from)
         logger.info("saving SD model to %s", args.save_to)
-        save_stable_diffusion_checkpoint(args.save_to, te1, te2, unet, 0, 0, ckpt_info, vae, logit_scale, metadata,
-                                         save_dtype)
+        _save(args.save_to, lambda: save_stable_diffusion_checkpoint(args.save_to, te1, te2, unet, 0, 0, ckpt_info, vae,
+                                                                     logit_scale, metadata, save_dtype))
         return
     from library.lora_file import cast_array, save_state_dict_file
     from library.lora_metadata import precalculate_safetensors_hashes
@@ -251,7 +252,17 @@ def merge(args):
         metadata.update(build_modelspec_metadata(sdxl=True, lora=True, timestamp=time.time(), title=title,
                                                  merged_from=merged_from))
     logger.info("saving merged LoRA to %s", args.save_to)
-    save_state_dict_file(args.save_to, state_dict, metadata, dtypes)
+    _save(args.save_to, lambda: save_state_dict_file(args.save_to, state_dict, metadata, dtypes))
+
+
+def _save(path, write):
+    """Create the output folder, then ``write()``; a folder this created is removed again if the write fails."""
+    created = make_output_folder(os.path.dirname(os.path.abspath(path)), "--save_to")
+    try:
+        write()
+    except BaseException:
+        remove_empty_folders(created)
+        raise
 
 
 def main(argv=None):

@@ -135,7 +135,12 @@ def test_convert_round_trips_are_bit_exact(te_net, tmp_path):
         net.save_weights(src, precision, {"ss_output_name": "x", "modelspec.title": "t é"})
         ckpt = str(tmp_path / f"mid_{precision}.ckpt")
         back = str(tmp_path / f"back_{precision}.safetensors")
-        convert_weights.main(["--input", src, "--output", ckpt])
+        old_umask = os.umask(0o022)
+        try:  # MindSpore writes .ckpt files 0400: the output gets the ordinary mode
+            convert_weights.main(["--input", src, "--output", ckpt])
+        finally:
+            os.umask(old_umask)
+        assert oct(os.stat(ckpt).st_mode & 0o777) == oct(0o644)
         convert_weights.main(["--input", ckpt, "--output", back])
         with open(src, "rb") as a, open(back, "rb") as b:
             assert a.read() == b.read()  # safetensors -> ckpt -> safetensors: same bytes

@@ -140,6 +140,24 @@ def test_lora_merge_follows_kohya_formula(setup, tmp_path):
     assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "4"
 
 
+def test_merge_into_new_folder_with_ordinary_mode(setup, tmp_path):
+    """--save_to's folder is created (as training and inference create theirs); the files get 0666 minus the
+    umask, not the temporary file's 0600 nor MindSpore's 0400 for .ckpt."""
+    old = os.umask(0o022)
+    try:
+        for name in ("a/b/merged.safetensors", "c/merged.ckpt"):
+            out = tmp_path / name
+            _run(["--save_to", str(out), "--models", setup["loras"][0], setup["loras"][1]])
+            assert out.is_file() and oct(out.stat().st_mode & 0o777) == oct(0o644), name
+        os.umask(0o027)
+        out = tmp_path / "d" / "merged.safetensors"
+        _run(["--save_to", str(out), "--models", setup["loras"][0]])
+        assert oct(out.stat().st_mode & 0o777) == oct(0o640)
+    finally:
+        os.umask(old)
+    assert not [f for f in os.listdir(tmp_path / "a" / "b") if f.startswith(".tmp")]
+
+
 def test_checkpoint_save_precision_and_ckpt(setup, tmp_path):
     out = str(tmp_path / "merged.ckpt")
     _run(["--sd_model", setup["ckpt"], "--save_to", out, "--models", setup["loras"][1], "--save_precision", "fp16"])
@@ -152,12 +170,15 @@ def test_checkpoint_save_precision_and_ckpt(setup, tmp_path):
 
 def test_errors(setup, tmp_path):
     out = str(tmp_path / "o.safetensors")
+    (tmp_path / "afile").write_text("x")
     cases = [
         (["--sd_model", str(tmp_path / "none.safetensors"), "--save_to", out, "--models", setup["loras"][0]],
          "checkpoint not found"),
         (["--save_to", out, "--models", str(tmp_path / "none.safetensors")], "LoRA file not found"),
         (["--save_to", out, "--models", setup["loras"][0], "--ratios", "1", "2"], "one per model"),
-        (["--save_to", str(tmp_path / "no" / "o.safetensors"), "--models", setup["loras"][0]], "does not exist"),
+        (["--save_to", str(tmp_path / "afile" / "o.safetensors"), "--models", setup["loras"][0]],
+         "o.safetensors: output folder .*afile: is a file, not a folder"),
+        (["--save_to", str(tmp_path), "--models", setup["loras"][0]], "unsupported extension"),
         (["--save_to", out, "--models", setup["loras"][0], "--lbws", "1,1"], "not implemented"),
         (["--save_to", out, "--models", setup["loras"][0], setup["loras"][2]], "only with --concat"),
         (["--models", setup["loras"][0]], "--save_to is required"),

@@ -213,9 +213,11 @@ def test_matches_diffusers_pipeline_with_two_loras(setup, tmp_path):
     assert Image.open(png).text["loras"] == "lora0.safetensors:0.8, lora1_ms.ckpt:-0.5"
 
 
-def test_seeds_unguided_and_interactive(setup, tmp_path, monkeypatch):
+def test_seeds_unguided_and_interactive(setup, tmp_path, monkeypatch, capsys):
     """Seeded noise (image i uses seed + i, recorded in the PNG), same seed -> same image, guidance <= 1
-    runs the U-Net on the prompt alone; the interactive loop reads prompt/prompt2/negative/seed."""
+    runs the U-Net on the prompt alone; the interactive loop reads prompt/prompt2/negative/seed. Progress bars
+    per image and per denoising step; the output folder is made when the first image is written; files get
+    0666 minus the umask."""
     import mindspore as ms
     from PIL import Image
 
@@ -229,9 +231,15 @@ def test_seeds_unguided_and_interactive(setup, tmp_path, monkeypatch):
         os.makedirs(args.output_dir)
         p1 = smi.generate_images(gen, args, "a cat", None, "", 7, "m", "none")
         assert [Image.open(p).text["seed"] for p in p1] == ["7", "8"]
-        args.output_dir = str(tmp_path / "b")
-        os.makedirs(args.output_dir)
-        p2 = smi.generate_images(gen, args, "a cat", None, "", 7, "m", "none")
+        args.output_dir = str(tmp_path / "b" / "c")  # made on the first write
+        old_umask = os.umask(0o022)
+        try:
+            p2 = smi.generate_images(gen, args, "a cat", None, "", 7, "m", "none")
+        finally:
+            os.umask(old_umask)
+        assert {oct(os.stat(p).st_mode & 0o777) for p in p2} == {oct(0o644)}
+        err = capsys.readouterr().err
+        assert "images: 100%" in err and "2/2" in err and "denoising: 100%" in err and "1/1" in err, err
         a, b = (np.load(p[0][:-4] + ".npz")["pixels"] for p in (p1, p2))
         np.testing.assert_array_equal(a, b)
         assert not np.array_equal(a, np.load(p1[1][:-4] + ".npz")["pixels"])
@@ -354,7 +362,8 @@ def _args(setup, tmp_path, **over):
     ({"--height": "72"}, "is not a multiple of 32"),
     ({"--sampler": "heun"}, "not implemented in this port"),
     ({"--sampler": "nonsense"}, "supported samplers are euler"),
-    ({"--output_dir": "FILE/sub"}, "cannot create output folder"),
+    ({"--output_dir": "FILE/sub"}, "afile is a file, so no folder can be created under it"),
+    ({"--output_dir": "FILE"}, "afile: is a file, not a folder"),
     ({"--dtype": "bf16"}, "bf16 is not supported on CPU"),
 ])
 def test_errors(setup, tmp_path, over, message):
@@ -365,7 +374,7 @@ def test_errors(setup, tmp_path, over, message):
     with pytest.raises(UserError, match=message) as e:
         smi.main(_args(setup, tmp_path, **over))
     assert "\n" not in str(e.value)
-    assert not (tmp_path / "out").exists() or not any(f.endswith(".png") for f in os.listdir(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()  # the folder is created when the first image is written
 
 
 def test_lora_that_does_not_fit(setup, tmp_path):
@@ -383,6 +392,16 @@ def test_lora_that_does_not_fit(setup, tmp_path):
     save_file(sd1, other)
     with pytest.raises(UserError, match="other.safetensors"):
         smi.main(_args(setup, tmp_path, **{"--lora_weights": [other]}))
+    # foreign keys: an SD 1.x module name (diffusers block names in kohya keys) and an unknown key format
+    for name, key in (("sd1.safetensors", "lora_unet_down_blocks_9_attentions_0_proj_in"),
+                      ("odd.safetensors", "model.diffusion_model.input_blocks_1_0_in_layers_2")):
+        foreign = str(tmp_path / name)
+        save_file({f"{key}.lora_down.weight": torch.zeros(4, 8), f"{key}.lora_up.weight": torch.zeros(8, 4)},
+                  foreign)
+        with pytest.raises(UserError, match=re.escape(foreign) + ".*tools/convert_weights.py --convert_keys") as e:
+            smi.main(_args(setup, tmp_path, **{"--lora_weights": [foreign]}))
+        assert "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()  # failed runs leave no empty output folder
 
 
 def test_error_exit_is_one_line(tmp_path):

@@ -45,6 +45,73 @@ def test_unknown_argument_stops_with_one_line():
     assert len(lines) == 1 and "unrecognized arguments: --no_such_argument" in lines[0], proc.stderr
 
 
+def test_mistyped_argument_is_not_a_prefix_and_gets_a_suggestion(tmp_path):
+    """argparse would take --learning_rat as --learning_rate; here names match exactly, with a suggestion."""
+    proc = _run(["--learning_rat", "1e-4", "--output_dir", tmp_path])
+    assert proc.returncode == 2
+    lines = _error_lines(proc)
+    assert len(lines) == 1 and "unrecognized arguments: --learning_rat" in lines[0], proc.stderr
+    assert "did you mean --learning_rate?" in lines[0], proc.stderr
+    config = tmp_path / "c.toml"
+    config.write_text("[training]\nlearning_rat = 1e-4\n")
+    proc = _run(["--config_file", config])
+    assert proc.returncode == 2 and "did you mean learning_rate?" in _error_lines(proc)[0], proc.stderr
+
+
+def test_help_shows_defaults():
+    """Every script's --help shows the defaults; the inference options a first run needs have help texts."""
+    import re
+
+    import sdxl_minimal_inference as smi
+    from library.train_args import setup_parser
+    from networks import sdxl_merge_lora
+    from tools import convert_weights
+
+    text = " ".join(setup_parser().format_help().split())
+    assert "--learning_rate LEARNING_RATE learning rate (default: 2e-06)" in text
+    assert "--max_train_steps MAX_TRAIN_STEPS training steps (default: 1600)" in text
+    assert "(default: None)" not in text and "(default: False)" not in text
+    text = " ".join(smi.setup_parser().format_help().split())
+    for option in ("--prompt PROMPT", "--negative_prompt NEGATIVE_PROMPT", "--output_dir OUTPUT_DIR"):
+        assert re.search(re.escape(option) + r" [a-z]", text), option  # a help text follows the option
+    assert "(default: 50)" in text and "(default: A photo of a cat)" in text
+    assert "(default: float)" in " ".join(sdxl_merge_lora.setup_parser().format_help().split())
+    assert "--output OUTPUT" in convert_weights.setup_parser().format_help()
+    with pytest.raises(SystemExit) as e:
+        smi.setup_parser().parse_args(["--ckpt_path", "x", "--step", "3"])  # no prefix matching
+    assert e.value.code == 2
+
+
+def test_loss_curve_ticks(tmp_path):
+    """The loss PNG's axes: round step ticks, several loss ticks."""
+    from library.train_outputs import nice_ticks, write_loss_curve_png
+
+    assert nice_ticks(1, 40, 8) == [10, 20, 30, 40]
+    assert nice_ticks(1, 1600, 8) == [250, 500, 750, 1000, 1250, 1500]
+    assert nice_ticks(0.25, 1.07, 6) == [0.4, 0.6, 0.8, 1.0]
+    assert nice_ticks(1, 1) == [1]
+    path = tmp_path / "loss.png"
+    write_loss_curve_png(str(path), [1.0 / (i + 1) for i in range(40)])
+    write_loss_curve_png(str(tmp_path / "one.png"), [0.5])
+    assert path.stat().st_size > 0 and (tmp_path / "one.png").exists()
+
+
+@pytest.mark.parametrize("sub", ["", "sub"])
+def test_bad_output_dir_stops_before_loading(tmp_path, sub):
+    """A regular file as --output_dir (or a folder under one): one line before the checkpoint is opened (the
+    checkpoint here is not even a checkpoint), no traceback."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a checkpoint")
+    proc = _run(["--pretrained_model_name_or_path", junk, "--output_dir", afile / sub if sub else afile,
+                 "--network_module", "networks.lora", "--train_data_dir", tmp_path])
+    assert proc.returncode == 2, proc.stderr
+    lines = _error_lines(proc)
+    assert len(lines) == 1 and "--output_dir" in lines[0] and "afile" in lines[0] and "is a file" in lines[0], \
+        proc.stderr
+
+
 @pytest.mark.parametrize("extra,name", [(["--xformers"], "--xformers"),
                                         (["--clip_skip", "2"], "--clip_skip"),
                                         (["--fp8_base"], "--fp8_base"),
@@ -164,7 +231,11 @@ def test_demo_trains_with_falling_loss(tmp_path):
     import make_tiny_train_demo as demo
 
     train = demo.make_demo(str(tmp_path / "demo"), small=True)
-    proc = _run(["--config_file", train])
+    old_umask = os.umask(0o022)  # outputs: 0666 minus the umask, whatever mode their temporary file had
+    try:
+        proc = _run(["--config_file", train])
+    finally:
+        os.umask(old_umask)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "demo" / "lora"
     files = sorted(os.listdir(out))
@@ -172,6 +243,9 @@ def test_demo_trains_with_falling_loss(tmp_path):
     assert any(f.startswith("tiny_lora-step") for f in files), files
     samples = sorted(os.listdir(out / "sample"))  # before training (kohya: epoch 0) and after the last step
     assert sorted(s.split("_")[2] for s in samples) == ["000040", "e000000"], samples
+    written = [out / f for f in files if os.path.isfile(out / f)] + [out / "sample" / f for f in samples]
+    assert {oct(p.stat().st_mode & 0o777) for p in written} == {oct(0o644)}, written
+    assert "denoising: 100%" in proc.stderr and "sample images" in proc.stderr  # the samples' progress bars
 
     # the saved LoRA loads in sdxl_minimal_inference.py and changes its image (PyNative: no compile)
     import sdxl_minimal_inference as smi

@@ -54,7 +54,6 @@ earlier output there (``img<N>.<ext>``, ``metadata.json``; other files are kept)
 Needs the ``datasets`` package (tested with datasets==5.0.0, the newest that
 accepts huggingface-hub<1.0, with pyarrow==25.0.1: pyarrow 26 needs numpy>=2).
 """
-import argparse
 import glob
 import io
 import json
@@ -66,6 +65,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import library  # noqa: E402,F401  (project runtime env; keeps the script pattern of tools/)
+from library.arg_utils import ArgumentParser  # noqa: E402
 from library.device_utils import UserError, run_main  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--dataset_name", required=True,
                    help="local dataset (save_to_disk folder, parquet/arrow file or glob, folder for "
                         "datasets.load_dataset, e.g. an imagefolder) or a hub name owner/name")

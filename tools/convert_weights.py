@@ -13,13 +13,13 @@ LoRAs (torch kohya's ``--save_model_as ckpt``) are read as input too.
 keys to kohya's (needs ``--sdxl_config`` to know the UNet layout: ``base``).
 Errors are one line naming the file; the output is written atomically.
 """
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import library  # noqa: E402,F401  (environment before mindspore)
+from library.arg_utils import ArgumentParser  # noqa: E402
 from library.device_utils import UserError, run_main  # noqa: E402
 from library.lora_file import cast_array, load_state_dict_file, normalize_dtype, save_state_dict_file  # noqa: E402
 
@@ -27,7 +27,7 @@ OUTPUT_EXTS = (".safetensors", ".ckpt")
 
 
 def setup_parser():
-    parser = argparse.ArgumentParser(description="LoRA weights: MindSpore .ckpt <-> kohya .safetensors")
+    parser = ArgumentParser(description="LoRA weights: MindSpore .ckpt <-> kohya .safetensors")
     parser.add_argument("--input", required=True, help=".safetensors, MindSpore .ckpt or torch .ckpt/.pt LoRA")
     parser.add_argument("--output", required=True, help="output file, .safetensors or .ckpt")
     parser.add_argument("--save_precision", default=None, choices=[None, "float", "fp16", "bf16"],

@@ -10,13 +10,13 @@ text encoders with the real 49408-token CLIP vocabulary (hidden 64 and 128),
 UNet channels 64/128/256, ``context_dim`` = 64 + 128, ``adm_in_channels`` =
 text encoder 2's projection (64) + 6*256, an 8x VAE.
 """
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import library  # noqa: E402,F401  (sets the CPU runtime env before mindspore loads)
+from library.arg_utils import ArgumentParser  # noqa: E402
 from library.device_utils import UserError, run_main  # noqa: E402
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (230, 200, 30)}
@@ -179,7 +179,7 @@ def make_demo(work, steps=40, seed=0, small=False):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--work_dir", default="output/train_demo")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)

@@ -8,7 +8,6 @@ in the chosen mode, and how long compiling and running take.
 
     python tools/tiny_sdxl_demo.py --prompt "a photo of a cat" --steps 4
 """
-import argparse
 import os
 import sys
 import time
@@ -16,6 +15,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import library  # noqa: E402,F401  (sets the CPU runtime env before mindspore loads)
+from library.arg_utils import ArgumentParser  # noqa: E402
 from library.device_utils import (  # noqa: E402
     UserError, add_device_arguments, check_dtype_supported, run_main, setup_device_from_args)
 
@@ -24,7 +24,7 @@ BETA_START, BETA_END, NUM_TRAIN_TIMESTEPS = 0.00085, 0.012, 1000
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--prompt", default="a photo of a cat")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--size", type=int, default=64, help="image size in pixels (multiple of 32)")
