@@ -58,19 +58,42 @@ def run_training(args, work):
         cmd += ["--jit_level", args.jit_level]
     if args.pynative:
         cmd.append("--pynative")
+    env = None
+    if args.profile:  # a first run fills the disk caches: the profiled run's ops are the steps' alone
+        cmd += ["--cache_latents_to_disk"] + ([] if args.no_cache_text_encoder_outputs
+                                              else ["--cache_text_encoder_outputs_to_disk"])
+        warm_cmd = list(cmd)
+        warm_cmd[warm_cmd.index("--max_train_steps") + 1] = "1"
+        warm = subprocess.run(warm_cmd, capture_output=True, text=True)
+        if warm.returncode != 0:
+            sys.stderr.write(warm.stderr[-4000:])
+            return {"error": f"cache run exit {warm.returncode}"}
+        env = dict(os.environ, MS_PROFILER_OPTIONS=json.dumps({"start": True,
+                                                                "output_path": os.path.join(work, "profile")}))
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.time() - t0
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 ** 2
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
         return {"error": f"exit {proc.returncode}", "peak_rss_gb": peak, "wall_s": wall}
-    summary = json.loads(proc.stdout.strip().splitlines()[-1].split("; ", 1)[1])
+    summary = json.loads(next(line for line in reversed(proc.stdout.strip().splitlines())
+                              if line.startswith("model saved:")).split("; ", 1)[1])
     compile_s = next(iter(summary["compile_s"].values()))
-    return {"compile_s": compile_s, "s_per_step": summary["s_per_step"], "peak_rss_gb": peak,
-            "steps_peak_rss_gb": summary.get("steps_peak_rss_gb"), "wall_s": wall,
-            "first_loss": summary["first_loss"], "last_loss": summary["last_loss"],
-            "segmented_step_s": summary.get("segmented_step_s"), "num_graphs": summary.get("num_graphs")}
+    result = {"compile_s": compile_s, "s_per_step": summary["s_per_step"], "peak_rss_gb": peak,
+              "steps_peak_rss_gb": summary.get("steps_peak_rss_gb"), "wall_s": wall,
+              "first_loss": summary["first_loss"], "last_loss": summary["last_loss"],
+              "segmented_step_s": summary.get("segmented_step_s"), "num_graphs": summary.get("num_graphs")}
+    if args.profile:
+        from op_classes import mindspore_op_seconds
+
+        per_step = {k: v / args.steps for k, v in mindspore_op_seconds(os.path.join(work, "profile")).items()}
+        update = (summary.get("segmented_step_s") or {}).get("update", 0.0)
+        moved = min(update, per_step["elementwise"])
+        per_step["elementwise"] -= moved
+        per_step["optimizer update"] += moved
+        result["op_s"] = per_step
+    return result
 
 
 def worker_torch(args):
@@ -135,7 +158,11 @@ def worker_torch(args):
                                       dtype=torch.float32)}
     reset = reset_peak_rss()
     times = []
-    for _ in range(args.steps):
+    profiler = None
+    for step in range(args.steps):
+        if args.profile and step == 1:  # the steps after the first, as the MindSpore side's per-step mean
+            profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            profiler.__enter__()
         latents = torch.from_numpy(rng.standard_normal((1, 4, h, h), dtype=np.float32))
         noise = torch.from_numpy(rng.standard_normal((1, 4, h, h), dtype=np.float32))
         t = torch.tensor([int(rng.integers(0, 1000))])
@@ -149,9 +176,14 @@ def worker_torch(args):
         times.append(time.perf_counter() - t1)
         print(f"torch step {len(times)}: {times[-1]:.1f} s", file=sys.stderr, flush=True)
     later = times[1:] or times
-    print("RESULT " + json.dumps({"compile_s": times[0], "s_per_step": sum(later) / len(later), "load_s": load_s,
-                                  "peak_rss_gb": peak_rss_gb(), "steps_peak_rss_gb": reset and peak_rss_gb(),
-                                  "lora_tensors": len(params)}))
+    result = {"compile_s": times[0], "s_per_step": sum(later) / len(later), "load_s": load_s,
+              "peak_rss_gb": peak_rss_gb(), "steps_peak_rss_gb": reset and peak_rss_gb(), "lora_tensors": len(params)}
+    if profiler is not None:
+        from op_classes import torch_op_seconds
+
+        profiler.__exit__(None, None, None)
+        result["op_s"] = {k: v / len(later) for k, v in torch_op_seconds(profiler).items()}
+    print("RESULT " + json.dumps(result))
 
 
 def main():
@@ -172,6 +204,9 @@ def main():
     parser.add_argument("--pynative", action="store_true",
                         help="train step in PyNative mode (no compile; each op's memory is freed when unused)")
     parser.add_argument("--skip_torch", action="store_true", help="no torch row")
+    parser.add_argument("--profile", action="store_true",
+                        help="op-class profile of the steps (MindSpore's CPU profiler, torch.profiler); the "
+                             "MindSpore side first runs once to fill the disk caches")
     parser.add_argument("--worker", choices=["torch"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker == "torch":
@@ -183,7 +218,8 @@ def main():
     tr = None
     if not args.skip_torch:  # after the MindSpore run: one heavy process at a time
         tr = run_worker(__file__, ["--worker", "torch", "--file", args.file, "--resolution", str(args.resolution),
-                                   "--steps", str(args.steps), "--network_dim", str(args.network_dim)])
+                                   "--steps", str(args.steps), "--network_dim", str(args.network_dim)]
+                        + (["--profile"] if args.profile else []))
     case = (f"SDXL U-Net LoRA dim {args.network_dim}, {args.resolution}px, batch 1, "
             f"{'no checkpointing' if args.no_checkpointing else 'checkpointing'}, mixed_precision {args.mixed_precision}"
             + (f", jit_level {args.jit_level}" if args.jit_level else "") + (", mem_eff_attn" if args.mem_eff_attn else "")
@@ -202,7 +238,25 @@ def main():
         print("MindSpore step, mean seconds per step by segment kind:")
         for k, v in sorted(r["segmented_step_s"].items(), key=lambda kv: -kv[1]):
             print(f"  {k:40} {v:8.2f}")
+    if r.get("op_s"):
+        print_op_classes(r, tr)
     print("RESULT " + json.dumps(dict(r, case=case, torch=tr)))
+
+
+def print_op_classes(r, tr):
+    """Seconds per step by op class, MindSpore beside torch; "between ops" is the step time no kernel
+    accounts for (Python, the runtime's launches, the profilers' own cost)."""
+    from op_classes import CLASSES
+
+    t_ops = (tr or {}).get("op_s")
+    print("seconds per step by op class (profilers on)")
+    print(f"  {'':22} {'MindSpore':>10} {'torch':>8} {'ratio':>6}")
+    rows = [(c, r["op_s"][c], t_ops and t_ops[c]) for c in CLASSES]
+    rows.append(("between ops", r["s_per_step"] - sum(r["op_s"].values()),
+                 t_ops and tr["s_per_step"] - sum(t_ops.values())))
+    for name, ms_s, t_s in rows:
+        ratio = ms_s / t_s if t_s else None
+        print(f"  {name:22} {ms_s:10.2f} {fmt(t_s):>8} {fmt(ratio):>6}")
 
 
 if __name__ == "__main__":
