@@ -17,7 +17,10 @@ gradient checkpointing, AdamW, the same latent size, timesteps drawn alike (``--
 it out). "compile s" is the first step (graph compile + one step), "s/step" the mean of the later
 steps, "peak GB" the process's peak RSS (the checkpoint load included), "steps GB" the peak during
 the training steps. The MindSpore row also prints where a step's time goes (per segment kind:
-forward, recompute+backward; the update; Python between the graph calls).
+forward, recompute+backward; the update; Python between the graph calls). ``--profile`` adds the
+seconds per step by op class (``bench/op_classes.py``) on both sides and the op types with the most
+time: the trainer runs once to fill the disk caches, then again under MindSpore's CPU profiler
+(``MS_PROFILER_OPTIONS``); torch profiles its steps after the first with ``torch.profiler``.
 """
 import argparse
 import json
@@ -87,7 +90,9 @@ def run_training(args, work):
     if args.profile:
         from op_classes import mindspore_op_seconds
 
-        per_step = {k: v / args.steps for k, v in mindspore_op_seconds(os.path.join(work, "profile")).items()}
+        classes, top = mindspore_op_seconds(os.path.join(work, "profile"))
+        per_step = {k: v / args.steps for k, v in classes.items()}
+        result["top_ops"] = [(c, t, v / args.steps) for c, t, v in top]
         update = (summary.get("segmented_step_s") or {}).get("update", 0.0)
         moved = min(update, per_step["elementwise"])
         per_step["elementwise"] -= moved
@@ -182,7 +187,9 @@ def worker_torch(args):
         from op_classes import torch_op_seconds
 
         profiler.__exit__(None, None, None)
-        result["op_s"] = {k: v / len(later) for k, v in torch_op_seconds(profiler).items()}
+        classes, top = torch_op_seconds(profiler)
+        result["op_s"] = {k: v / len(later) for k, v in classes.items()}
+        result["top_ops"] = [(c, t, v / len(later)) for c, t, v in top]
     print("RESULT " + json.dumps(result))
 
 
@@ -257,6 +264,11 @@ def print_op_classes(r, tr):
     for name, ms_s, t_s in rows:
         ratio = ms_s / t_s if t_s else None
         print(f"  {name:22} {ms_s:10.2f} {fmt(t_s):>8} {fmt(ratio):>6}")
+    for side, row in (("MindSpore", r), ("torch", tr or {})):
+        if row.get("top_ops"):
+            print(f"{side}: op types with the most time, seconds per step")
+            for c, t, v in row["top_ops"]:
+                print(f"  {t[:48]:48} {c:18} {v:8.2f}")
 
 
 if __name__ == "__main__":

@@ -38,25 +38,34 @@ def classify(rules, op_type, scope=""):
     return "elementwise"
 
 
-def mindspore_op_seconds(profile_dir):
-    """{class: seconds} summed over every op the profiler recorded under ``profile_dir``."""
+def _mindspore_rows(profile_dir):
+    """(op type, scope, seconds) of every op the profiler recorded under ``profile_dir``."""
     files = glob.glob(os.path.join(profile_dir, "**", "cpu_op_detail_info_*.csv"), recursive=True)
     if not files:
         raise FileNotFoundError(f"no cpu_op_detail_info_*.csv under {profile_dir}")
-    out = dict.fromkeys(CLASSES, 0.0)
     for path in files:
         with open(path, newline="") as f:
             for row in csv.DictReader(f):
-                out[classify(MINDSPORE_RULES, row["op_type"], row["full_op_name"])] += \
-                    float(row["op_total_time(ms)"]) / 1000.0
-    return out
+                yield row["op_type"], row["full_op_name"], float(row["op_total_time(ms)"]) / 1000.0
 
 
-def torch_op_seconds(prof):
-    """{class: seconds} of self CPU time from a finished ``torch.profiler.profile``."""
-    out = dict.fromkeys(CLASSES, 0.0)
-    for event in prof.key_averages():
-        if event.key.startswith("ProfilerStep") or event.key.startswith("## "):
-            continue
-        out[classify(TORCH_RULES, event.key)] += event.self_cpu_time_total / 1e6
-    return out
+def _summary(rows, rules, top):
+    """({class: seconds}, the ``top`` (class, op type, seconds) with the most time) of (type, scope, s) rows."""
+    classes, types = dict.fromkeys(CLASSES, 0.0), {}
+    for op_type, scope, seconds in rows:
+        name = classify(rules, op_type, scope)
+        classes[name] += seconds
+        types[(name, op_type)] = types.get((name, op_type), 0.0) + seconds
+    return classes, [(c, t, v) for (c, t), v in sorted(types.items(), key=lambda kv: -kv[1])[:top]]
+
+
+def mindspore_op_seconds(profile_dir, top=12):
+    """({class: seconds}, top op types) summed over every op recorded under ``profile_dir``."""
+    return _summary(_mindspore_rows(profile_dir), MINDSPORE_RULES, top)
+
+
+def torch_op_seconds(prof, top=12):
+    """({class: seconds}, top op types) of self CPU time from a finished ``torch.profiler.profile``."""
+    rows = [(e.key, "", e.self_cpu_time_total / 1e6) for e in prof.key_averages()
+            if not (e.key.startswith("ProfilerStep") or e.key.startswith("## "))]
+    return _summary(rows, TORCH_RULES, top)

@@ -292,7 +292,7 @@ def test_cli_errors_are_one_line(tmp_path, sources):
             (("--dataset_name", tmp_path / "missing" / "ds", "--save_folder", tmp_path / "o"),
              f"error: dataset path not found: {tmp_path / 'missing' / 'ds'}"),
             (("--dataset_name", sources["save_to_disk"], "--save_folder", blocker / "out"),
-             f"error: cannot create output folder {blocker / 'out'}:")):
+             f"error: --save_folder {blocker / 'out'}: cannot create the folder")):
         r = _run(*args)
         assert r.returncode == 2, r.stderr[-2000:]
         lines = r.stderr.strip().splitlines()

@@ -9,7 +9,6 @@ the loss (epsilon and v targets, per-sample weights) and every LoRA gradient
 must agree within the fp32 bound; one AdamW update must equal torch.optim.AdamW.
 """
 import copy
-import os
 
 import numpy as np
 import pytest

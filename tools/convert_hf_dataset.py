@@ -67,6 +67,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import library  # noqa: E402,F401  (project runtime env; keeps the script pattern of tools/)
 from library.arg_utils import ArgumentParser  # noqa: E402
 from library.device_utils import UserError, run_main  # noqa: E402
+from library.path_utils import make_output_folder  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -297,12 +298,7 @@ def caption_text(value, row):
 
 def check_save_folder(save_folder, state, overwrite):
     """Create the folder and refuse to mix conversions; --overwrite first removes this tool's earlier output."""
-    try:
-        os.makedirs(save_folder, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create output folder {save_folder}: {one_line(e)}") from e
-    if not os.path.isdir(save_folder):
-        raise UserError(f"output path is not a folder: {save_folder}")
+    make_output_folder(save_folder, "--save_folder")
     state_path = os.path.join(save_folder, STATE_NAME)
     previous = None
     if os.path.isfile(state_path):
