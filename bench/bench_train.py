@@ -34,6 +34,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # sdxl_checkpoint_helpers: the torch reference's loader
 
 from bench_common import ensure_sdxl_file, fmt, run_worker  # noqa: E402
 
@@ -105,27 +106,16 @@ def worker_torch(args):
     """The same training step in torch; prints RESULT json."""
     import numpy as np
     import torch
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
-    from safetensors import safe_open
 
+    import sdxl_checkpoint_helpers as H
     from bench_common import peak_rss_gb
     from bench_inference import FULL
     from library.device_utils import reset_peak_rss
-    from library.sdxl_model_util import convert_sdxl_unet_state_dict_to_diffusers
 
     torch.set_num_threads(os.cpu_count())
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    with init_empty_weights():
-        unet = UNet2DConditionModel(**FULL["unet"])
-    prefix = "model.diffusion_model."
-    with safe_open(args.file, "np") as f:  # one tensor at a time
-        names = {k[len(prefix):]: k for k in f.keys() if k.startswith(prefix)}
-        sd = {d: torch.from_numpy(f.get_tensor(names[k]).astype(np.float32))
-              for d, k in convert_sdxl_unet_state_dict_to_diffusers({n: n for n in names}).items()}
-    unet.load_state_dict(sd, assign=True)
-    del sd
+    unet, _ = H.diffusers_unet_from_sai(args.file, FULL["unet"])
     unet.requires_grad_(False)
 
     class LoRALinear(torch.nn.Module):

@@ -263,6 +263,38 @@ SDXL_TE2 = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_
                 bos_token_id=0, eos_token_id=2, pad_token_id=1)
 
 
+def diffusers_unet_from_sai(path, kwargs=SDXL_UNET_KWARGS):
+    """diffusers' U-Net with the SAI file's U-Net weights in fp32 (read one tensor at a time, no second
+    copy): (unet, {SGM parameter name: diffusers parameter name})."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from safetensors import safe_open
+
+    from library.sdxl_model_util import convert_sdxl_unet_state_dict_to_diffusers
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**kwargs)
+    prefix = "model.diffusion_model."
+    with safe_open(path, "np") as f:
+        names = {k[len(prefix):]: k for k in f.keys() if k.startswith(prefix)}
+        to_diffusers = convert_sdxl_unet_state_dict_to_diffusers({n: n for n in names})
+        unet.load_state_dict({d: torch.from_numpy(f.get_tensor(names[k]).astype(np.float32))
+                              for d, k in to_diffusers.items()}, assign=True)
+    return unet, {sgm: d for d, sgm in to_diffusers.items()}
+
+
+def add_lora_hook(module, down, up, scale):
+    """kohya's LoRA on a torch Linear or Conv2d as a forward hook: output + up(down(x)) * scale."""
+    F = torch.nn.functional
+    if isinstance(module, torch.nn.Conv2d):
+        def hook(mod, args, output):
+            return output + F.conv2d(F.conv2d(args[0], down, stride=mod.stride, padding=mod.padding), up) * scale
+    else:
+        def hook(mod, args, output):
+            return output + F.linear(F.linear(args[0], down), up) * scale
+    return module.register_forward_hook(hook)
+
+
 def full_size_meta_models():
     """SDXL-sized torch models on the meta device (shapes only, nothing allocated)."""
     import transformers

@@ -18,6 +18,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 import conftest  # noqa: F401  (imports library before mindspore)
+import sdxl_checkpoint_helpers as H  # noqa: E402
 
 import mindspore as ms  # noqa: E402
 from mindspore import Tensor, nn, ops  # noqa: E402
@@ -123,14 +124,7 @@ def _torch_grads(du, network, data, fp16_weights):
         up = torch.tensor(lora.lora_up.weight.asnumpy(), requires_grad=True)
         scale = float(lora.alpha.asnumpy()) / lora.lora_dim
         tparams[lora.lora_name] = (down, up)
-        if isinstance(mod, torch.nn.Conv2d):
-            def hook(module, args, output, down=down, up=up, scale=scale):
-                h = torch.nn.functional.conv2d(args[0], down, stride=module.stride, padding=module.padding)
-                return output + torch.nn.functional.conv2d(h, up) * scale
-        else:
-            def hook(module, args, output, down=down, up=up, scale=scale):
-                return output + torch.nn.functional.linear(torch.nn.functional.linear(args[0], down), up) * scale
-        hooks.append(mod.register_forward_hook(hook))
+        hooks.append(H.add_lora_hook(mod, down, up, scale))
     try:
         pred = du(torch.tensor(data["x"]), torch.tensor(data["t"]), torch.tensor(data["context"]),
                   added_cond_kwargs={"text_embeds": torch.tensor(data["pooled"]),

@@ -37,17 +37,14 @@ def _inputs():
                 target=rng.standard_normal((1, 4, LATENT, LATENT), dtype=np.float32))
 
 
-def worker_ours(ckpt, lora_file, out):
-    """Write the LoRA file (random up weights) and our gradients of the l2 loss."""
+def _our_unet_with_lora(ckpt, alpha):
+    """Graph mode; our U-Net from the file (frozen weights stored in fp16, fp32 compute, as
+    ``--fp16_unet_weights``) with a rank-``RANK`` LoRA on kohya's U-Net targets: (unet, network)."""
     import mindspore as ms
-    from mindspore import Tensor, ops
 
     from library import layers
     from library.sdxl_model_util import load_models_from_sdxl_checkpoint
-    from library.segments import Segment, SegmentChain
-    from library.unet_segments import unet_segments
     from networks import lora as lora_module
-    from test_lora_gradients import _MSE
 
     ms.set_device("CPU")
     ms.set_context(mode=ms.GRAPH_MODE)
@@ -55,15 +52,33 @@ def worker_ours(ckpt, lora_file, out):
     del te1, te2, vae
     unet.to_dtype(ms.float16, compute_dtype=ms.float32)
     layers.set_init_seed(5)
-    network = lora_module.create_network(1.0, RANK, RANK, None, [], unet)
+    network = lora_module.create_network(1.0, RANK, alpha, None, [], unet)  # kohya's init: lora_up zero
     network.apply_to([], unet, False, True)
+    for p in unet.get_parameters():
+        p.requires_grad = False
+    return unet, network
+
+
+def _by_lora_name(network, params, arrays):
+    """{"<kohya module>.lora_down"/".lora_up": array} for ``arrays`` in the order of ``params``."""
+    names = {p.name: lora for lora in network.loras for p in (lora.lora_down.weight, lora.lora_up.weight)}
+    return {f"{names[p.name].lora_name}.{p.name.split('.')[-2]}": a for p, a in zip(params, arrays)}
+
+
+def worker_ours(ckpt, lora_file, out):
+    """Write the LoRA file (random up weights) and our gradients of the l2 loss."""
+    from mindspore import Tensor, ops
+
+    from library.segments import Segment, SegmentChain
+    from library.unet_segments import unet_segments
+    from test_lora_gradients import _MSE
+
+    unet, network = _our_unet_with_lora(ckpt, RANK)
     rng = np.random.default_rng(7)
     for lora in network.loras:
         w = lora.lora_up.weight
         w.set_data(Tensor((0.01 * rng.standard_normal(w.shape)).astype(np.float32)))
     network.save_weights(lora_file, "float", {})
-    for p in unet.get_parameters():
-        p.requires_grad = False
     network.requires_grad_(True)
     unet.set_train(True)
     params = network.get_trainable_params()
@@ -75,40 +90,24 @@ def worker_ours(ckpt, lora_file, out):
                                     + [Tensor(np.ones(1, np.float32))])))
     loss = float(values["loss"].asnumpy())
     grads = chain.backward(values, {"loss": ops.ones_like(values["loss"])})
-    names = {p.name: lora for lora in network.loras for p in (lora.lora_down.weight, lora.lora_up.weight)}
-    np.savez(out, loss=loss, **{f"{names[p.name].lora_name}.{p.name.split('.')[-2]}": g.asnumpy()
-                                for p, g in zip(params, grads)})
+    np.savez(out, loss=loss, **_by_lora_name(network, params, [g.asnumpy() for g in grads]))
 
 
 def _torch_unet_with_lora(ckpt, lora_file):
     """diffusers' U-Net from the SAI file (fp32, frozen, torch's gradient checkpointing) with the LoRA file
     added by forward hooks (kohya's formula): (unet, {kohya module name: (down, up)})."""
     import torch
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
-    from safetensors import safe_open
     from safetensors.numpy import load_file
 
     import sdxl_checkpoint_helpers as H
-    from library.sdxl_model_util import convert_sdxl_unet_state_dict_to_diffusers
 
     torch.set_num_threads(os.cpu_count())
-    with init_empty_weights():
-        du = UNet2DConditionModel(**H.SDXL_UNET_KWARGS)
-    prefix = "model.diffusion_model."
-    with safe_open(ckpt, "np") as f:
-        names = {k[len(prefix):]: k for k in f.keys() if k.startswith(prefix)}
-        to_diffusers = convert_sdxl_unet_state_dict_to_diffusers({n: n for n in names})
-        du.load_state_dict({d: torch.from_numpy(f.get_tensor(names[k]).astype(np.float32))
-                            for d, k in to_diffusers.items()}, assign=True)
+    du, sgm_to_diffusers = H.diffusers_unet_from_sai(ckpt)
     du.requires_grad_(False)
     du.train()
     du.enable_gradient_checkpointing()
-    sgm_to_diffusers = {sgm: d for d, sgm in to_diffusers.items()}
-    module_of = {}  # kohya module name -> diffusers module path
-    for sgm in names:
-        if sgm.endswith(".weight"):
-            module_of["lora_unet_" + sgm[:-len(".weight")].replace(".", "_")] = sgm_to_diffusers[sgm][:-len(".weight")]
+    module_of = {"lora_unet_" + sgm[:-len(".weight")].replace(".", "_"): d[:-len(".weight")]
+                 for sgm, d in sgm_to_diffusers.items() if sgm.endswith(".weight")}
     sd = load_file(lora_file)
     tensors = {}
     for key in sd:
@@ -117,12 +116,8 @@ def _torch_unet_with_lora(ckpt, lora_file):
         name = key[:-len(".lora_down.weight")]
         down = torch.tensor(sd[key], requires_grad=True)
         up = torch.tensor(sd[name + ".lora_up.weight"], requires_grad=True)
-        scale = float(sd[name + ".alpha"]) / down.shape[0]
         tensors[name] = (down, up)
-
-        def hook(module, args, output, down=down, up=up, scale=scale):
-            return output + torch.nn.functional.linear(torch.nn.functional.linear(args[0], down), up) * scale
-        du.get_submodule(module_of[name]).register_forward_hook(hook)
+        H.add_lora_hook(du.get_submodule(module_of[name]), down, up, float(sd[name + ".alpha"]) / down.shape[0])
     return du, tensors
 
 
@@ -171,28 +166,16 @@ def worker_ours_steps(ckpt, lora_file, out):
     from mindspore import Tensor
 
     import sdxl_train_network
-    from library import layers
-    from library.sdxl_model_util import load_models_from_sdxl_checkpoint
     from library.sdxl_original_unet import get_size_embeddings
     from library.segments import SegmentChain
     from library.train_optimizers import create_optimizer
     from library.train_step import ParameterwiseUpdate, SegmentedStep
-    from networks import lora as lora_module
 
-    ms.set_device("CPU")
-    ms.set_context(mode=ms.GRAPH_MODE)
+    unet, network = _our_unet_with_lora(ckpt, 1.0)
     args = sdxl_train_network.setup_parser().parse_args(
         ["--pretrained_model_name_or_path", ckpt, "--optimizer_type", "AdamW", "--learning_rate", str(LR),
          "--max_grad_norm", str(MAX_GRAD_NORM), "--network_train_unet_only"])
-    te1, te2, vae, unet, _, _ = load_models_from_sdxl_checkpoint(ckpt)
-    del te1, te2, vae
-    unet.to_dtype(ms.float16, compute_dtype=ms.float32)
-    layers.set_init_seed(5)
-    network = lora_module.create_network(1.0, RANK, 1.0, None, [], unet)  # kohya's init: lora_up zero
-    network.apply_to([], unet, False, True)
     network.save_weights(lora_file, "float", {})
-    for p in unet.get_parameters():
-        p.requires_grad = False
     param_groups, _ = network.prepare_optimizer_params(None, None, LR)
     params = [p for g in param_groups for p in g["params"]]
     loss_net = sdxl_train_network.make_sdxl_loss_net(None, None, unet)
@@ -212,9 +195,8 @@ def worker_ours_steps(ckpt, lora_file, out):
         losses.append(float(loss.asnumpy()))
         norms.append(float(np.sqrt(sum(np.square(g.asnumpy(), dtype=np.float64).sum() for g in grads))))
         step.apply_cell(loss, ms.mutable(grads))
-    names = {p.name: lora for lora in network.loras for p in (lora.lora_down.weight, lora.lora_up.weight)}
     np.savez(out, losses=np.array(losses), norms=np.array(norms),
-             **{f"{names[p.name].lora_name}.{p.name.split('.')[-2]}": p.asnumpy() for p in params})
+             **_by_lora_name(network, params, [p.asnumpy() for p in params]))
 
 
 def worker_torch_steps(ckpt, lora_file, out, threads="0"):

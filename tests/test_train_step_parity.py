@@ -111,11 +111,7 @@ def _torch_step(setup, v_parameterization, dtype=torch.float32):
         up = T(lora.lora_up.weight.asnumpy()).requires_grad_(True)
         scale = float(lora.alpha.asnumpy()) / lora.lora_dim
         tparams[lora.lora_name] = (down, up)
-
-        def hook(module, args, output, down=down, up=up, scale=scale):
-            x = args[0]
-            return output + torch.nn.functional.linear(torch.nn.functional.linear(x, down), up) * scale
-        hooks.append(mod.register_forward_hook(hook))
+        hooks.append(H.add_lora_hook(mod, down, up, scale))
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # transformers builds its attention masks in the default dtype
     try:
