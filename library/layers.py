@@ -156,22 +156,27 @@ class Conv2dStride1(nn.Cell):
     """``ops.Conv2D`` (stride 1, zero padding) called as ``conv(x, weight)`` in x's dtype, backward
     written out.
 
-    The input gradient is the forward convolution of ``dout`` with the flipped,
-    in/out-swapped kernel. The primitive's backward (Conv2DBackpropInput) keeps
-    a buffer of about kernel-area x the input alive per 3x3 convolution for the
-    whole step on the CPU graph backend when the weight is frozen (frozen
-    320-channel 3x3 convolutions at 64x64, each followed by tanh: 53 MB per
-    layer; this way 15 MB). The weight gradient (LoRA's own convolutions) is
-    Conv2DBackpropFilter, as in the primitive's backward; for frozen weights
-    it is pruned from the graph. A weight stored in another dtype than x (fp16
-    frozen weights, fp32 compute) is cast in the forward and again in the
-    backward, so the cast copy is not kept between them.
+    The input gradient has two forms, chosen per cell by ``backprop_input``:
+    - False (default): the forward convolution of ``dout`` with the flipped, in/out-swapped kernel.
+      Conv2DBackpropInput keeps a buffer of about kernel-area x the input alive until its graph ends
+      on the CPU graph backend, so in a one-graph step every frozen 3x3 convolution would hold one
+      for the whole step (``tests/test_graph_memory.py``).
+    - True: Conv2DBackpropInput, several times faster (the kernel flip is a slow ReverseV2 on the CPU).
+      For graphs that hold a few layers (``library.unet_segments``), where the buffer lives only as
+      long as its segment's backward: ``use_backprop_input``.
+    The weight gradient (LoRA's own convolutions) is Conv2DBackpropFilter, as in the primitive's
+    backward; for frozen weights it is pruned from the graph. A weight stored in another dtype than x
+    (fp16 frozen weights, fp32 compute) is cast in the forward and again in the backward, so the cast
+    copy is not kept between them.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, padding):
         super().__init__()
         self.conv = ops.Conv2D(out_channels, kernel_size, pad_mode="pad", pad=padding)
-        self.conv_input_grad = ops.Conv2D(in_channels, kernel_size, pad_mode="pad", pad=kernel_size - 1 - padding)
+        self.backprop_input = False
+        self.conv_flipped = ops.Conv2D(in_channels, kernel_size, pad_mode="pad", pad=kernel_size - 1 - padding)
+        self.conv_input_grad = ops.Conv2DBackpropInput(out_channels, kernel_size, pad_mode="pad", pad=padding,
+                                                       pad_list=(padding,) * 4)
         self.conv_weight_grad = G.Conv2DBackpropFilter(out_channels, kernel_size, pad_mode="pad", pad=padding,
                                                        pad_list=(padding,) * 4)
 
@@ -179,10 +184,21 @@ class Conv2dStride1(nn.Cell):
         return self.conv(x, cast_weight(weight, x))
 
     def bprop(self, x, weight, out, dout):
-        # depend on dout: the flipped kernel is made in the backward, not kept from the start
-        kernel = ops.flip(ops.depend(weight, dout).astype(dout.dtype), (2, 3)).transpose(1, 0, 2, 3)
-        dx = self.conv_input_grad(dout, kernel)
+        # depend on dout: the cast (flipped) kernel is made in the backward, not kept from the start
+        kernel = ops.depend(weight, dout).astype(dout.dtype)
+        if self.backprop_input:
+            dx = self.conv_input_grad(dout, kernel, x.shape)
+        else:
+            dx = self.conv_flipped(dout, ops.flip(kernel, (2, 3)).transpose(1, 0, 2, 3))
         return dx, self.conv_weight_grad(dout, x, weight.shape).astype(weight.dtype)
+
+
+def use_backprop_input(cell: nn.Cell):
+    """Every ``Conv2dStride1`` in ``cell`` computes its input gradient with Conv2DBackpropInput (for
+    graphs that hold a few layers each; see ``Conv2dStride1``)."""
+    for _, sub in cell.cells_and_names():
+        if isinstance(sub, Conv2dStride1):
+            sub.backprop_input = True
 
 
 class LayerNorm(nn.Cell):

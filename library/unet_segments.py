@@ -13,6 +13,7 @@ Names: ``x``, ``timesteps``, ``context``, ``y`` in; ``pred`` out; inner names st
 """
 from mindspore import nn, ops
 
+from library import layers
 from library import sdxl_original_unet as U
 from library.segments import Segment
 
@@ -119,7 +120,11 @@ def _block_segments(block, name, h, skip, emb, ctx):
 
 
 def unet_segments(unet, x="x", timesteps="timesteps", context="context", y="y", pred="pred", prefix="unet."):
-    """The segments computing ``pred = unet(x, timesteps, context, y)`` from those named tensors."""
+    """The segments computing ``pred = unet(x, timesteps, context, y)`` from those named tensors.
+
+    The U-Net's 3x3 convolutions switch to their faster input-gradient form, whose buffers live only
+    as long as one segment's graph (``layers.use_backprop_input``)."""
+    layers.use_backprop_input(unet)
     emb, ctx = prefix + "emb", prefix + "ctx"
     segs = [Segment(prefix + "stem", _Stem(unet), (x, timesteps, context, y), (emb, ctx))]
     h = x

@@ -72,8 +72,9 @@ def test_softmax_attend_gradients(graph_mode, n, m):
         _close(g.asnumpy(), t.grad.numpy(), 1e-2, f"fp16 d{name}")
 
 
+@pytest.mark.parametrize("backprop_input", [False, True], ids=["flipped_kernel", "backprop_input"])
 @pytest.mark.parametrize("kernel,padding", [(3, 1), (1, 0), (3, 0)])
-def test_conv_stride1_gradients(graph_mode, kernel, padding):
+def test_conv_stride1_gradients(graph_mode, kernel, padding, backprop_input):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, 5, 9, 9)).astype(np.float32)
     weight = rng.standard_normal((7, 5, kernel, kernel)).astype(np.float32)
@@ -82,7 +83,9 @@ def test_conv_stride1_gradients(graph_mode, kernel, padding):
     tx, tweight = torch.tensor(x, requires_grad=True), torch.tensor(weight, requires_grad=True)
     (torch.nn.functional.conv2d(tx, tweight, padding=padding) * torch.tensor(w)).sum().backward()
 
-    dx, dweight = _layer_grads(layers.Conv2dStride1(5, 7, kernel, padding), x, weight, w)
+    conv = layers.Conv2dStride1(5, 7, kernel, padding)
+    conv.backprop_input = backprop_input
+    dx, dweight = _layer_grads(conv, x, weight, w)
     _close(dx.asnumpy(), tx.grad.numpy(), 1e-5, "dx")
     _close(dweight.asnumpy(), tweight.grad.numpy(), 1e-5, "dweight")
 
@@ -107,6 +110,9 @@ def test_fp16_stored_weights_compute_in_fp32(graph_mode):
     tx = torch.tensor(x, requires_grad=True)
     (torch.nn.functional.conv2d(tx, torch.tensor(weight.astype(np.float32)), padding=1)
      * torch.tensor(w)).sum().backward()
-    dx = _layer_grads(layers.Conv2dStride1(5, 7, 3, 1), x, weight, w)[0]
-    assert dx.dtype == ms.float32
-    _close(dx.asnumpy(), tx.grad.numpy(), 1e-5, "conv dx")
+    for backprop_input in (False, True):
+        conv = layers.Conv2dStride1(5, 7, 3, 1)
+        conv.backprop_input = backprop_input
+        dx = _layer_grads(conv, x, weight, w)[0]
+        assert dx.dtype == ms.float32
+        _close(dx.asnumpy(), tx.grad.numpy(), 1e-5, f"conv dx (backprop_input={backprop_input})")
