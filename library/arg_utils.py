@@ -76,3 +76,15 @@ class ArgumentParser(argparse.ArgumentParser):
         if extras:
             self.error(unrecognized_message(self, extras))
         return parsed
+
+
+def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Make ``parser`` raise ``UserError`` (printed by ``run_main`` as one line) instead of printing its usage
+    and exiting, as the other user errors of the scripts."""
+    from library.device_utils import UserError
+
+    def error(message):
+        raise UserError(f"{parser.prog}: {message} (see --help)")
+
+    parser.error = error
+    return parser

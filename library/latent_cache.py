@@ -95,9 +95,13 @@ def is_disk_cached_latents_expected(bucket_reso: Tuple[int, int], npz_path: str,
 
 
 def _save_npz_atomic(path: str, **arrays):
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    from library.path_utils import atomic_write
+
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+            np.savez(f, **arrays)
+
+    atomic_write(path, write)
 
 
 def save_latents_to_disk(npz_path, latents, original_size, crop_ltrb, flipped_latents=None, alpha_mask=None,
@@ -184,26 +188,39 @@ def cache_batch_latents(encode_fn, infos: Sequence, flip_aug: bool, alpha: bool,
             info.alpha_mask = mask
 
 
-def cache_latents(dataset, encode_fn, vae_batch_size: int = 1, cache_to_disk: bool = False,
-                  skip_cache_check: bool = False):
-    """Cache every image's latents (in memory, or on disk reusing valid files).
-
-    Batches hold images of one bucket with the same flip/alpha/crop settings,
-    at most ``vae_batch_size`` each, in order of bucket area (kohya)."""
-    if vae_batch_size < 1:
-        raise UserError(f"--vae_batch_size must be >= 1, got {vae_batch_size}")
-    infos = sorted(dataset.image_data.values(), key=lambda info: info.bucket_reso[0] * info.bucket_reso[1])
-    batches: List[Tuple[tuple, list]] = []
-    batch, condition = [], None
-    reused = 0
-    for info in infos:
-        subset = dataset.image_to_subset[info.image_key]
+def latents_to_compute(dataset, cache_to_disk: bool = False, skip_cache_check: bool = False) -> list:
+    """The images of ``dataset`` whose latents must be computed: all of them in memory; on disk those
+    without a valid cache file (``info.latents_npz`` is set to kohya's file name for every image)."""
+    todo = []
+    for info in dataset.image_data.values():
         if cache_to_disk:
+            subset = dataset.image_to_subset[info.image_key]
             info.latents_npz = latents_npz_path(info.absolute_path, info.image_size)
             if is_disk_cached_latents_expected(info.bucket_reso, info.latents_npz, subset.flip_aug,
                                                subset.alpha_mask, info.absolute_path, skip_cache_check):
-                reused += 1
                 continue
+        todo.append(info)
+    return todo
+
+
+def cache_latents(dataset, encode_fn, vae_batch_size: int = 1, cache_to_disk: bool = False,
+                  skip_cache_check: bool = False, todo: Optional[list] = None):
+    """Cache every image's latents (in memory, or on disk reusing valid files).
+
+    Batches hold images of one bucket with the same flip/alpha/crop settings,
+    at most ``vae_batch_size`` each, in order of bucket area (kohya).
+    ``todo``: ``latents_to_compute``'s answer when the caller already has it."""
+    from tqdm import tqdm
+
+    if vae_batch_size < 1:
+        raise UserError(f"--vae_batch_size must be >= 1, got {vae_batch_size}")
+    if todo is None:
+        todo = latents_to_compute(dataset, cache_to_disk, skip_cache_check)
+    infos = sorted(todo, key=lambda info: info.bucket_reso[0] * info.bucket_reso[1])
+    batches: List[Tuple[tuple, list]] = []
+    batch, condition = [], None
+    for info in infos:
+        subset = dataset.image_to_subset[info.image_key]
         cond = (info.bucket_reso, subset.flip_aug, subset.alpha_mask, subset.random_crop)
         if batch and cond != condition:
             batches.append((condition, batch))
@@ -216,9 +233,12 @@ def cache_latents(dataset, encode_fn, vae_batch_size: int = 1, cache_to_disk: bo
     if batch:
         batches.append((condition, batch))
     if cache_to_disk:
-        logger.info(f"latents cache: {reused} valid file(s) reused, {sum(len(b) for _, b in batches)} to compute")
-    for (reso, flip_aug, alpha, random_crop), batch in batches:
-        cache_batch_latents(encode_fn, batch, flip_aug, alpha, random_crop, cache_to_disk)
+        logger.info(f"latents cache: {len(dataset.image_data) - len(todo)} valid file(s) reused, "
+                    f"{len(todo)} to compute")
+    with tqdm(total=len(todo), desc="caching latents", unit="img", disable=not todo, dynamic_ncols=True) as bar:
+        for (reso, flip_aug, alpha, random_crop), batch in batches:
+            cache_batch_latents(encode_fn, batch, flip_aug, alpha, random_crop, cache_to_disk)
+            bar.update(len(batch))
 
 
 # -- text encoders -------------------------------------------------------------------
@@ -248,12 +268,10 @@ def load_text_encoder_outputs_from_disk(npz_path: str) -> List[np.ndarray]:
         raise UserError(f"cannot read text encoder cache {npz_path}: {e}") from e
 
 
-def cache_text_encoder_outputs(dataset, encode_fn, tokenizers, max_token_length=None, cache_to_disk: bool = False,
-                               batch_size: Optional[int] = None, skip_cache_check: bool = False):
-    """Cache the text encoders' outputs for every image's (unprocessed) caption."""
-    from library.token_chunking import tokenize_sdxl
-
-    batch_size = batch_size or dataset.batch_size
+def text_encoder_outputs_to_compute(dataset, max_token_length=None, cache_to_disk: bool = False,
+                                    skip_cache_check: bool = False) -> list:
+    """The images whose captions must be encoded: all of them in memory; on disk those without a valid
+    cache file (``info.text_encoder_outputs_npz`` is set for every image)."""
     todo = []
     for info in dataset.image_data.values():
         if cache_to_disk:
@@ -263,13 +281,35 @@ def cache_text_encoder_outputs(dataset, encode_fn, tokenizers, max_token_length=
                                                             skip_cache_check):
                 continue
         todo.append(info)
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start:start + batch_size]
-        ids1, ids2 = tokenize_sdxl([info.caption for info in batch], tokenizers, max_token_length)
-        hidden1, hidden2, pool2 = (np.asarray(x, np.float32) for x in encode_fn(ids1, ids2))
-        for i, info in enumerate(batch):
-            if cache_to_disk:
-                _save_npz_atomic(info.text_encoder_outputs_npz, hidden_state1=hidden1[i], hidden_state2=hidden2[i],
-                                 pool2=pool2[i], caption_sha1=np.array(text_sha1(info.caption, max_token_length)))
-            else:
-                info.text_encoder_outputs = [hidden1[i], hidden2[i], pool2[i]]
+    return todo
+
+
+def cache_text_encoder_outputs(dataset, encode_fn, tokenizers, max_token_length=None, cache_to_disk: bool = False,
+                               batch_size: Optional[int] = None, skip_cache_check: bool = False,
+                               todo: Optional[list] = None):
+    """Cache the text encoders' outputs for every image's (unprocessed) caption.
+    ``todo``: ``text_encoder_outputs_to_compute``'s answer when the caller already has it."""
+    from tqdm import tqdm
+
+    from library.token_chunking import tokenize_sdxl
+
+    batch_size = batch_size or dataset.batch_size
+    if todo is None:
+        todo = text_encoder_outputs_to_compute(dataset, max_token_length, cache_to_disk, skip_cache_check)
+    if cache_to_disk:
+        logger.info(f"text encoder outputs cache: {len(dataset.image_data) - len(todo)} valid file(s) reused, "
+                    f"{len(todo)} to compute")
+    with tqdm(total=len(todo), desc="caching text encoder outputs", unit="img", disable=not todo,
+              dynamic_ncols=True) as bar:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            ids1, ids2 = tokenize_sdxl([info.caption for info in batch], tokenizers, max_token_length)
+            hidden1, hidden2, pool2 = (np.asarray(x, np.float32) for x in encode_fn(ids1, ids2))
+            for i, info in enumerate(batch):
+                if cache_to_disk:
+                    _save_npz_atomic(info.text_encoder_outputs_npz, hidden_state1=hidden1[i],
+                                     hidden_state2=hidden2[i], pool2=pool2[i],
+                                     caption_sha1=np.array(text_sha1(info.caption, max_token_length)))
+                else:
+                    info.text_encoder_outputs = [hidden1[i], hidden2[i], pool2[i]]
+            bar.update(len(batch))

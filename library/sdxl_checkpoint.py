@@ -407,6 +407,26 @@ def _load_single_file(path, dtype, vae_path, head_dim, norm_num_groups):
     return te1, te2, vae, unet, logit_scale, info
 
 
+def load_text_encoders_from_sdxl_checkpoint(ckpt_path, head_dim=K.DEFAULT_HEAD_DIM):
+    """Only the two text encoders of an SDXL checkpoint (SAI single file or diffusers folder), as
+    ``load_models_from_sdxl_checkpoint`` loads them: for work that needs no U-Net (caching text encoder
+    outputs), which then costs neither the U-Net's memory nor its load time."""
+    if not os.path.exists(ckpt_path):
+        raise UserError(f"{ckpt_path}: checkpoint not found")
+    if os.path.isdir(ckpt_path):
+        for part in ("text_encoder", "text_encoder_2"):
+            if not os.path.isdir(os.path.join(ckpt_path, part)):
+                raise UserError(f"{ckpt_path}: not a diffusers SDXL folder (no {part}/ subfolder)")
+        te1, te2 = _load_diffusers_text_encoders(ckpt_path, head_dim)
+        return te1, te2
+    with sio.open_weights(ckpt_path) as reader:
+        groups = K.split_by_prefix(reader.keys())
+        for prefix, what in ((K.TE1_PREFIX, "text encoder 1"), (K.TE2_PREFIX, "text encoder 2")):
+            if not groups[prefix]:
+                raise UserError(f"{ckpt_path}: the {what} is missing (no {prefix}* keys): not an SDXL checkpoint?")
+        return _build_te1(reader, K.TE1_PREFIX, head_dim), _build_te2_openclip(reader, K.TE2_PREFIX, head_dim)
+
+
 # -- diffusers folders --------------------------------------------------------
 
 
@@ -459,6 +479,19 @@ def _diffusers_unet_head_dim(cfg, default):
     return widths.pop() if widths else default
 
 
+def _load_diffusers_text_encoders(folder, head_dim):
+    tes = []
+    for role, part in ((1, "text_encoder"), (2, "text_encoder_2")):
+        cfg = _read_json(os.path.join(folder, part, "config.json"))
+        overrides = {k: cfg[k] for k in ("hidden_act", "layer_norm_eps", "eos_token_id", "bos_token_id",
+                                         "pad_token_id") if k in cfg}
+        hd = cfg["hidden_size"] // cfg["num_attention_heads"] if "num_attention_heads" in cfg \
+            and "hidden_size" in cfg else head_dim
+        with _open_diffusers_weights(os.path.join(folder, part)) as reader:
+            tes.append(_build_te_diffusers(reader, role, hd, overrides))
+    return tes
+
+
 def _load_diffusers_folder(folder, dtype, vae_path, head_dim, norm_num_groups):
     parts = ("unet", "text_encoder", "text_encoder_2") + (() if vae_path else ("vae",))
     for part in parts:
@@ -486,15 +519,7 @@ def _load_diffusers_folder(folder, dtype, vae_path, head_dim, norm_num_groups):
         plan = {sgm: (du, ("copy",)) for sgm, du in to_sgm.items()}
         stream_into(unet, plan, reader, "the U-Net", "", None)
 
-    tes = []
-    for role, part in ((1, "text_encoder"), (2, "text_encoder_2")):
-        cfg = _read_json(os.path.join(folder, part, "config.json"))
-        overrides = {k: cfg[k] for k in ("hidden_act", "layer_norm_eps", "eos_token_id", "bos_token_id",
-                                         "pad_token_id") if k in cfg}
-        hd = cfg["hidden_size"] // cfg["num_attention_heads"] if "num_attention_heads" in cfg \
-            and "hidden_size" in cfg else head_dim
-        with _open_diffusers_weights(os.path.join(folder, part)) as reader:
-            tes.append(_build_te_diffusers(reader, role, hd, overrides))
+    tes = _load_diffusers_text_encoders(folder, head_dim)
 
     if vae_path is not None:
         vae, as_conv = _load_vae_any(vae_path, dtype, norm_num_groups)
