@@ -1,7 +1,10 @@
 """--cache_text_encoder_outputs(_to_disk) and --fp16_unet_weights in a real sdxl_train_network.py run
 on the tiny SDXL checkpoint saved in fp16 (as SDXL base is): the U-Net-only training with cached text
 encoder outputs and the frozen U-Net weights kept in fp16 (computed in fp32) gives the losses and
-LoRA of the fp32 run that encodes the captions every step."""
+LoRA of the fp32 run that encodes the captions every step. The disk caches of that run are filled
+beforehand by tools/cache_latents.py and tools/cache_text_encoder_outputs.py from the trainer's own
+command line: the trainer finds every file valid (none is rewritten) and trains as the run that
+encodes everything itself."""
 import csv
 import os
 import subprocess
@@ -52,8 +55,21 @@ def test_cached_text_encoder_outputs_and_fp16_unet_weights_train_like_encoding_f
     images, dataset = demo.write_dataset(str(tmp_path), 3, batch_size=2, seed=4)
 
     losses, lora = _train(ckpt, dataset, tmp_path / "encode", [])
+    import cache_latents
+    import cache_text_encoder_outputs
+
+    # the tools, in graph mode as the trainer; the same seed draws the latents the encoding run cached
+    tool_argv = [str(a) for a in ("--sdxl", "--pretrained_model_name_or_path", ckpt, "--dataset_config", dataset,
+                                  "--seed", 5, "--max_token_length", 150)]
+    assert cache_latents.main(tool_argv)["computed"] == 3
+    assert cache_text_encoder_outputs.main(tool_argv)["computed"] == 3
+    stamps = {n: os.stat(os.path.join(images, n)).st_mtime_ns for n in os.listdir(images) if n.endswith(".npz")}
+    assert len(stamps) == 6, sorted(stamps)
     cached_losses, cached_lora = _train(ckpt, dataset, tmp_path / "cached",
-                                        ["--cache_text_encoder_outputs_to_disk", "--fp16_unet_weights"])
+                                        ["--cache_latents_to_disk", "--cache_text_encoder_outputs_to_disk",
+                                         "--fp16_unet_weights"])
+    assert {n: os.stat(os.path.join(images, n)).st_mtime_ns for n in os.listdir(images)
+            if n.endswith(".npz")} == stamps  # the trainer encoded nothing
 
     assert len(cached_losses) == 3 and len(set(losses)) > 1
     np.testing.assert_allclose(cached_losses, losses, rtol=1e-5)
