@@ -18,7 +18,7 @@ OUTPUT_EXTS = (".safetensors", ".ckpt")
 def add_device_argument(parser):
     """kohya's ``--device`` (a torch device): the tools compute with numpy on the CPU, so only ``cpu`` is taken."""
     parser.add_argument("--device", type=str, default=None,
-                        help="kohya's torch device; this port computes with numpy on the CPU, so only 'cpu' is accepted")
+                        help="kohya's torch device; this port computes with numpy on the CPU: only 'cpu' is taken")
 
 
 def check_device(value, option="--device"):

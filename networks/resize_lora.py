@@ -220,7 +220,8 @@ def resize(args):
     comment = metadata.get("ss_training_comment", "")
     if not args.dynamic_method:
         conv_desc = "" if args.new_rank == args.new_conv_rank else f" (conv: {args.new_conv_rank})"
-        metadata["ss_training_comment"] = f"dimension is resized from {old_dim} to {args.new_rank}{conv_desc}; {comment}"
+        metadata["ss_training_comment"] = (f"dimension is resized from {old_dim} to {args.new_rank}{conv_desc}; "
+                                           f"{comment}")
         metadata["ss_network_dim"] = str(args.new_rank)
         metadata["ss_network_alpha"] = str(new_alpha)
     else:
