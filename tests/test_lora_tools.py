@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 from networks import check_lora_weights, extract_lora_from_models, resize_lora, svd_merge_lora  # noqa: E402
 import show_metadata  # noqa: E402
 
-TOL = 2e-5  # relative to the largest value: float32 SVD (torch) vs float64 factorisations (ours)
+TOL = 5e-5  # relative to the largest value; the project's fp32 bound is 1e-4
 
 
 # ---------------------------------------------------------------------------
