@@ -87,28 +87,42 @@ def linear(x, weight, bias, bias_add, stored_dense=None):
     return bias_add(y.reshape(-1, shape[-1]), bias.astype(x.dtype)).reshape(shape)
 
 
-def cast_weight(weight, x):
+def cast_weight(weight, x, per_use=True):
     """``weight`` in x's dtype. The graph backend computes a cast of a parameter alone once, ahead of the
-    layers, and keeps it for the whole run (every fp16 weight's fp32 copy at once: 24 frozen 4096x4096
-    fp16 layers, forward+backward, 2.75 GB; 1.32 GB this way); depending on x makes it a per-use cast."""
+    layers, and keeps it for the whole graph (in a one-graph step, every fp16 weight's fp32 copy at once:
+    24 frozen 4096x4096 fp16 layers, forward+backward, 2.75 GB; 1.32 GB this way); ``per_use`` makes it
+    depend on x, a cast per use. Graphs that hold a few layers (``short_graph_forms``) cast once."""
     if weight.dtype == x.dtype:
         return weight
-    return ops.depend(weight, x).astype(x.dtype)
+    w = ops.depend(weight, x) if per_use else weight
+    return w.astype(x.dtype)
+
+
+def _backward_cast(weight, dout, per_use):
+    """``cast_weight`` in a bprop (per use: made in the backward, not kept from the forward)."""
+    if per_use:
+        return ops.depend(weight, dout).astype(dout.dtype)
+    return weight.astype(dout.dtype)
 
 
 class StoredDense(nn.Cell):
     """``ops.dense(x, weight)`` computed in x's dtype for a weight stored in another (half) precision.
 
-    The backward casts the weight again instead of keeping the forward's cast: with autodiff's own
-    backward every frozen fp16 weight's fp32 copy stays alive until its layer's backward, so fp16
-    storage would cost 1.5x the fp32 weights' memory instead of half of it.
+    In a one-graph step the backward casts the weight again instead of keeping the forward's cast: with
+    autodiff's own backward every frozen fp16 weight's fp32 copy stays alive until its layer's backward,
+    so fp16 storage would cost 1.5x the fp32 weights' memory instead of half of it. With
+    ``per_use_cast`` off (``short_graph_forms``) both casts are the same expression, computed once.
     """
 
+    def __init__(self):
+        super().__init__()
+        self.per_use_cast = True
+
     def construct(self, x, weight):
-        return ops.dense(x, cast_weight(weight, x))
+        return ops.dense(x, cast_weight(weight, x, self.per_use_cast))
 
     def bprop(self, x, weight, out, dout):
-        w = ops.depend(weight, dout).astype(dout.dtype)  # cast in the backward, not kept from the forward
+        w = _backward_cast(weight, dout, self.per_use_cast)
         d2 = dout.reshape(-1, dout.shape[-1])
         dx = ops.matmul(d2, w).reshape(x.shape)
         dw = ops.matmul(d2.T, x.reshape(-1, x.shape[-1])).astype(weight.dtype)  # pruned for frozen weights
@@ -146,34 +160,35 @@ class Conv2dCast(nn.Cell):
 
     def __init__(self, out_channels, kernel_size, padding, stride):
         super().__init__()
+        self.per_use_cast = True
         self.conv = ops.Conv2D(out_channels, kernel_size, pad_mode="pad", pad=padding, stride=stride)
 
     def construct(self, x, weight):
-        return self.conv(x, cast_weight(weight, x))
+        return self.conv(x, cast_weight(weight, x, self.per_use_cast))
 
 
 class Conv2dStride1(nn.Cell):
     """``ops.Conv2D`` (stride 1, zero padding) called as ``conv(x, weight)`` in x's dtype, backward
     written out.
 
-    The input gradient has two forms, chosen per cell by ``backprop_input``:
-    - False (default): the forward convolution of ``dout`` with the flipped, in/out-swapped kernel.
-      Conv2DBackpropInput keeps a buffer of about kernel-area x the input alive until its graph ends
-      on the CPU graph backend, so in a one-graph step every frozen 3x3 convolution would hold one
-      for the whole step (``tests/test_graph_memory.py``).
-    - True: Conv2DBackpropInput, several times faster (the kernel flip is a slow ReverseV2 on the CPU).
-      For graphs that hold a few layers (``library.unet_segments``), where the buffer lives only as
-      long as its segment's backward: ``use_backprop_input``.
+    Two forms, chosen per cell (``short_graph_forms`` picks the second):
+    - for a one-graph step: the input gradient is the forward convolution of ``dout`` with the
+      flipped, in/out-swapped kernel (Conv2DBackpropInput keeps a buffer of about kernel-area x the
+      input alive until its graph ends on the CPU graph backend: in a one-graph step, one per frozen 3x3
+      convolution for the whole step, ``tests/test_graph_memory.py``); a weight stored in another dtype
+      than x (fp16 frozen weights, fp32 compute) is cast in the forward and again in the backward, so
+      the cast copy is not kept between them;
+    - ``backprop_input`` and not ``per_use_cast``, for graphs that hold a few layers: Conv2DBackpropInput
+      (several times faster: the kernel flip is a slow ReverseV2 on the CPU) and one cast per graph.
     The weight gradient (LoRA's own convolutions) is Conv2DBackpropFilter, as in the primitive's
-    backward; for frozen weights it is pruned from the graph. A weight stored in another dtype than x
-    (fp16 frozen weights, fp32 compute) is cast in the forward and again in the backward, so the cast
-    copy is not kept between them.
+    backward; for frozen weights it is pruned from the graph.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, padding):
         super().__init__()
-        self.conv = ops.Conv2D(out_channels, kernel_size, pad_mode="pad", pad=padding)
         self.backprop_input = False
+        self.per_use_cast = True
+        self.conv = ops.Conv2D(out_channels, kernel_size, pad_mode="pad", pad=padding)
         self.conv_flipped = ops.Conv2D(in_channels, kernel_size, pad_mode="pad", pad=kernel_size - 1 - padding)
         self.conv_input_grad = ops.Conv2DBackpropInput(out_channels, kernel_size, pad_mode="pad", pad=padding,
                                                        pad_list=(padding,) * 4)
@@ -181,11 +196,10 @@ class Conv2dStride1(nn.Cell):
                                                        pad_list=(padding,) * 4)
 
     def construct(self, x, weight):
-        return self.conv(x, cast_weight(weight, x))
+        return self.conv(x, cast_weight(weight, x, self.per_use_cast))
 
     def bprop(self, x, weight, out, dout):
-        # depend on dout: the cast (flipped) kernel is made in the backward, not kept from the start
-        kernel = ops.depend(weight, dout).astype(dout.dtype)
+        kernel = _backward_cast(weight, dout, self.per_use_cast)
         if self.backprop_input:
             dx = self.conv_input_grad(dout, kernel, x.shape)
         else:
@@ -193,12 +207,15 @@ class Conv2dStride1(nn.Cell):
         return dx, self.conv_weight_grad(dout, x, weight.shape).astype(weight.dtype)
 
 
-def use_backprop_input(cell: nn.Cell):
-    """Every ``Conv2dStride1`` in ``cell`` computes its input gradient with Conv2DBackpropInput (for
-    graphs that hold a few layers each; see ``Conv2dStride1``)."""
+def short_graph_forms(cell: nn.Cell):
+    """Every layer in ``cell`` switches to the forms that are faster when a graph holds only a few
+    layers (``library.unet_segments``): their extra buffers (a conv's input-gradient workspace, a weight's
+    cast copy shared by forward and backward) then live only as long as that small graph."""
     for _, sub in cell.cells_and_names():
         if isinstance(sub, Conv2dStride1):
             sub.backprop_input = True
+        if isinstance(sub, (Conv2dStride1, Conv2dCast, StoredDense)):
+            sub.per_use_cast = False
 
 
 class LayerNorm(nn.Cell):

@@ -247,30 +247,41 @@ class SegmentedLoss:
 
 
 class ParameterwiseUpdate:
-    """``ApplyGrads`` (clip, optimizer update) one parameter at a time, for the segmented step.
+    """``ApplyGrads`` (clip, optimizer update) for the segmented step, a chunk of same-shape parameters
+    per graph call.
 
-    One graph over every LoRA tensor costs per kernel, not per byte: for SDXL's 1444 LoRA tensors AdamW
-    compiled for 62 s, kept 3.3 GB and took 1.3 s per update (100 tensors: 2.7 s, 0.14 GB). Here the
-    optimizer's own per-parameter function (``update_fn``, see ``library.train_optimizers``) runs in one
-    small graph per parameter shape, whose parameter and state Parameters are pointed at each real one
-    (``Parameter.set_data`` shares the storage) before its call; the step's shared scalars come from one
-    small prologue graph. The total gradient norm for ``max_grad_norm`` is summed on the host.
-    Only single-process steps without accumulation or loss scaling use it (``supports``)."""
+    One graph over every LoRA tensor costs per kernel, not per byte (SDXL's 1444 LoRA tensors under
+    AdamW: a minute of compile and gigabytes kept for its intermediates), and one graph call per tensor
+    costs per call (the call's fixed overhead is many times a small tensor's update). So parameters
+    are grouped by the shapes and dtypes of the parameter and its optimizer states, and each group runs
+    in chunks of up to ``max_chunk``: the optimizer's own per-parameter function (``update_fn``, see
+    ``library.train_optimizers``) over one chunk in one small graph, whose parameter and state
+    Parameters are pointed at the chunk's real ones (``Parameter.set_data`` shares the storage) before
+    its call. A group compiles at most two graphs (full chunk, remainder). The step's shared scalars
+    come from one small prologue graph; the total gradient norm for ``max_grad_norm`` is summed on the
+    host. Only single-process steps without accumulation or loss scaling use it (``supports``)."""
 
-    def __init__(self, optimizer, max_grad_norm):
+    def __init__(self, optimizer, max_grad_norm, max_chunk=8):
         import numpy as np
         import mindspore as ms
 
         self.max_grad_norm = float(max_grad_norm or 0.0)
         self.prologue = _update_cells()["Prologue"](optimizer)
         states = optimizer.per_param_states()
-        templates, self.items = {}, []
+        groups = {}
         for i, p in enumerate(optimizer.params):
             own = [p] + [s[i] for s in states]
-            key = tuple((tuple(t.shape), str(t.dtype)) for t in own)
-            if key not in templates:
-                templates[key] = _update_cells()["UpdateOne"](optimizer.update_fn, own, len(templates))
-            self.items.append((templates[key], own, ms.Tensor(np.int32(optimizer.group_of[i]))))
+            groups.setdefault(tuple((tuple(t.shape), str(t.dtype)) for t in own), []).append((i, own))
+        templates, self.items = {}, []
+        for key, members in groups.items():
+            for start in range(0, len(members), max_chunk):
+                chunk = members[start:start + max_chunk]
+                if (key, len(chunk)) not in templates:
+                    templates[(key, len(chunk))] = _update_cells()["UpdateChunk"](
+                        optimizer.update_fn, chunk[0][1], len(chunk), len(templates))
+                indices = [i for i, _ in chunk]
+                group_of = ms.Tensor(np.asarray([optimizer.group_of[i] for i in indices], np.int32))
+                self.items.append((templates[(key, len(chunk))], [own for _, own in chunk], indices, group_of))
         self.templates = list(templates.values())
 
     @staticmethod
@@ -290,10 +301,11 @@ class ParameterwiseUpdate:
             total = np.sqrt(sum(float(np.square(g.asnumpy(), dtype=np.float64).sum()) for g in grads))
             coef = min(self.max_grad_norm / (total + 1e-6), 1.0)
         coef = ms.Tensor(np.float32(coef))
-        scalars = ms.mutable(self.prologue())
-        for (template, own, group), g in zip(self.items, grads):
-            template.bind(own)
-            template(scalars, group, coef, g)
+        scalars = tuple(self.prologue())  # passed one by one: no tuple to index in the graphs
+        for template, owns, indices, group_of in self.items:
+            template.bind(owns)
+            template.num_scalars = len(scalars)
+            template(group_of, coef, *scalars, *[grads[i] for i in indices])
         return loss
 
 
@@ -314,25 +326,54 @@ def _update_cells():
             step = self.optimizer._next_step()
             return self.optimizer.step_scalars(step) + (self.optimizer.lrs * 1.0,)
 
-    class UpdateOne(nn.Cell):
-        """``update_fn`` for one parameter of a shape (its parameter and states bound by ``bind``)."""
+    class UpdateChunk(nn.Cell):
+        """``update_fn`` for ``count`` parameters of one shape (their parameters and states bound by ``bind``).
 
-        def __init__(self, update_fn, like, index):
+        The states' slots are attributes ``state0``.. (graph mode unpacks no tuple of ParameterTuples)."""
+
+        max_states = 4
+
+        def __init__(self, update_fn, like, count, index):
             super().__init__(auto_prefix=False)
+            if len(like) - 1 > self.max_states:
+                raise ValueError(f"an optimizer with {len(like) - 1} states per parameter (at most {self.max_states})")
             self.update_fn = update_fn
-            self.param = Parameter(ms.Tensor(np.zeros(like[0].shape, ms.dtype_to_nptype(like[0].dtype))),
-                                   name=f"update{index}.param", requires_grad=False)
-            self.states = ParameterTuple([Parameter(ms.Tensor(np.zeros(t.shape, ms.dtype_to_nptype(t.dtype))),
-                                                    name=f"update{index}.state{j}", requires_grad=False)
-                                          for j, t in enumerate(like[1:])])
+            self.count = count
+            self.num_states = len(like) - 1
+            self.num_scalars = 0  # set before the first call
+            self.slots = []
+            for j, t in enumerate(like):  # the parameter, then each state
+                slot = ParameterTuple([Parameter(ms.Tensor(np.zeros(t.shape, ms.dtype_to_nptype(t.dtype))),
+                                                 name=f"update{index}.slot{j}.{k}", requires_grad=False)
+                                       for k in range(count)])
+                setattr(self, "param" if j == 0 else f"state{j - 1}", slot)
+                self.slots.append(slot)
 
-        def bind(self, own):
-            for t, p in zip((self.param,) + tuple(self.states), own):
-                t.set_data(p)
+        def bind(self, owns):
+            for k, own in enumerate(owns):
+                for slot, p in zip(self.slots, own):
+                    slot[k].set_data(p)
 
-        def construct(self, scalars, group, coef, grad):
-            lrs = scalars[-1]
-            lr = ops.gather(lrs, group, 0)
-            return self.update_fn(*scalars[:-1], lr, self.param, *self.states, grad * coef.astype(grad.dtype))
+        def construct(self, group_of, coef, *args):
+            """``args``: the prologue's scalars (``num_scalars``, the group lrs last), then the chunk's grads."""
+            scalars, grads = args[:self.num_scalars], args[self.num_scalars:]
+            lrs = ops.gather(scalars[-1], group_of, 0)
+            out = ()
+            for k in range(self.count):  # unrolled when compiled
+                g = grads[k] * coef.astype(grads[k].dtype)
+                if self.num_states == 0:
+                    r = self.update_fn(*scalars[:-1], lrs[k], self.param[k], g)
+                elif self.num_states == 1:
+                    r = self.update_fn(*scalars[:-1], lrs[k], self.param[k], self.state0[k], g)
+                elif self.num_states == 2:
+                    r = self.update_fn(*scalars[:-1], lrs[k], self.param[k], self.state0[k], self.state1[k], g)
+                elif self.num_states == 3:
+                    r = self.update_fn(*scalars[:-1], lrs[k], self.param[k], self.state0[k], self.state1[k],
+                                       self.state2[k], g)
+                else:
+                    r = self.update_fn(*scalars[:-1], lrs[k], self.param[k], self.state0[k], self.state1[k],
+                                       self.state2[k], self.state3[k], g)
+                out = out + (r,)
+            return out
 
-    return dict(Prologue=Prologue, UpdateOne=UpdateOne)
+    return dict(Prologue=Prologue, UpdateChunk=UpdateChunk)

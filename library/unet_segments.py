@@ -122,9 +122,9 @@ def _block_segments(block, name, h, skip, emb, ctx):
 def unet_segments(unet, x="x", timesteps="timesteps", context="context", y="y", pred="pred", prefix="unet."):
     """The segments computing ``pred = unet(x, timesteps, context, y)`` from those named tensors.
 
-    The U-Net's 3x3 convolutions switch to their faster input-gradient form, whose buffers live only
-    as long as one segment's graph (``layers.use_backprop_input``)."""
-    layers.use_backprop_input(unet)
+    The U-Net's layers switch to the forms that are faster in graphs of a few layers
+    (``layers.short_graph_forms``)."""
+    layers.short_graph_forms(unet)
     emb, ctx = prefix + "emb", prefix + "ctx"
     segs = [Segment(prefix + "stem", _Stem(unet), (x, timesteps, context, y), (emb, ctx))]
     h = x

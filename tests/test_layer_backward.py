@@ -72,9 +72,9 @@ def test_softmax_attend_gradients(graph_mode, n, m):
         _close(g.asnumpy(), t.grad.numpy(), 1e-2, f"fp16 d{name}")
 
 
-@pytest.mark.parametrize("backprop_input", [False, True], ids=["flipped_kernel", "backprop_input"])
+@pytest.mark.parametrize("short", [False, True], ids=["one_graph_forms", "short_graph_forms"])
 @pytest.mark.parametrize("kernel,padding", [(3, 1), (1, 0), (3, 0)])
-def test_conv_stride1_gradients(graph_mode, kernel, padding, backprop_input):
+def test_conv_stride1_gradients(graph_mode, kernel, padding, short):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, 5, 9, 9)).astype(np.float32)
     weight = rng.standard_normal((7, 5, kernel, kernel)).astype(np.float32)
@@ -84,7 +84,8 @@ def test_conv_stride1_gradients(graph_mode, kernel, padding, backprop_input):
     (torch.nn.functional.conv2d(tx, tweight, padding=padding) * torch.tensor(w)).sum().backward()
 
     conv = layers.Conv2dStride1(5, 7, kernel, padding)
-    conv.backprop_input = backprop_input
+    if short:
+        layers.short_graph_forms(conv)
     dx, dweight = _layer_grads(conv, x, weight, w)
     _close(dx.asnumpy(), tx.grad.numpy(), 1e-5, "dx")
     _close(dweight.asnumpy(), tweight.grad.numpy(), 1e-5, "dweight")
@@ -99,10 +100,14 @@ def test_fp16_stored_weights_compute_in_fp32(graph_mode):
     w = rng.standard_normal((2, 6, 5)).astype(np.float32)
     tx, tweight = torch.tensor(x, requires_grad=True), torch.tensor(weight.astype(np.float32), requires_grad=True)
     (torch.nn.functional.linear(tx, tweight) * torch.tensor(w)).sum().backward()
-    dx, dweight = _layer_grads(layers.StoredDense(), x, weight, w)
-    assert dx.dtype == ms.float32 and dweight.dtype == ms.float16
-    _close(dx.asnumpy(), tx.grad.numpy(), 1e-6, "dense dx")
-    _close(dweight.asnumpy(), tweight.grad.numpy(), 1e-3, "dense dweight (fp16)")
+    for short in (False, True):
+        dense = layers.StoredDense()
+        if short:
+            layers.short_graph_forms(dense)
+        dx, dweight = _layer_grads(dense, x, weight, w)
+        assert dx.dtype == ms.float32 and dweight.dtype == ms.float16
+        _close(dx.asnumpy(), tx.grad.numpy(), 1e-6, f"dense dx (short graph forms: {short})")
+        _close(dweight.asnumpy(), tweight.grad.numpy(), 1e-3, f"dense dweight (fp16, short graph forms: {short})")
 
     x = rng.standard_normal((2, 5, 9, 9)).astype(np.float32)
     weight = rng.standard_normal((7, 5, 3, 3)).astype(np.float16)
@@ -110,9 +115,10 @@ def test_fp16_stored_weights_compute_in_fp32(graph_mode):
     tx = torch.tensor(x, requires_grad=True)
     (torch.nn.functional.conv2d(tx, torch.tensor(weight.astype(np.float32)), padding=1)
      * torch.tensor(w)).sum().backward()
-    for backprop_input in (False, True):
+    for short in (False, True):
         conv = layers.Conv2dStride1(5, 7, 3, 1)
-        conv.backprop_input = backprop_input
+        if short:
+            layers.short_graph_forms(conv)
         dx = _layer_grads(conv, x, weight, w)[0]
         assert dx.dtype == ms.float32
-        _close(dx.asnumpy(), tx.grad.numpy(), 1e-5, f"conv dx (backprop_input={backprop_input})")
+        _close(dx.asnumpy(), tx.grad.numpy(), 1e-5, f"conv dx (short graph forms: {short})")

@@ -408,18 +408,28 @@ def test_adafactor_trains_end_to_end(tmp_path):
                                       dict(optimizer_type="AdaFactor", optimizer_args=["relative_step=False"]),
                                       dict(optimizer_type="AdaFactor", optimizer_args=["beta1=0.9"])])
 def test_parameterwise_update_equals_the_one_graph_update(opt_args):
-    """The segmented step's update (one small graph per parameter shape, the gradient norm on the host)
-    moves every parameter and state as ApplyGrads (clip + the optimizer in one graph) does."""
+    """The segmented step's update (chunks of same-shape parameters per small graph, the gradient norm on
+    the host) moves every parameter and state as ApplyGrads (clip + the optimizer in one graph) does:
+    with chunks of at most 3, the four (6, 5) parameters run as a full chunk and a remainder, each
+    chunk mixing learning-rate groups."""
     from library.train_step import ParameterwiseUpdate, _step_cells
 
-    w0, grads = _data(5)
-    order = [0, 2, 1]
+    rng = np.random.default_rng(5)
+    shapes = [SHAPES[0]] * 4 + [SHAPES[1]] * 2 + [SHAPES[2]]
+    w0 = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(STEPS)]
+    first_group = [0, 2, 3, 5]
     results = []
     for kind in ("one graph", "parameterwise"):
         params = [Parameter(Tensor(w.copy()), name=f"p{i}") for i, w in enumerate(w0)]
-        groups = [{"params": [params[0], params[2]], "lr": BASE_LRS[0]}, {"params": [params[1]], "lr": BASE_LRS[1]}]
+        groups = [{"params": [params[i] for i in first_group], "lr": BASE_LRS[0]},
+                  {"params": [p for i, p in enumerate(params) if i not in first_group], "lr": BASE_LRS[1]}]
+        order = [i for i in first_group] + [i for i in range(len(params)) if i not in first_group]
         opt = to.create_optimizer(_args(**opt_args), groups)[0]
-        update = (_step_cells()["ApplyGrads"](opt, 0.5) if kind == "one graph" else ParameterwiseUpdate(opt, 0.5))
+        update = (_step_cells()["ApplyGrads"](opt, 0.5) if kind == "one graph"
+                  else ParameterwiseUpdate(opt, 0.5, max_chunk=3))
+        if kind == "parameterwise":
+            assert len(update.items) == 4 and len(update.templates) == 4, (len(update.items), len(update.templates))
         for k, g in enumerate(grads):
             opt.set_lrs(_lrs_at(k, BASE_LRS))
             update(Tensor(np.float32(1.0)), ms.mutable(tuple(Tensor(g[i] * 3) for i in order)))  # clipped
