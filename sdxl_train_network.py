@@ -203,7 +203,8 @@ class SdxlNetworkTrainer(train_network.NetworkTrainer):
         from library.sdxl_model_util import load_models_from_sdxl_checkpoint
 
         te1, te2, vae, unet, _logit_scale, _info = load_models_from_sdxl_checkpoint(
-            args.pretrained_model_name_or_path, None, args.vae)
+            args.pretrained_model_name_or_path, None, args.vae,
+            unet_dtype="fp16" if args.fp16_unet_weights else None)
         self.text_encoder_widths = (te1.config.hidden_size, te2.config.hidden_size)
         pooled = te2.config.projection_dim
         if unet.adm_in_channels != pooled + 6 * 256:

@@ -8,8 +8,8 @@ these cells: parameter names then match the torch state dicts one to one
 
 Initialisation follows torch's defaults (kaiming-uniform a=sqrt(5) for
 weights, uniform(+-1/sqrt(fan_in)) for biases) from a numpy generator seeded
-by ``set_init_seed``; inside ``skip_init()`` parameters are allocated as zeros,
-which is fast for full-size models whose weights are loaded afterwards.
+by ``set_init_seed``; inside ``skip_init()`` parameters are zeros allocated on
+first use, for full-size models whose weights are loaded afterwards.
 """
 import contextlib
 import math
@@ -17,6 +17,7 @@ import math
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import initializer
 from mindspore.ops.operations import _grad_ops as G
 
 _state = {"rng": np.random.default_rng(0), "skip": False}
@@ -38,9 +39,9 @@ def skip_init():
 
 
 def _param(shape, bound=None, fill=None, name=None):
-    if _state["skip"]:
-        data = np.zeros(shape, np.float32)
-    elif fill is not None:
+    if _state["skip"]:  # allocated when first used or cast (weights loaded into another dtype never exist in fp32)
+        return Parameter(initializer("zeros", shape, ms.float32), name=name)
+    if fill is not None:
         data = np.full(shape, fill, np.float32)
     else:
         data = _state["rng"].uniform(-bound, bound, size=shape).astype(np.float32)
@@ -280,10 +281,10 @@ class Embedding(nn.Cell):
     def __init__(self, num_embeddings, embedding_dim):
         super().__init__()
         if _state["skip"]:
-            data = np.zeros((num_embeddings, embedding_dim), np.float32)
+            self.weight = _param((num_embeddings, embedding_dim), name="weight")
         else:
             data = _state["rng"].standard_normal((num_embeddings, embedding_dim)).astype(np.float32)
-        self.weight = Parameter(Tensor(data), name="weight")
+            self.weight = Parameter(Tensor(data), name="weight")
 
     def construct(self, ids):
         return ops.gather(self.weight, ids, 0)

@@ -351,7 +351,7 @@ def _scalar(reader, key):
 
 
 def load_models_from_sdxl_checkpoint(ckpt_path, dtype=None, vae_path=None, head_dim=K.DEFAULT_HEAD_DIM,
-                                     norm_num_groups=K.DEFAULT_NORM_GROUPS):
+                                     norm_num_groups=K.DEFAULT_NORM_GROUPS, unet_dtype=None):
     """Load an SDXL checkpoint: returns ``(text_encoder1, text_encoder2, vae, unet, logit_scale, ckpt_info)``.
 
     ``ckpt_path``: SAI single file (``.safetensors`` or MindSpore ``.ckpt``) or a diffusers
@@ -361,20 +361,23 @@ def load_models_from_sdxl_checkpoint(ckpt_path, dtype=None, vae_path=None, head_
     ``head_dim``/``norm_num_groups``: attention head width and GroupNorm groups, which shapes
     cannot tell (SDXL: 64 and 32); diffusers folders take them from their config.json.
     ``logit_scale`` is a numpy scalar array or None; ``ckpt_info`` a ``CheckpointInfo``.
+    ``unet_dtype``: the U-Net's Linear/Conv weights only (overrides ``dtype`` there), loaded straight
+    into it (fp16-stored weights never exist in fp32 as a whole).
     """
     start = time.time()
     ms_dtype = _ms_dtype(dtype)
+    unet_ms_dtype = _ms_dtype(unet_dtype) or ms_dtype
     if not os.path.exists(ckpt_path):
         raise UserError(f"{ckpt_path}: checkpoint not found")
     if os.path.isdir(ckpt_path):
-        result = _load_diffusers_folder(ckpt_path, ms_dtype, vae_path, head_dim, norm_num_groups)
+        result = _load_diffusers_folder(ckpt_path, ms_dtype, vae_path, head_dim, norm_num_groups, unet_ms_dtype)
     else:
-        result = _load_single_file(ckpt_path, ms_dtype, vae_path, head_dim, norm_num_groups)
+        result = _load_single_file(ckpt_path, ms_dtype, vae_path, head_dim, norm_num_groups, unet_ms_dtype)
     logger.info("loaded %s in %.1f s", ckpt_path, time.time() - start)
     return result
 
 
-def _load_single_file(path, dtype, vae_path, head_dim, norm_num_groups):
+def _load_single_file(path, dtype, vae_path, head_dim, norm_num_groups, unet_dtype):
     with sio.open_weights(path) as reader:
         groups = K.split_by_prefix(reader.keys())
         if not groups[K.UNET_PREFIX] and not groups[K.TE1_PREFIX] and not groups[K.TE2_PREFIX]:
@@ -391,7 +394,7 @@ def _load_single_file(path, dtype, vae_path, head_dim, norm_num_groups):
             logger.warning("%s: %d key(s) outside the SDXL parts are ignored: %s", path, len(ignored),
                            _fmt_names(ignored))
         logger.info("loading U-Net")
-        unet = _build_unet(reader, K.UNET_PREFIX, head_dim, norm_num_groups, dtype)
+        unet = _build_unet(reader, K.UNET_PREFIX, head_dim, norm_num_groups, unet_dtype)
         logger.info("loading text encoders")
         te1 = _build_te1(reader, K.TE1_PREFIX, head_dim)
         te2 = _build_te2_openclip(reader, K.TE2_PREFIX, head_dim)
@@ -492,7 +495,7 @@ def _load_diffusers_text_encoders(folder, head_dim):
     return tes
 
 
-def _load_diffusers_folder(folder, dtype, vae_path, head_dim, norm_num_groups):
+def _load_diffusers_folder(folder, dtype, vae_path, head_dim, norm_num_groups, unet_dtype):
     parts = ("unet", "text_encoder", "text_encoder_2") + (() if vae_path else ("vae",))
     for part in parts:
         if not os.path.isdir(os.path.join(folder, part)):
@@ -515,7 +518,7 @@ def _load_diffusers_folder(folder, dtype, vae_path, head_dim, norm_num_groups):
             raise UserError(f"{reader.path}: {e}") from None
         with layers.skip_init():
             unet = SdxlUNet2DConditionModel(SdxlUNetConfig(**kwargs))
-        _cast_compute_params(unet, dtype)
+        _cast_compute_params(unet, unet_dtype)
         plan = {sgm: (du, ("copy",)) for sgm, du in to_sgm.items()}
         stream_into(unet, plan, reader, "the U-Net", "", None)
 
