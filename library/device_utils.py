@@ -48,10 +48,9 @@ def add_device_arguments(parser: argparse.ArgumentParser):
     group.add_argument("--device_target", type=str, default="auto",
                        help="auto (Ascend, then GPU, then CPU), Ascend, GPU or CPU")
     group.add_argument("--pynative", action="store_true",
-                       help="run in PyNative mode (eager: no compile, each tensor freed when unused): for "
-                            "debugging, and for full-size SDXL training on a CPU machine where the graph-mode "
-                            "step runs out of memory (at 512x512: over 23 GB in graph mode, ~11 GB in PyNative); "
-                            "the default is graph mode")
+                       help="run in PyNative mode (eager: no compile, each tensor freed when unused), for "
+                            "debugging; the default is graph mode (with --gradient_checkpointing, a chain of "
+                            "per-layer graphs that fits full-size SDXL on a CPU machine)")
     group.add_argument("--jit_level", type=str, default=None, choices=JIT_LEVELS,
                        help="graph-mode jit level (MindSpore default when unset)")
     group.add_argument("--device_id", type=int, default=None,

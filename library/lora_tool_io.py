@@ -36,6 +36,19 @@ def check_input_file(path, option):
         raise UserError(f"{option} {path}: is a folder, expected a file")
 
 
+def check_models_and_ratios(args):
+    """``--models`` given, one ``--ratios`` value per model (default 1 each), ``--lbws`` refused: the merge
+    tools' shared checks. Returns the ratios."""
+    if not args.models:
+        raise UserError("--models: give at least one LoRA file")
+    ratios = list(args.ratios) if args.ratios else [1.0] * len(args.models)
+    if len(ratios) != len(args.models):
+        raise UserError(f"--ratios: {len(ratios)} ratio(s) for {len(args.models)} model(s); give one per model")
+    if getattr(args, "lbws", None):
+        raise UserError("--lbws (layer-block weights) is not implemented in this port")
+    return ratios
+
+
 def check_save_to(path, inputs=()):
     """``--save_to``: given, a .safetensors/.ckpt file name, not one of the inputs, in a folder that can be
     written (it is created when the file is written)."""

@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import library  # noqa: E402,F401  (CPU runtime env before mindspore loads)
 from library.arg_utils import ArgumentParser  # noqa: E402
 from library.device_utils import UserError, add_device_arguments, run_main, setup_device_from_args  # noqa: E402
+from library.lora_tool_io import check_models_and_ratios  # noqa: E402
 from library.path_utils import check_output_folder, make_output_folder, remove_empty_folders  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -74,14 +75,7 @@ def check_args(args):
     ext = os.path.splitext(args.save_to)[1].lower()
     if ext not in (".safetensors", ".ckpt"):
         raise UserError(f"{args.save_to}: unsupported extension '{ext}' (use .safetensors or .ckpt)")
-    if not args.models:
-        raise UserError("--models: give at least one LoRA file")
-    if args.ratios is None or len(args.ratios) == 0:
-        args.ratios = [1.0] * len(args.models)
-    if len(args.ratios) != len(args.models):
-        raise UserError(f"--ratios: {len(args.ratios)} ratio(s) for {len(args.models)} model(s); give one per model")
-    if args.lbws:
-        raise UserError("--lbws (layer-block weights) is not implemented in this port")
+    args.ratios = check_models_and_ratios(args)
     if args.sd_model is not None and args.concat:
         raise UserError("--concat merges LoRAs into one LoRA; it cannot be used with --sd_model")
     if args.sd_model is not None and args.shuffle:

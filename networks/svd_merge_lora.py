@@ -28,7 +28,7 @@ import library  # noqa: E402,F401  (CPU runtime env before mindspore loads)
 from library.arg_utils import ArgumentParser  # noqa: E402
 from library.device_utils import UserError, run_main  # noqa: E402
 from library.lora_tool_io import (PRECISIONS, add_device_argument, check_device, check_input_file,  # noqa: E402
-                                  check_save_to, dtype_name, save_lora)
+                                  check_models_and_ratios, check_save_to, dtype_name, save_lora)
 
 logger = logging.getLogger(__name__)
 
@@ -54,16 +54,9 @@ def setup_parser():
 
 
 def check_args(args):
-    if not args.models:
-        raise UserError("--models: give at least one LoRA file")
+    args.ratios = check_models_and_ratios(args)
     for m in args.models:
         check_input_file(m, "--models")
-    if args.ratios is None or len(args.ratios) == 0:
-        args.ratios = [1.0] * len(args.models)
-    if len(args.ratios) != len(args.models):
-        raise UserError(f"--ratios: {len(args.ratios)} ratio(s) for {len(args.models)} model(s); give one per model")
-    if args.lbws:
-        raise UserError("--lbws (layer-block weights) is not implemented in this port")
     check_save_to(args.save_to, args.models)
     check_device(args.device)
     if args.new_rank < 1:

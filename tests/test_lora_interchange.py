@@ -165,8 +165,27 @@ def test_our_lora_loads_in_diffusers(base, tmp_path):
     merged = _run_ours(te1m, te2m, unetm, inputs)  # (unmerged == merged: test_lora_network.py)
 
     ref = _run_diffusers(sds, inputs, path)
-    errs = _compare(merged, ref, _run_diffusers(sds, inputs, None))
+    base_out = _run_diffusers(sds, inputs, None)
+    errs = _compare(merged, ref, base_out)
     print("ours -> diffusers max abs err", errs)
+
+    # kohya's between-trainings tools write files diffusers loads too: the LoRA resized by
+    # networks/resize_lora.py (rank 4 -> 2, conv 3 -> 2) and merged with itself by svd_merge_lora.py
+    from networks import resize_lora, svd_merge_lora
+
+    outputs = {"resized": str(tmp_path / "resized.safetensors"), "svd_merged": str(tmp_path / "merged.safetensors")}
+    resize_lora.main(["--model", path, "--save_to", outputs["resized"], "--new_rank", "2", "--new_conv_rank", "2"])
+    svd_merge_lora.main(["--models", path, outputs["resized"], "--ratios", "0.5", "0.5", "--new_rank", "4",
+                         "--new_conv_rank", "3", "--save_to", outputs["svd_merged"]])
+    for what, file in outputs.items():
+        te1m, te2m, unetm = _ours(sds)
+        merge_net, weights_sd = lora.create_network_from_weights(1.0, file, None, [te1m, te2m], unetm,
+                                                                 for_inference=True)
+        merge_net.merge_to([te1m, te2m], unetm, weights_sd)
+        tool_out = _run_ours(te1m, te2m, unetm, inputs)
+        _compare(tool_out, _run_diffusers(sds, inputs, file), base_out)
+        rel = np.abs(tool_out["unet"] - merged["unet"]).max() / np.abs(merged["unet"] - base_out["unet"]).max()
+        print(f"{what}: U-Net output vs the rank-4 LoRA's, relative to the LoRA's effect: {rel:.3f}")
 
 
 def _kohya_names_from_torch(sds):
