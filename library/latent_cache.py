@@ -175,8 +175,8 @@ def cache_batch_latents(encode_fn, infos: Sequence, flip_aug: bool, alpha: bool,
     flipped = np.asarray(encode_fn(np.ascontiguousarray(images[:, :, :, ::-1])), np.float32) if flip_aug else None
     for i, (info, (_, mask, original_size, crop_ltrb)) in enumerate(zip(infos, loaded)):
         if np.isnan(latents[i]).any() or (flipped is not None and np.isnan(flipped[i]).any()):
-            raise UserError(f"NaN in the latents of {info.absolute_path}: the VAE overflowed "
-                            f"(use --no_half_vae with an fp16 VAE)")
+            raise UserError(f"NaN in the latents of {info.absolute_path}: the VAE (computing in float32) "
+                            f"gave NaN for this image; check the image and the VAE weights")
         if cache_to_disk:
             save_latents_to_disk(info.latents_npz, latents[i], original_size, crop_ltrb,
                                  None if flipped is None else flipped[i], mask, file_sha1(info.absolute_path))

@@ -56,7 +56,6 @@ NOT_IMPLEMENTED = [
     ("--base_weights", dict(type=str, default=None, nargs="*")),
     ("--base_weights_multiplier", dict(type=float, default=None, nargs="*")),
     ("--network_train_text_encoder_only", dict(action="store_true")),
-    ("--no_half_vae_placeholder_unused", dict(action="store_true")),
     ("--fused_backward_pass", dict(action="store_true")),
     ("--cpu_offload_checkpointing", dict(action="store_true")),
     ("--disable_mmap_load_safetensors", dict(action="store_true")),
@@ -66,7 +65,7 @@ NOT_IMPLEMENTED = [
     ("--debug_dataset", dict(action="store_true")),
     ("--cache_info", dict(action="store_true")),
 ]
-_NOT_IMPLEMENTED_NAMES = [n for n, _ in NOT_IMPLEMENTED if n != "--no_half_vae_placeholder_unused"]
+_NOT_IMPLEMENTED_NAMES = [n for n, _ in NOT_IMPLEMENTED]
 # dataset arguments of train_util.add_dataset_arguments that the trainer does not honour yet
 _DATASET_ARGS_NOT_IMPLEMENTED = ("--debug_dataset", "--cache_info")
 
@@ -232,7 +231,7 @@ def setup_parser() -> argparse.ArgumentParser:
     add_device_arguments(parser)
     existing = {a for action in parser._actions for a in action.option_strings}
     for name, kwargs in NOT_IMPLEMENTED:
-        if name == "--no_half_vae_placeholder_unused" or name in existing:
+        if name in existing:
             continue
         parser.add_argument(name, help="not implemented yet in this port: stops the run when given", **kwargs)
     return parser
@@ -284,5 +283,10 @@ def check_not_implemented(args, parser):
         dest = name[2:]
         default = parser.get_default(dest)
         value = getattr(args, dest, default)
-        if value != default and not (value in (None, "", [], False) and default in (None, "", [], False)):
+        if value != default and not (_unset(value) and _unset(default)):
             raise UserError(f"{name} is not implemented yet in this port (remove it to train)")
+
+
+def _unset(value):
+    """None, False or empty: what an option left out gives. A number is a value, 0 included (``0 == False``)."""
+    return value is None or value is False or (isinstance(value, (str, list, tuple)) and len(value) == 0)

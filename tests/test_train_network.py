@@ -125,6 +125,20 @@ def test_not_implemented_argument_stops_with_one_line(tmp_path, extra, name):
     assert len(lines) == 1 and name in lines[0] and "not implemented" in lines[0], proc.stderr
 
 
+@pytest.mark.parametrize("extra", [["--clip_skip", "0"], ["--initial_step", "0"], ["--initial_epoch", "0"],
+                                   ["--ddp_timeout", "0"], ["--base_weights", "a.safetensors"]])
+def test_not_implemented_argument_given_as_zero_stops(extra):
+    """0 is a value (``0 == False`` made these pass unnoticed); checked in-process, before anything loads."""
+    from library.device_utils import UserError
+    from library.train_args import check_not_implemented, parse_args, setup_parser
+
+    parser = setup_parser()
+    args = parse_args(parser, ["--network_module", "networks.lora"] + extra)
+    with pytest.raises(UserError, match=extra[0]):
+        check_not_implemented(args, parser)
+    check_not_implemented(parse_args(parser, ["--network_module", "networks.lora"]), parser)  # defaults pass
+
+
 def test_config_file_unknown_key_stops(tmp_path):
     cfg = tmp_path / "train.toml"
     cfg.write_text("[training_arguments]\nmax_train_steps = 3\nno_such_key = 1\n")
