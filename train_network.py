@@ -49,7 +49,8 @@ import library  # noqa: E402,F401  (sets the CPU runtime env before mindspore lo
 from library import config_util, train_util  # noqa: E402
 from library.device_utils import UserError, peak_rss_gb, release_host_memory, reset_peak_rss, rss_gb  # noqa: E402
 from library.path_utils import check_output_folder, make_output_folder  # noqa: E402
-from library.train_args import NOT_IMPLEMENTED, check_not_implemented, parse_args, setup_parser  # noqa: E402,F401
+from library.train_args import (NOT_IMPLEMENTED, check_not_implemented, parse_args, setup_parser,  # noqa: E402,F401
+                                text_encoder_lrs)
 from library.train_outputs import (get_epoch_ckpt_name, get_last_ckpt_name, get_step_ckpt_name,  # noqa: E402
                                    write_loss_curve_png)
 from library.train_step import (ParameterwiseUpdate, SegmentedLoss, SegmentedStep, _build_step_cells,  # noqa: E402,F401
@@ -198,7 +199,8 @@ class NetworkTrainer:
                             "segmented step compiles per shape)")
         if args.mem_eff_attn and args.flash_attn:
             raise UserError("--mem_eff_attn and --flash_attn cannot be used together")
-        if args.network_train_unet_only and args.text_encoder_lr is not None and args.text_encoder_lr != 0:
+        args.text_encoder_lr = text_encoder_lrs(args.text_encoder_lr)  # a number in a config file, a list here
+        if args.network_train_unet_only and args.text_encoder_lr and any(args.text_encoder_lr):
             logger.warning("--text_encoder_lr is not used with --network_train_unet_only")
 
     # -- training --------------------------------------------------------------------------
@@ -416,7 +418,7 @@ class NetworkTrainer:
         dataset_md.update(lora_metadata.dataset_metadata(args, train_group, dataset_md["ss_total_batch_size"]))
         metadata = lora_metadata.build_training_metadata(
             args, session_id=session_id, training_started_at=training_started_at,
-            text_encoder_lr=args.text_encoder_lr,  # as given (kohya writes None when unset)
+            text_encoder_lr=lora_metadata.text_encoder_lr_value(args.text_encoder_lr),
             optimizer_name=optimizer_name, optimizer_args=optimizer_args, model_version=model_version,
             network_kwargs=net_kwargs, dataset_metadata=dataset_md)
         minimum_metadata = lora_metadata.minimum_metadata(metadata)

@@ -153,6 +153,14 @@ _BOOL_ARG_KEYS = (("full_fp16", "ss_full_fp16"), ("v2", "ss_v2"), ("cache_latent
                   ("fp8_base_unet", "ss_fp8_base_unet"))
 
 
+def text_encoder_lr_value(lrs):
+    """``ss_text_encoder_lr``: as given (kohya writes None when unset): the number when one value (or two
+    equal ones) was given, else the list."""
+    if lrs is None:
+        return None
+    return lrs[0] if len(set(lrs)) == 1 else list(lrs)
+
+
 def build_training_metadata(args, *, session_id, training_started_at, text_encoder_lr=None,
                             optimizer_name="", optimizer_args="", model_version=MODEL_VERSION_SDXL_BASE_V1_0,
                             network_kwargs=None, dataset_metadata=None):

@@ -207,7 +207,8 @@ def setup_parser() -> argparse.ArgumentParser:
     # network
     add("--no_metadata", action="store_true", help="do not save metadata in output model")
     add("--unet_lr", type=float, default=None, help="learning rate for U-Net")
-    add("--text_encoder_lr", type=float, default=None, help="learning rate for Text Encoder")
+    add("--text_encoder_lr", type=float, default=None, nargs="*",
+        help="learning rate for the text encoders: one value for both, or one per text encoder (TE1 TE2)")
     add("--network_weights", type=str, default=None, help="pretrained weights for network")
     add("--dim_from_weights", action="store_true",
         help="take each module's dim and alpha from --network_weights (kohya's option)")
@@ -275,6 +276,19 @@ def parse_args(parser, argv=None):
     if args.config_file:
         args = read_config_from_file(args, parser)
     return args
+
+
+def text_encoder_lrs(value):
+    """``--text_encoder_lr`` as given on the command line (a list) or in a ``--config_file`` (a number or a
+    list) -> None (not given) or [lr] / [lr1, lr2]; anything else stops the run."""
+    if value is None or value == []:
+        return None
+    values = value if isinstance(value, (list, tuple)) else [value]
+    if not 1 <= len(values) <= 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                            for v in values):
+        raise UserError(f"--text_encoder_lr {value!r}: give one number for both text encoders or one per "
+                        f"text encoder (two numbers)")
+    return [float(v) for v in values]
 
 
 def check_not_implemented(args, parser):

@@ -900,7 +900,8 @@ class LoRANetwork:
     def prepare_optimizer_params(self, text_encoder_lr, unet_lr, default_lr):
         """kohya's parameter groups ``[{"params": [...], "lr": lr}, ...]`` and their descriptions.
 
-        Groups: text encoder, then UNet (one per block with block lr weights); LoRA+ puts each module's
+        ``text_encoder_lr``: a number, or a list of one (both text encoders) or two (one per text encoder).
+        Groups: text encoder(s), then UNet (one per block with block lr weights); LoRA+ puts each module's
         ``lora_up`` in a second group with ``lr * ratio``; groups whose lr is 0 or None are left out.
         """
         self.requires_grad_(True)
@@ -926,12 +927,22 @@ class LoRANetwork:
                 descriptions.append("plus" if key == "plus" else "")
             return params, descriptions
 
-        if self.text_encoder_loras:
-            params, descriptions = assemble_params(
-                self.text_encoder_loras, text_encoder_lr if text_encoder_lr is not None else default_lr,
-                self.loraplus_text_encoder_lr_ratio or self.loraplus_lr_ratio)
+        te_lrs = text_encoder_lr if isinstance(text_encoder_lr, (list, tuple)) else [text_encoder_lr]
+        te_lrs = [default_lr if lr is None else lr for lr in te_lrs] or [default_lr]
+        if len(set(te_lrs)) == 1:  # one group for both text encoders, as kohya's lora.py
+            te_groups = [("textencoder", self.text_encoder_loras, te_lrs[0])]
+        else:  # one lr per text encoder, as kohya's networks with several text encoders
+            prefixes = (self.LORA_PREFIX_TEXT_ENCODER1, self.LORA_PREFIX_TEXT_ENCODER2)
+            te_groups = [(f"textencoder {i + 1}", [m for m in self.text_encoder_loras
+                                                   if m.lora_name.startswith(prefix)], lr)
+                         for i, (prefix, lr) in enumerate(zip(prefixes, te_lrs))]
+        ratio = self.loraplus_text_encoder_lr_ratio or self.loraplus_lr_ratio
+        for name, loras, lr in te_groups:
+            if not loras:
+                continue
+            params, descriptions = assemble_params(loras, lr, ratio)
             all_params.extend(params)
-            lr_descriptions.extend(["textencoder" + (" " + d if d else "") for d in descriptions])
+            lr_descriptions.extend([name + (" " + d if d else "") for d in descriptions])
 
         if self.unet_loras:
             base_lr = unet_lr if unet_lr is not None else default_lr

@@ -191,6 +191,16 @@ def test_lr_presets_and_loraplus(full_sdxl):
     # lr 0 for the text encoder: its group is dropped (kohya)
     params, desc = net.prepare_optimizer_params(0, 2e-4, 1e-4)
     assert desc == ["unet", "unet plus"]
+    # --text_encoder_lr with one value per text encoder: a group (and its LoRA+ group) each
+    params, desc = net.prepare_optimizer_params([1e-5, 3e-5], 2e-4, 1e-4)
+    assert desc == ["textencoder 1", "textencoder 1 plus", "textencoder 2", "textencoder 2 plus", "unet", "unet plus"]
+    assert [g["lr"] for g in params] == [1e-5, 4e-5, 3e-5, 12e-5, 2e-4, 16 * 2e-4]
+    names = {id(p): m.lora_name for m in net.loras for p in (m.lora_down.weight, m.lora_up.weight)}
+    for group, prefix in ((params[0], "lora_te1_"), (params[1], "lora_te1_"), (params[2], "lora_te2_")):
+        assert group["params"] and all(names[id(p)].startswith(prefix) for p in group["params"])
+    assert len(params[0]["params"]) + len(params[2]["params"]) == len(net.text_encoder_loras)
+    params, desc = net.prepare_optimizer_params([1e-5], 2e-4, 1e-4)  # one value: both, one group
+    assert desc[:2] == ["textencoder", "textencoder plus"] and params[0]["lr"] == 1e-5
 
 
 # ---------------------------------------------------------------------------

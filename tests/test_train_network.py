@@ -139,6 +139,23 @@ def test_not_implemented_argument_given_as_zero_stops(extra):
     check_not_implemented(parse_args(parser, ["--network_module", "networks.lora"]), parser)  # defaults pass
 
 
+def test_text_encoder_lr_one_value_or_one_per_text_encoder(tmp_path):
+    """kohya's ``--text_encoder_lr`` takes several values (``nargs="*"``) and a config file may hold a number
+    or a list (kohya's ``--output_config`` writes a list): each becomes [lr] or [lr1, lr2]."""
+    from library.device_utils import UserError
+    from library.train_args import parse_args, setup_parser, text_encoder_lrs
+
+    parser = setup_parser()
+    assert text_encoder_lrs(parse_args(parser, ["--text_encoder_lr", "1e-5", "2e-5"]).text_encoder_lr) == [1e-5, 2e-5]
+    assert text_encoder_lrs(parse_args(parser, []).text_encoder_lr) is None
+    for value, expected in (("[1e-5]", [1e-5]), ("1e-5", [1e-5]), ("[1e-5, 3e-5]", [1e-5, 3e-5])):
+        cfg = tmp_path / "train.toml"
+        cfg.write_text(f"[training_arguments]\ntext_encoder_lr = {value}\n")
+        assert text_encoder_lrs(parse_args(parser, ["--config_file", str(cfg)]).text_encoder_lr) == expected
+    with pytest.raises(UserError, match="--text_encoder_lr"):
+        text_encoder_lrs([1e-5, 2e-5, 3e-5])
+
+
 def test_config_file_unknown_key_stops(tmp_path):
     cfg = tmp_path / "train.toml"
     cfg.write_text("[training_arguments]\nmax_train_steps = 3\nno_such_key = 1\n")
@@ -194,7 +211,7 @@ batch_size = 2
     out = tmp_path / "out"
     proc = _run(["--pretrained_model_name_or_path", tiny_ckpt, "--dataset_config", dataset, "--output_dir", out,
                  "--output_name", "db", "--network_module", "networks.lora", "--network_dim", 4,
-                 "--network_alpha", 2, "--learning_rate", 1e-3, "--text_encoder_lr", 5e-4,
+                 "--network_alpha", 2, "--learning_rate", 1e-3, "--text_encoder_lr", 5e-4, 4e-4,
                  "--gradient_accumulation_steps", 2, "--max_train_epochs", 2, "--save_every_n_epochs", 1,
                  "--seed", 1, "--max_data_loader_n_workers", 0, "--lr_scheduler", "cosine",
                  "--lr_warmup_steps", 1, "--save_precision", "fp32", "--scale_weight_norms", MAX_NORM,
@@ -222,7 +239,7 @@ batch_size = 2
     # 2 buckets x 1 batch each = 2 batches per epoch; accumulation 2 -> 1 update per epoch
     assert md["ss_steps"] == "2" and md["ss_epoch"] == "2" and md["ss_num_epochs"] == "2", md
     assert md["ss_network_module"] == "networks.lora" and md["ss_network_dim"] == "4"
-    assert md["ss_text_encoder_lr"] == "0.0005" and md["ss_gradient_checkpointing"] == "True"
+    assert md["ss_text_encoder_lr"] == "[0.0005, 0.0004]" and md["ss_gradient_checkpointing"] == "True"
     (ds,) = json.loads(md["ss_datasets"])
     assert ds["is_dreambooth"] and ds["batch_size_per_device"] == 2 and ds["resolution"] == [96, 96]
     assert ds["enable_bucket"] and ds["min_bucket_reso"] == 64 and ds["max_bucket_reso"] == 128
