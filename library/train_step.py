@@ -304,7 +304,7 @@ class ParameterwiseUpdate:
         scalars = tuple(self.prologue())  # passed one by one: no tuple to index in the graphs
         for template, owns, indices, group_of in self.items:
             template.bind(owns)
-            template.num_scalars = len(scalars)
+            template.num_scalars = template.num_scalars or len(scalars)  # a constant of its graph: set once
             template(group_of, coef, *scalars, *[grads[i] for i in indices])
         return loss
 

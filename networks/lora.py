@@ -25,26 +25,30 @@ Differences that MindSpore asks for:
   ``.ckpt``/``.pt`` LoRAs are read without torch. diffusers/PEFT-style SDXL
   LoRA keys (``unet.down_blocks...lora_A.weight`` ...) and kohya keys with
   diffusers block names are converted to kohya's SGM names on load.
+
+The module that replaces a layer is in ``networks/lora_modules.py``, the key conversion and file
+reading in ``networks/lora_keys.py``, block dims and lr weights in ``networks/lora_blocks.py``.
 """
 import logging
-import math
 import os
-import re
 from collections import OrderedDict
 from typing import Dict, List, Optional
 
 import numpy as np
 import mindspore as ms
-from mindspore import Parameter, Tensor, nn, ops
+from mindspore import Tensor, nn
 
-from library import layers
 from library.device_utils import UserError
-from library.lora_file import (cast_array, load_state_dict_file, normalize_dtype, save_state_dict_file,
-                               SAFETENSORS_EXT)
+from library.lora_file import cast_array, normalize_dtype, save_state_dict_file, SAFETENSORS_EXT
 from library.lora_metadata import precalculate_safetensors_hashes
 from networks import lora_blocks
 from networks.lora_blocks import (  # noqa: F401  (kohya's names, re-exported)
     get_block_index, get_block_dims_and_alphas, get_block_lr_weight, parse_block_lr_kwargs, remove_block_dims_and_alphas)
+from networks.lora_keys import (  # noqa: F401  (re-exported: the tools and tests import them from here)
+    FOREIGN_KEYS_HINT, _convert_keys_of, _dims_alphas_from_weights, convert_diffusers_to_sai_if_needed,
+    load_lora_weights_file)
+from networks.lora_modules import (  # noqa: F401  (kohya's names, re-exported)
+    LoRAInfModule, LoRAModule, _is_conv, _is_linear, _kernel, _param_numpy, _set_param, lora_delta)
 
 logger = logging.getLogger(__name__)
 
@@ -58,184 +62,6 @@ MODULE_CLASS_EQUIVALENTS = {
     "CLIPSdpaAttention": ("CLIPSdpaAttention",),
     "CLIPMLP": ("CLIPMLP",),
 }
-
-
-def _kaiming_uniform(shape, fan_in):
-    """kaiming_uniform_(a=sqrt(5)) == U(-1/sqrt(fan_in), 1/sqrt(fan_in)), from the layers' seeded generator
-    (also inside ``layers.skip_init()``: a zero lora_down would never train)."""
-    bound = 1.0 / math.sqrt(fan_in)
-    return layers._state["rng"].uniform(-bound, bound, size=shape).astype(np.float32)
-
-
-def _is_linear(cell):
-    return isinstance(cell, layers.Linear)
-
-
-def _is_conv(cell):
-    return isinstance(cell, layers.Conv2d)
-
-
-def _kernel(cell):
-    k = cell.kernel_size
-    return tuple(k) if isinstance(k, (tuple, list)) else (k, k)
-
-
-# ---------------------------------------------------------------------------
-# module
-
-
-class LoRAModule(nn.Cell):
-    """``y = org(x) + up(dropout(down(x))) * multiplier * alpha / dim``.
-
-    Replaces ``org_module`` (a ``layers.Linear`` or ``layers.Conv2d``) in the
-    model once applied; for Conv2d, ``lora_down`` has the original kernel,
-    stride and padding and ``lora_up`` is 1x1. Dropout (``dropout`` on the
-    rank activations, ``rank_dropout`` with the 1/(1-p) rescale,
-    ``module_dropout`` of the whole LoRA term) only acts in training mode
-    (``set_train(True)``).
-    """
-
-    def __init__(self, lora_name, org_module, multiplier=1.0, lora_dim=4, alpha=1, dropout=None, rank_dropout=None,
-                 module_dropout=None):
-        super().__init__()
-        self.lora_name = lora_name
-        self.is_conv = _is_conv(org_module)
-        if self.is_conv:
-            in_dim, out_dim = org_module.in_channels, org_module.out_channels
-        else:
-            in_dim, out_dim = org_module.in_features, org_module.out_features
-        self.in_dim, self.out_dim = in_dim, out_dim
-        self.lora_dim = int(lora_dim)
-
-        if self.is_conv:
-            k = _kernel(org_module)
-            self.kernel_size = k[0]
-            self.lora_down = layers.Conv2d(in_dim, self.lora_dim, k[0], stride=org_module.stride,
-                                           padding=org_module.padding, bias=False)
-            self.lora_up = layers.Conv2d(self.lora_dim, out_dim, 1, bias=False)
-            fan_in = in_dim * k[0] * k[1]
-            self.conv = org_module.conv
-            self.bias_add = ops.BiasAdd()
-        else:
-            self.kernel_size = None
-            self.lora_down = layers.Linear(in_dim, self.lora_dim, bias=False)
-            self.lora_up = layers.Linear(self.lora_dim, out_dim, bias=False)
-            fan_in = in_dim
-            self.bias_add = ops.BiasAdd()
-            self.stored_dense = getattr(org_module, "stored_dense", None)
-        self.lora_down.weight.set_data(Tensor(_kaiming_uniform(self.lora_down.weight.shape, fan_in)))
-        self.lora_up.weight.set_data(Tensor(np.zeros(self.lora_up.weight.shape, np.float32)))
-
-        if isinstance(alpha, (Tensor, np.ndarray, np.generic)):
-            alpha = float(np.asarray(alpha.asnumpy() if isinstance(alpha, Tensor) else alpha, np.float32))
-        alpha = self.lora_dim if alpha is None or alpha == 0 else alpha
-        self.scale = float(alpha) / self.lora_dim
-        self.alpha = Parameter(Tensor(np.float32(alpha)), name="alpha", requires_grad=False)
-        self.multiplier = Parameter(Tensor(np.float32(multiplier)), name="multiplier", requires_grad=False)
-
-        # the original layer's parameters, owned here once applied (names unchanged)
-        self.weight = org_module.weight
-        self.bias = org_module.bias
-        object.__setattr__(self, "org_module_ref", [org_module])
-        object.__setattr__(self, "applied", False)
-        object.__setattr__(self, "enabled", True)
-        self.dropout = None if dropout is None else float(dropout)
-        self.rank_dropout = None if rank_dropout is None else float(rank_dropout)
-        self.module_dropout = None if module_dropout is None else float(module_dropout)
-
-    @property
-    def org_module(self):
-        return self.org_module_ref[0]
-
-    def construct(self, x):
-        if self.is_conv:
-            org = self.conv(x, self.weight)  # the layer's conv casts the weight to x's dtype
-            if self.bias is not None:
-                org = self.bias_add(org, self.bias.astype(x.dtype))
-        else:
-            org = layers.linear(x, self.weight, self.bias, self.bias_add, self.stored_dense)
-
-        lx = self.lora_down(x)
-        scale = self.alpha / self.lora_dim
-        if self.training and self.dropout is not None:
-            lx = ops.dropout(lx, p=self.dropout)
-        if self.training and self.rank_dropout is not None:
-            mask = (ops.rand((lx.shape[0], self.lora_dim)) > self.rank_dropout).astype(lx.dtype)
-            if lx.ndim == 3:
-                mask = mask.reshape(lx.shape[0], 1, self.lora_dim)  # text encoder / transformer tokens
-            elif lx.ndim == 4:
-                mask = mask.reshape(lx.shape[0], self.lora_dim, 1, 1)  # conv
-            lx = lx * mask
-            scale = scale * (1.0 / (1.0 - self.rank_dropout))  # as if the rank were changed
-        lx = self.lora_up(lx)
-        lx = lx * (self.multiplier * scale).astype(lx.dtype)
-        if self.training and self.module_dropout is not None:
-            keep = (ops.rand((1,)) >= self.module_dropout).astype(lx.dtype)
-            lx = lx * keep
-        return org + lx
-
-    # -- weights -------------------------------------------------------------
-
-    def get_weight(self, multiplier=None, up=None, down=None, alpha=None):
-        """The merged delta ``multiplier * up@down * alpha/dim`` (fp32 numpy, the original weight's shape)."""
-        up = self.lora_up.weight.asnumpy() if up is None else up
-        down = self.lora_down.weight.asnumpy() if down is None else down
-        alpha = float(self.alpha.asnumpy()) if alpha is None else alpha
-        multiplier = float(self.multiplier.asnumpy()) if multiplier is None else multiplier
-        return lora_delta(up, down, alpha, multiplier)
-
-    def set_multiplier(self, multiplier):
-        self.multiplier.set_data(Tensor(np.float32(multiplier)))
-
-
-class LoRAInfModule(LoRAModule):
-    """Inference variant (kohya): no dropout; used by ``create_network_from_weights(for_inference=True)``."""
-
-    def __init__(self, lora_name, org_module, multiplier=1.0, lora_dim=4, alpha=1, **kwargs):
-        super().__init__(lora_name, org_module, multiplier, lora_dim, alpha)
-
-    def merge_to(self, sd, dtype=None, device=None):
-        """Add ``multiplier * up@down * scale`` to the original weight (kohya ``LoRAInfModule.merge_to``)."""
-        new = self._merged_weight(sd)
-        _set_param(self.org_module.weight, new, dtype)
-
-    def _merged_weight(self, sd):
-        up = np.asarray(sd["lora_up.weight"], np.float32)
-        down = np.asarray(sd["lora_down.weight"], np.float32)
-        alpha = float(np.asarray(sd["alpha"], np.float32)) if "alpha" in sd else float(self.alpha.asnumpy())
-        weight = _param_numpy(self.org_module.weight).astype(np.float32)
-        return weight + lora_delta(up, down, alpha, float(self.multiplier.asnumpy()))
-
-
-def lora_delta(up, down, alpha, multiplier=1.0):
-    """``multiplier * alpha/dim * up@down`` for Linear (2-D), conv 1x1 and conv kxk (down kxk, up 1x1)."""
-    up = np.asarray(up, np.float32)
-    down = np.asarray(down, np.float32)
-    dim = down.shape[0]
-    alpha = dim if alpha is None or alpha == 0 else alpha
-    scale = np.float32(alpha / dim)
-    if down.ndim == 2:
-        w = up @ down
-    elif down.shape[2:4] == (1, 1):
-        w = (up[:, :, 0, 0] @ down[:, :, 0, 0])[:, :, None, None]
-    else:
-        # conv2d(down.permute(1,0,2,3), up).permute(1,0,2,3) in kohya: sum over the rank
-        w = np.einsum("or,rikl->oikl", up[:, :, 0, 0], down)
-    return (np.float32(multiplier) * w * scale).astype(np.float32)
-
-
-def _param_numpy(p):
-    if p.dtype == ms.bfloat16:
-        return p.astype(ms.float32).asnumpy()
-    return p.asnumpy()
-
-
-def _set_param(p, value, dtype=None):
-    dtype = p.dtype if dtype is None else dtype
-    if dtype == ms.bfloat16:
-        p.set_data(Tensor(np.asarray(value, np.float32), dtype=ms.bfloat16))
-    else:
-        p.set_data(Tensor(np.asarray(value).astype(ms.dtype_to_nptype(dtype))))
 
 
 # ---------------------------------------------------------------------------
@@ -317,171 +143,6 @@ def create_network(multiplier: float, network_dim: Optional[int], network_alpha:
     if block_lr_weight is not None:
         network.set_block_lr_weight(block_lr_weight)
     return network
-
-
-# ---------------------------------------------------------------------------
-# key conversion for files from other tools
-
-_PEFT_LEAVES = (
-    (".lora_A.weight", ".lora_down.weight"), (".lora_B.weight", ".lora_up.weight"),
-    (".lora.down.weight", ".lora_down.weight"), (".lora.up.weight", ".lora_up.weight"),
-    (".lora_linear_layer.down.weight", ".lora_down.weight"), (".lora_linear_layer.up.weight", ".lora_up.weight"),
-    ("_lora.down.weight", ".lora_down.weight"), ("_lora.up.weight", ".lora_up.weight"),
-    (".alpha", ".alpha"),
-)
-_PROCESSOR_NAMES = {
-    "to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0",
-}
-_TE_PROCESSOR_NAMES = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
-_DIFFUSERS_COMPONENTS = (("unet.", "lora_unet"), ("text_encoder_2.", "lora_te2"), ("text_encoder.", "lora_te1"))
-
-
-def _unet_diffusers_to_sgm_module_map(unet):
-    """{diffusers module path: SGM module path} for this UNet's Linear/Conv layers (from its topology)."""
-    from library.sdxl_model_util import convert_sdxl_unet_state_dict_to_diffusers
-
-    names = {}
-    for path, cell in unet.cells_and_names():
-        if isinstance(cell, (layers.Linear, layers.Conv2d, LoRAModule)):
-            names[path + ".weight"] = None
-        elif isinstance(cell, (layers.GroupNorm, layers.LayerNorm)):
-            names[path + ".weight"] = None
-    du = convert_sdxl_unet_state_dict_to_diffusers(names)
-    sgm_keys = list(names)
-    du_keys = list(du)
-    return {d[:-len(".weight")]: s[:-len(".weight")] for d, s in zip(du_keys, sgm_keys)}
-
-
-def _is_kohya_key(key):
-    return key.startswith("lora_unet_") or key.startswith("lora_te")
-
-
-def convert_diffusers_to_sai_if_needed(weights_sd, unet, dtypes=None):
-    """Rename LoRA keys in place to kohya's SGM names: kohya keys with diffusers block names
-    (``lora_unet_down_blocks_0_...``) and diffusers/PEFT keys (``unet.down_blocks.0....lora_A.weight``,
-    ``text_encoder.text_model....``, old ``attn1.processor.to_q_lora.down.weight``). Returns the dict."""
-    keys = list(weights_sd)
-    if not keys:
-        return weights_sd
-    unet_map = None
-
-    def sgm_path(du_path, original_key):
-        nonlocal unet_map
-        if unet is None:
-            raise UserError(f"LoRA key '{original_key}' is for a UNet in diffusers layout, but no UNet was given")
-        if unet_map is None:
-            unet_map = _unet_diffusers_to_sgm_module_map(unet)
-        if du_path not in unet_map:
-            raise UserError(f"LoRA module '{original_key}' does not exist in this UNet (diffusers path {du_path})")
-        return unet_map[du_path]
-
-    renamed = OrderedDict()
-    new_dtypes = {}
-    for key in keys:
-        value = weights_sd[key]
-        new_key = key
-        if _is_kohya_key(key):
-            module, _, leaf = key.partition(".")
-            if module.startswith("lora_unet_") and any(p in module for p in ("down_blocks_", "up_blocks_",
-                                                                            "mid_block_")):
-                if unet is None:
-                    raise UserError(f"LoRA key '{key}' is for a UNet in diffusers layout, but no UNet was given")
-                if unet_map is None:
-                    unet_map = _unet_diffusers_to_sgm_module_map(unet)
-                flat = {"lora_unet_" + d.replace(".", "_"): "lora_unet_" + s.replace(".", "_")
-                        for d, s in unet_map.items()}
-                if module not in flat:
-                    raise UserError(f"LoRA module '{module}' does not exist in this UNet")
-                new_key = flat[module] + "." + leaf
-        else:
-            component = None
-            for prefix, kohya_prefix in _DIFFUSERS_COMPONENTS:
-                if key.startswith(prefix):
-                    component, rest = kohya_prefix, key[len(prefix):]
-                    break
-            if component is None:
-                if key.startswith(("down_blocks.", "up_blocks.", "mid_block.")):
-                    component, rest = "lora_unet", key
-                else:
-                    raise UserError(f"LoRA key '{key}' is in no known format (kohya lora_unet_/lora_te*_, "
-                                    "diffusers unet./text_encoder./text_encoder_2. or PEFT lora_A/lora_B)")
-            for old, new in _PEFT_LEAVES:
-                if rest.endswith(old):
-                    path, leaf = rest[:-len(old)], new[1:]
-                    break
-            else:
-                raise UserError(f"LoRA key '{key}': unknown LoRA weight name (expected lora_A/lora_B, "
-                                "lora.down/lora.up or alpha)")
-            # old diffusers attention processors: attn1.processor.to_q_lora -> attn1.to_q
-            m = re.match(r"(.*)\.processor\.(to_q|to_k|to_v|to_out)$", path) or \
-                re.match(r"(.*\.self_attn)\.(to_q|to_k|to_v|to_out)$", path)
-            if m:
-                names = _PROCESSOR_NAMES if component == "lora_unet" else _TE_PROCESSOR_NAMES
-                path = m.group(1) + "." + names[m.group(2)]
-            if component == "lora_unet":
-                path = sgm_path(path, key)
-            new_key = component + "_" + path.replace(".", "_") + "." + leaf
-        if new_key in renamed:
-            raise UserError(f"LoRA file has two entries for '{new_key}' (one is '{key}')")
-        renamed[new_key] = value
-        if dtypes is not None and key in dtypes:
-            new_dtypes[new_key] = dtypes[key]
-    weights_sd.clear()
-    weights_sd.update(renamed)
-    if dtypes is not None:
-        dtypes.clear()
-        dtypes.update(new_dtypes)
-    if keys != list(weights_sd):
-        logger.info("converted LoRA keys from diffusers/PEFT names to kohya's SGM names")
-    return weights_sd
-
-
-FOREIGN_KEYS_HINT = ("is it a LoRA for another model (SD 1.x/2.x LoRAs do not fit SDXL)? An SDXL LoRA with "
-                     "diffusers/PEFT key names converts to kohya's with: python tools/convert_weights.py "
-                     "--convert_keys --input <lora> --output <lora_kohya.safetensors>")
-
-
-def _convert_keys_of(source, weights_sd, unet, dtypes=None):
-    """``convert_diffusers_to_sai_if_needed`` whose errors name the LoRA file and the way out."""
-    try:
-        return convert_diffusers_to_sai_if_needed(weights_sd, unet, dtypes)
-    except UserError as e:
-        raise UserError(f"{source}: {e}; {FOREIGN_KEYS_HINT}") from None
-
-
-def load_lora_weights_file(file, unet=None):
-    """-> (weights_sd in kohya names, metadata, dtypes) from .safetensors / MindSpore .ckpt / torch .ckpt."""
-    weights_sd, metadata, dtypes = load_state_dict_file(file)
-    if not weights_sd:
-        raise UserError(f"{file}: holds no tensors")
-    _convert_keys_of(file, weights_sd, unet, dtypes)
-    for key in weights_sd:
-        if "." not in key:
-            raise UserError(f"{file}: '{key}' is not a LoRA weight name (expected <module>.lora_down.weight ...)")
-    return weights_sd, metadata, dtypes
-
-
-def _dims_alphas_from_weights(weights_sd, file="LoRA weights"):
-    modules_dim, modules_alpha = {}, {}
-    for key, value in weights_sd.items():
-        if "." not in key:
-            continue
-        lora_name, leaf = key.split(".", 1)
-        if leaf == "alpha":
-            modules_alpha[lora_name] = float(np.asarray(value, np.float32).reshape(-1)[0])
-        elif leaf == "lora_down.weight":
-            modules_dim[lora_name] = int(np.asarray(value).shape[0])
-        elif leaf != "lora_up.weight":
-            raise UserError(f"{file}: '{key}' is not a LoRA weight (expected .lora_down.weight, .lora_up.weight, "
-                            ".alpha; LoCon/LyCORIS extras such as dora_scale are not supported)")
-    for name in {k.split(".", 1)[0] for k in weights_sd}:
-        if name not in modules_dim:
-            raise UserError(f"{file}: module {name} has no lora_down.weight")
-        if name + ".lora_up.weight" not in weights_sd:
-            raise UserError(f"{file}: module {name} has no lora_up.weight")
-    for key in modules_dim:
-        modules_alpha.setdefault(key, modules_dim[key])  # old LoRA without alpha
-    return modules_dim, modules_alpha
 
 
 def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weights_sd=None, for_inference=False,
