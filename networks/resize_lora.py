@@ -231,7 +231,6 @@ def resize(args):
         metadata["ss_network_alpha"] = "Dynamic"
     state_dict = {k: cast_array(v, save_dtype) for k, v in state_dict.items()}
     dtypes = {k: save_dtype for k in state_dict}
-    logger.info("saving model to: %s", args.save_to)
     save_lora(args.save_to, state_dict, metadata, dtypes)
 
 

@@ -186,7 +186,6 @@ def merge(args):
         # kohya adds the ModelSpec keys after the hashes, which use the ss_ keys only: same values either way
         metadata.update(build_modelspec_metadata(v2=v2, v_parameterization=v2, sdxl=is_sdxl, lora=True,
                                                  timestamp=time.time(), title=title, merged_from=merged_from))
-    logger.info("saving model to: %s", args.save_to)
     save_lora(args.save_to, state_dict, metadata, dtypes)
 
 
