@@ -137,8 +137,11 @@ class NetworkTrainer:
             if args.network_weights is None:
                 raise UserError("--dim_from_weights needs --network_weights (the file the dims come from)")
             # kohya builds the network from the file and drops these silently; here they are refused
+            # (--network_alpha: any value but its default 1, which cannot be told from not given)
             given = [name for name, value in (("--network_dim", args.network_dim),
                                               ("--network_dropout", args.network_dropout)) if value is not None]
+            if args.network_alpha is not None and float(args.network_alpha) != 1.0:
+                given.append("--network_alpha")
             if given:
                 raise UserError(f"{', '.join(given)} cannot be combined with --dim_from_weights "
                                 "(dims and alphas come from --network_weights)")
@@ -149,6 +152,12 @@ class NetworkTrainer:
         if args.network_module != "networks.lora":
             raise UserError(f"--network_module {args.network_module} is not implemented yet in this port "
                             "(networks.lora only)")
+        from networks import lora as network_module
+
+        # network_args checked now, not after the checkpoint load and latent caching that precede the network
+        self.net_kwargs = network_module.parse_network_args(args.network_args)
+        network_module.check_network_args(self.net_kwargs, self.is_sdxl, args.network_dim, args.network_alpha,
+                                          args.network_dropout, args.dim_from_weights)
         if args.full_fp16 and args.mixed_precision != "fp16":
             raise UserError("full_fp16 requires mixed precision='fp16'")
         if args.full_bf16 and args.mixed_precision != "bf16":
@@ -160,6 +169,11 @@ class NetworkTrainer:
                             f"U-Net weights are half precision already)")
         from library.train_optimizers import check_optimizer_args
 
+        if args.lr_scheduler_type:
+            from library.lr_schedules import _custom_schedule_class
+
+            # the class first: a torch one's reason to stop comes before its warmup (or other) arguments
+            _custom_schedule_class(args.lr_scheduler_type)
         check_optimizer_args(args)
         if args.save_precision == "fp32":
             args.save_precision = "float"
@@ -289,12 +303,7 @@ class NetworkTrainer:
         logger.info("host memory after loading and caching: %.2f GB", rss_gb() or 0.0)
 
         # network
-        net_kwargs = {}
-        for net_arg in args.network_args or []:
-            if "=" not in net_arg:
-                raise UserError(f"--network_args: '{net_arg}' is not key=value")
-            key, value = net_arg.split("=", 1)
-            net_kwargs[key] = value
+        net_kwargs = self.net_kwargs  # parsed and checked in verify_args
         if args.dim_from_weights:
             network, _ = network_module.create_network_from_weights(1, args.network_weights, vae, text_encoders,
                                                                     unet, **net_kwargs)

@@ -89,14 +89,52 @@ def _float_arg(kwargs, name):
         raise UserError(f"network_args {name} must be a number, got '{v}'") from None
 
 
-def create_network(multiplier: float, network_dim: Optional[int], network_alpha: Optional[float], vae, text_encoder,
-                   unet, neuron_dropout: Optional[float] = None, **kwargs):
-    """kohya's ``create_network``: ``network_args`` come in ``kwargs`` (strings as parsed from the command line)."""
+# kohya's create_network_from_weights reads only these network_args (its parse_block_lr_kwargs); the dims,
+# alphas, conv and dropout settings come from the file or are not used there
+FROM_WEIGHTS_NETWORK_ARGS = {"down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold"}
+
+
+def parse_network_args(network_args) -> dict:
+    """``--network_args key=value ...`` -> {key: value string} (kohya splits at the first '=')."""
+    kwargs = {}
+    for net_arg in network_args or []:
+        if "=" not in str(net_arg):
+            raise UserError(f"--network_args: '{net_arg}' is not key=value")
+        key, value = str(net_arg).split("=", 1)
+        kwargs[key.strip()] = value
+    return kwargs
+
+
+def _check_known_keys(kwargs):
+    if "dropout" in kwargs:  # kohya's trainer passes it for LyCORIS; its networks.lora never reads it
+        raise UserError("network_args dropout is LyCORIS's key, which networks.lora does not read (kohya ignores "
+                        "it): use --network_dropout")
     unknown = sorted(set(kwargs) - KNOWN_NETWORK_ARGS)
     if unknown:
         raise UserError(f"unknown network_args for networks.lora: {', '.join(unknown)} "
                         f"(known: {', '.join(sorted(KNOWN_NETWORK_ARGS))})")
-    is_sdxl = _is_sdxl_unet(unet)
+
+
+def check_network_args(kwargs: dict, is_sdxl: bool = True, network_dim=None, network_alpha=None,
+                       neuron_dropout=None, dim_from_weights: bool = False):
+    """Every check ``create_network`` / ``create_network_from_weights`` makes on ``network_args``, without a
+    model: the trainer runs it at start, so a typo stops the run before the checkpoint loads and the latents
+    are cached. With ``dim_from_weights`` the keys kohya would drop there are refused."""
+    _check_known_keys(kwargs)
+    if dim_from_weights:
+        unused = sorted(set(kwargs) - FROM_WEIGHTS_NETWORK_ARGS)
+        if unused:
+            raise UserError(f"network_args {', '.join(unused)} cannot be combined with --dim_from_weights (the "
+                            f"network is built from --network_weights; kohya then reads only "
+                            f"{', '.join(sorted(FROM_WEIGHTS_NETWORK_ARGS))} and drops the rest)")
+        parse_block_lr_kwargs(is_sdxl, kwargs)
+    else:
+        _network_settings(is_sdxl, network_dim, network_alpha, neuron_dropout, kwargs)
+
+
+def _network_settings(is_sdxl, network_dim, network_alpha, neuron_dropout, kwargs) -> dict:
+    """``network_args`` and the dims parsed and checked as kohya's ``create_network`` does (no model needed)."""
+    _check_known_keys(kwargs)
     network_dim = 4 if network_dim is None else int(network_dim)
     network_alpha = 1.0 if network_alpha is None else float(network_alpha)
 
@@ -129,19 +167,29 @@ def create_network(multiplier: float, network_dim: Optional[int], network_alpha:
                     ("module_dropout", module_dropout)):
         if p is not None and not 0.0 <= float(p) < 1.0:
             raise UserError(f"{name} must be in [0, 1), got {p}")
-
-    network = LoRANetwork(text_encoder, unet, multiplier=multiplier, lora_dim=network_dim, alpha=network_alpha,
-                          dropout=neuron_dropout, rank_dropout=rank_dropout, module_dropout=module_dropout,
-                          conv_lora_dim=conv_dim, conv_alpha=conv_alpha, block_dims=block_dims,
-                          block_alphas=block_alphas, conv_block_dims=conv_block_dims,
-                          conv_block_alphas=conv_block_alphas, varbose=True, is_sdxl=is_sdxl)
-
     ratios = [_float_arg(kwargs, k) for k in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio",
                                               "loraplus_text_encoder_lr_ratio")]
-    if any(r is not None for r in ratios):
-        network.set_loraplus_lr_ratio(*ratios)
-    if block_lr_weight is not None:
-        network.set_block_lr_weight(block_lr_weight)
+    return dict(network_dim=network_dim, network_alpha=network_alpha, conv_dim=conv_dim, conv_alpha=conv_alpha,
+                block_dims=block_dims, block_alphas=block_alphas, conv_block_dims=conv_block_dims,
+                conv_block_alphas=conv_block_alphas, block_lr_weight=block_lr_weight, rank_dropout=rank_dropout,
+                module_dropout=module_dropout, loraplus_ratios=ratios)
+
+
+def create_network(multiplier: float, network_dim: Optional[int], network_alpha: Optional[float], vae, text_encoder,
+                   unet, neuron_dropout: Optional[float] = None, **kwargs):
+    """kohya's ``create_network``: ``network_args`` come in ``kwargs`` (strings as parsed from the command line)."""
+    is_sdxl = _is_sdxl_unet(unet)
+    s = _network_settings(is_sdxl, network_dim, network_alpha, neuron_dropout, kwargs)
+    network = LoRANetwork(text_encoder, unet, multiplier=multiplier, lora_dim=s["network_dim"],
+                          alpha=s["network_alpha"], dropout=neuron_dropout, rank_dropout=s["rank_dropout"],
+                          module_dropout=s["module_dropout"], conv_lora_dim=s["conv_dim"], conv_alpha=s["conv_alpha"],
+                          block_dims=s["block_dims"], block_alphas=s["block_alphas"],
+                          conv_block_dims=s["conv_block_dims"], conv_block_alphas=s["conv_block_alphas"],
+                          varbose=True, is_sdxl=is_sdxl)
+    if any(r is not None for r in s["loraplus_ratios"]):
+        network.set_loraplus_lr_ratio(*s["loraplus_ratios"])
+    if s["block_lr_weight"] is not None:
+        network.set_block_lr_weight(s["block_lr_weight"])
     return network
 
 
@@ -153,6 +201,7 @@ def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weigh
     that the models do not have, or whose shape does not fit, raises ``UserError`` naming it.
     """
     is_sdxl = _is_sdxl_unet(unet)
+    check_network_args(kwargs, is_sdxl, dim_from_weights=True)  # what kohya would drop here stops instead
     source = file if file is not None else "LoRA weights"
     if weights_sd is None:
         weights_sd, _, _ = load_lora_weights_file(file, unet)

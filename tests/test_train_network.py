@@ -156,6 +156,64 @@ def test_text_encoder_lr_one_value_or_one_per_text_encoder(tmp_path):
         text_encoder_lrs([1e-5, 2e-5, 3e-5])
 
 
+def _verify(tmp_path, extra):
+    """The trainer's start checks, in-process: nothing loads (the checkpoint path does not exist)."""
+    import sdxl_train_network
+    from library.train_args import parse_args, setup_parser
+
+    parser = setup_parser()
+    args = parse_args(parser, ["--pretrained_model_name_or_path", str(tmp_path / "missing.safetensors"),
+                               "--output_dir", str(tmp_path / "out"), "--network_module", "networks.lora",
+                               "--train_data_dir", str(tmp_path)] + [str(a) for a in extra])
+    trainer = sdxl_train_network.SdxlNetworkTrainer()
+    trainer.verify_args(args, parser)
+    return args, trainer
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--network_args", "foo=1"], "unknown network_args for networks.lora: foo"),
+    (["--network_args", "dropout=0.1"], "network_args dropout is LyCORIS's key"),
+    (["--network_args", "conv_dim=x"], "conv_dim must be an integer"),
+    (["--network_args", "rank_dropout=1.5"], r"rank_dropout must be in \[0, 1\)"),
+    (["--dim_from_weights", "--network_weights", "w.safetensors", "--network_args", "rank_dropout=0.1"],
+     "rank_dropout cannot be combined with --dim_from_weights"),
+    (["--dim_from_weights", "--network_weights", "w.safetensors", "--network_args", "loraplus_lr_ratio=4",
+      "down_lr_weight=sine"], "loraplus_lr_ratio cannot be combined with --dim_from_weights"),
+    (["--dim_from_weights", "--network_weights", "w.safetensors", "--network_args", "foo=1"],
+     "unknown network_args for networks.lora: foo"),
+    (["--dim_from_weights", "--network_weights", "w.safetensors", "--network_alpha", "4"],
+     "--network_alpha cannot be combined with --dim_from_weights"),
+    (["--lr_scheduler_type", "torch.optim.lr_scheduler.LambdaLR", "--lr_warmup_steps", "5"],
+     "torch LR schedulers need a torch optimizer"),
+])
+def test_network_and_scheduler_args_refused_at_start(tmp_path, extra, match):
+    """network_args are checked when the run starts (they were checked after the checkpoint load and the latent
+    caching); with --dim_from_weights, what kohya's create_network_from_weights drops (everything but the
+    block-LR keys, and --network_alpha) is refused; a torch scheduler class gets its own reason, not the warmup's."""
+    from library.device_utils import UserError
+
+    with pytest.raises(UserError, match=match):
+        _verify(tmp_path, extra)
+
+
+def test_dim_from_weights_keeps_the_block_lr_keys(tmp_path):
+    """kohya's create_network_from_weights reads down/mid/up_lr_weight and block_lr_zero_threshold: accepted."""
+    args, trainer = _verify(tmp_path, ["--dim_from_weights", "--network_weights", "w.safetensors", "--network_args",
+                                       "down_lr_weight=sine", "mid_lr_weight=0.5", "block_lr_zero_threshold=0.1"])
+    assert trainer.net_kwargs == {"down_lr_weight": "sine", "mid_lr_weight": "0.5", "block_lr_zero_threshold": "0.1"}
+
+
+def test_unknown_network_arg_stops_before_the_checkpoint(tmp_path):
+    """The whole script: one line, exit 2, and the (junk) checkpoint is never opened."""
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a checkpoint")
+    proc = _run(["--pretrained_model_name_or_path", junk, "--output_dir", tmp_path / "out", "--network_module",
+                 "networks.lora", "--train_data_dir", tmp_path, "--network_args", "foo=1"])
+    assert proc.returncode == 2, proc.stderr
+    lines = _error_lines(proc)
+    assert len(lines) == 1 and "unknown network_args for networks.lora: foo" in lines[0], proc.stderr
+
+
 def test_config_file_unknown_key_stops(tmp_path):
     cfg = tmp_path / "train.toml"
     cfg.write_text("[training_arguments]\nmax_train_steps = 3\nno_such_key = 1\n")
