@@ -6,6 +6,8 @@
 2. A LoRA written in torch (``safetensors.torch`` / ``torch.save``) by kohya's
    naming rule alone loads here (merge and unmerged forward) and gives the
    same outputs as diffusers with it.
+3. The files of the LoRA tools (networks/resize_lora.py, svd_merge_lora.py, extract_lora_from_models.py)
+   load in diffusers and give the same outputs as our models with them merged.
 Linear and conv (``conv_dim``) modules are both covered.
 """
 import os
@@ -170,22 +172,33 @@ def test_our_lora_loads_in_diffusers(base, tmp_path):
     print("ours -> diffusers max abs err", errs)
 
     # kohya's between-trainings tools write files diffusers loads too: the LoRA resized by
-    # networks/resize_lora.py (rank 4 -> 2, conv 3 -> 2) and merged with itself by svd_merge_lora.py
-    from networks import resize_lora, svd_merge_lora
+    # networks/resize_lora.py (rank 4 -> 2, conv 3 -> 2), merged with itself by svd_merge_lora.py, and extracted
+    # by extract_lora_from_models.py from SAI checkpoints of the base and of the base with the LoRA merged
+    from library.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
+    from library.sdxl_model_util import save_stable_diffusion_checkpoint
+    from networks import extract_lora_from_models, resize_lora, svd_merge_lora
 
-    outputs = {"resized": str(tmp_path / "resized.safetensors"), "svd_merged": str(tmp_path / "merged.safetensors")}
+    outputs = {"resized": str(tmp_path / "resized.safetensors"), "svd_merged": str(tmp_path / "merged.safetensors"),
+               "extracted": str(tmp_path / "extracted.safetensors")}
     resize_lora.main(["--model", path, "--save_to", outputs["resized"], "--new_rank", "2", "--new_conv_rank", "2"])
     svd_merge_lora.main(["--models", path, outputs["resized"], "--ratios", "0.5", "0.5", "--new_rank", "4",
                          "--new_conv_rank", "3", "--save_to", outputs["svd_merged"]])
+    vae = AutoencoderKL(AutoencoderKLConfig.tiny())  # the SAI layout has a VAE; extract does not read it
+    org, tuned = str(tmp_path / "org.safetensors"), str(tmp_path / "tuned.safetensors")
+    save_stable_diffusion_checkpoint(org, *_ours(sds), 0, 0, None, vae, None, {})
+    save_stable_diffusion_checkpoint(tuned, te1m, te2m, unetm, 0, 0, None, vae, None, {})
+    extract_lora_from_models.main(["--sdxl", "--model_org", org, "--model_tuned", tuned, "--dim", "4",
+                                   "--conv_dim", "3", "--save_to", outputs["extracted"]])
     for what, file in outputs.items():
         te1m, te2m, unetm = _ours(sds)
         merge_net, weights_sd = lora.create_network_from_weights(1.0, file, None, [te1m, te2m], unetm,
                                                                  for_inference=True)
         merge_net.merge_to([te1m, te2m], unetm, weights_sd)
         tool_out = _run_ours(te1m, te2m, unetm, inputs)
-        _compare(tool_out, _run_diffusers(sds, inputs, file), base_out)
+        errs = _compare(tool_out, _run_diffusers(sds, inputs, file), base_out)
         rel = np.abs(tool_out["unet"] - merged["unet"]).max() / np.abs(merged["unet"] - base_out["unet"]).max()
-        print(f"{what}: U-Net output vs the rank-4 LoRA's, relative to the LoRA's effect: {rel:.3f}")
+        print(f"{what}: ours -> diffusers max abs err {errs}; U-Net output vs the rank-4 LoRA's, relative to the "
+              f"LoRA's effect: {rel:.3f}")
 
 
 def _kohya_names_from_torch(sds):
