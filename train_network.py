@@ -125,12 +125,14 @@ class NetworkTrainer:
     # -- checks ----------------------------------------------------------------------------
     def verify_args(self, args, parser):
         check_not_implemented(args, parser)
-        if args.pretrained_model_name_or_path is None:
+        # --debug_dataset loads no model and writes nothing (kohya returns before both)
+        if args.pretrained_model_name_or_path is None and not args.debug_dataset:
             raise UserError("--pretrained_model_name_or_path is required")
-        if args.output_dir is None:
+        if args.output_dir is None and not args.debug_dataset:
             raise UserError("--output_dir is required")
         # the outputs are written after the model load, caching and compile: a bad path must stop now
-        check_output_folder(args.output_dir, "--output_dir")
+        if args.output_dir is not None:
+            check_output_folder(args.output_dir, "--output_dir")
         if args.logging_dir is not None:
             check_output_folder(args.logging_dir, "--logging_dir")
         if args.dim_from_weights:
@@ -201,6 +203,9 @@ class NetworkTrainer:
         from library import train_logging
 
         self.log_with = train_logging.check_logging_args(args)
+        from library.lora_metadata import check_metadata_args
+
+        check_metadata_args(args)  # --metadata_thumbnail is read when the LoRA is saved: its file must exist now
         for name in ("save_n_epoch_ratio", "save_last_n_epochs_state", "save_last_n_steps_state"):
             if getattr(args, name) is not None and getattr(args, name) < 1:
                 raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -255,6 +260,15 @@ class NetworkTrainer:
         tokenizers = self.load_tokenizers(args)
         train_group, val_group = config_util.build_dataset_groups(args, tokenizers,
                                                                   batch_size_multiplier=self.dp.world_size)
+        if args.cache_info and not any(isinstance(d, train_util.DreamBoothDataset) for d in train_group.datasets):
+            raise UserError("--cache_info caches the image sizes and captions of DreamBooth subsets (image_dir "
+                            "without metadata_file); this dataset has none: remove it")
+        if args.debug_dataset:  # kohya: print the batches, then return before any model work
+            train_util.debug_dataset(train_group)
+            if val_group is not None:
+                train_util.debug_dataset(val_group)
+            logger.info("--debug_dataset: stopping without training")
+            return None
         self.dp.shard_dataset_group(train_group)  # each rank loads its part of every global batch
         train_util.verify_dataset_args(args, train_group, val_group, args.network_train_unet_only)
         self.assert_extra_args(args, train_group)
@@ -683,7 +697,9 @@ class NetworkTrainer:
 
 
 def main(argv=None, trainer_cls=None):
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from library.train_logging import setup_logging
+
+    setup_logging()  # INFO on stderr until the arguments say otherwise
     if trainer_cls is None:
         raise UserError("train_network.py trains SD 1.x/2.x networks, which this port does not implement yet: "
                         "use sdxl_train_network.py")
@@ -692,6 +708,7 @@ def main(argv=None, trainer_cls=None):
     if hasattr(trainer, "add_arguments"):
         trainer.add_arguments(parser)
     args = parse_args(parser, argv)
+    setup_logging(args)  # --console_log_level/--console_log_file/--console_log_simple (kohya's setup_logging)
     trainer.train(args, parser)
 
 

@@ -17,6 +17,7 @@ import subprocess
 import time
 from io import BytesIO
 
+from library.device_utils import UserError
 from library.lora_file import serialize_safetensors
 
 SS_METADATA_KEY_V2 = "ss_v2"
@@ -335,6 +336,8 @@ def build_modelspec_metadata(*, v2=False, v_parameterization=False, sdxl=True, l
             timesteps = (timesteps[0], timesteps[0])
         timestep_range = f"{timesteps[0]},{timesteps[1]}"
     optional = dict(optional_metadata or {})
+    if optional.get("thumbnail"):  # kohya stores a thumbnail file as a data URL
+        optional["thumbnail"] = thumbnail_data_url(optional["thumbnail"])
     optional.setdefault("implementation_version", get_implementation_version())
     fields = {
         "architecture": arch, "implementation": impl, "title": title, "resolution": _resolution(reso, sdxl, v2,
@@ -348,6 +351,29 @@ def build_modelspec_metadata(*, v2=False, v_parameterization=False, sdxl=True, l
     for k, v in optional.items():
         md[k if k.startswith("modelspec.") else f"modelspec.{k}"] = str(v)
     return md
+
+
+def thumbnail_data_url(value: str) -> str:
+    """kohya's ``file_to_data_url`` for ``--metadata_thumbnail``: a data URL stays as given, a file becomes
+    ``data:<mime>;base64,...``. kohya drops a missing file with a warning; here it is an error (checked at start
+    by ``check_metadata_args``)."""
+    import base64
+    import mimetypes
+
+    if value.startswith("data:"):
+        return value
+    if not os.path.isfile(value):
+        raise UserError(f"--metadata_thumbnail {value}: file not found (give an image file or a data: URL)")
+    mime = mimetypes.guess_type(value)[0] or "application/octet-stream"
+    with open(value, "rb") as f:
+        return f"data:{mime};base64,{base64.b64encode(f.read()).decode('ascii')}"
+
+
+def check_metadata_args(args):
+    """At start: a ``--metadata_thumbnail`` file must exist (it is read only when the LoRA is saved)."""
+    thumbnail = getattr(args, "metadata_thumbnail", None)
+    if thumbnail:
+        thumbnail_data_url(thumbnail)
 
 
 def get_sai_model_spec(args, sdxl=True, lora=True, textual_inversion=False, optional_metadata=None, timestamp=None):

@@ -62,12 +62,10 @@ NOT_IMPLEMENTED = [
     ("--skip_until_initial_step", dict(action="store_true")),
     ("--initial_epoch", dict(type=int, default=None)),
     ("--initial_step", dict(type=int, default=None)),
-    ("--debug_dataset", dict(action="store_true")),
-    ("--cache_info", dict(action="store_true")),
 ]
 _NOT_IMPLEMENTED_NAMES = [n for n, _ in NOT_IMPLEMENTED]
 # dataset arguments of train_util.add_dataset_arguments that the trainer does not honour yet
-_DATASET_ARGS_NOT_IMPLEMENTED = ("--debug_dataset", "--cache_info")
+_DATASET_ARGS_NOT_IMPLEMENTED = ()
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -171,8 +169,18 @@ def setup_parser() -> argparse.ArgumentParser:
              "implemented); a batch with alpha masks is always masked, as kohya")
     add("--config_file", type=str, default=None,
         help="a .toml with these arguments (sections flattened); the command line overrides it")
-    for name in ("title", "author", "description", "license", "tags"):
-        add(f"--metadata_{name}", type=str, default=None, help=f"{name} for model metadata")
+    from library.train_logging import add_logging_arguments
+
+    add_logging_arguments(parser)
+    # kohya's sai_model_spec.add_model_spec_arguments: written into the LoRA as modelspec.<name>
+    for name, what in (("title", "title (default: output_name)"), ("author", "author name"),
+                       ("description", "description"), ("license", "license"), ("tags", "tags, comma-separated"),
+                       ("usage_hint", "usage hint"),
+                       ("thumbnail", "thumbnail image: a data URL or an image file (stored as a data URL)"),
+                       ("merged_from", "source models of a merge"), ("trigger_phrase", "trigger phrase"),
+                       ("preprocessor", "preprocessor used"),
+                       ("is_negative_embedding", "whether this is a negative embedding")):
+        add(f"--metadata_{name}", type=str, default=None, help=f"{what} for the model metadata (modelspec.{name})")
     add("--no_half_vae", action="store_true", help="keep the VAE in float32 (it is float32 here: always honoured)")
     # optimizer
     add("--optimizer_type", type=str, default="",

@@ -16,6 +16,49 @@ from library.device_utils import UserError
 
 DEFAULT_TRACKER_NAME = "network_train"
 
+CONSOLE_LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+CONSOLE_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+def add_logging_arguments(parser):
+    """kohya's ``utils.add_logging_arguments``: the console log's level, a file instead of stderr, a plain form."""
+    parser.add_argument("--console_log_level", type=str, default=None, choices=CONSOLE_LOG_LEVELS,
+                        help="logging level (default INFO)")
+    parser.add_argument("--console_log_file", type=str, default=None,
+                        help="write the log to this file (overwritten) instead of stderr")
+    parser.add_argument("--console_log_simple", action="store_true",
+                        help="plain log lines (the message only) on stdout, as kohya without its rich handler")
+
+
+def setup_logging(args=None, reset=True):
+    """kohya's ``utils.setup_logging``: the root logger at ``--console_log_level`` (INFO by default), into
+    ``--console_log_file`` (opened for writing, message-only lines as kohya writes them), or on stdout with the
+    message only for ``--console_log_simple``, or else on stderr with level and logger name (kohya's rich
+    handler shows those too; rich is not a dependency here). A file that cannot be opened stops the run."""
+    import logging
+    import sys
+
+    root = logging.getLogger()
+    if root.handlers and not reset:
+        return
+    for handler in root.handlers[:]:
+        root.removeHandler(handler)
+    level = getattr(args, "console_log_level", None) or "INFO"
+    path = getattr(args, "console_log_file", None)
+    if path:
+        try:
+            handler = logging.FileHandler(path, mode="w", encoding="utf-8")
+        except OSError as e:
+            raise UserError(f"--console_log_file {path}: cannot open it for writing ({e.strerror or e})") from None
+        fmt = "%(message)s"
+    elif getattr(args, "console_log_simple", False):
+        handler, fmt = logging.StreamHandler(sys.stdout), "%(message)s"
+    else:
+        handler, fmt = logging.StreamHandler(sys.stderr), CONSOLE_FORMAT
+    handler.setFormatter(logging.Formatter(fmt=fmt, datefmt="%Y-%m-%d %H:%M:%S"))
+    root.setLevel(getattr(logging, level))
+    root.addHandler(handler)
+
 
 def check_logging_args(args):
     """kohya's checks, at start: which tracker, and a logging folder when TensorBoard logs."""

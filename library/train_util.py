@@ -45,7 +45,8 @@ def add_dataset_arguments(parser: argparse.ArgumentParser, support_dreambooth: b
     add = parser.add_argument
     add("--train_data_dir", type=str, default=None, help="directory for train images")
     add("--cache_info", action="store_true",
-        help="cache meta information (caption and image size) for faster dataset loading (DreamBooth only)")
+        help="cache meta information (caption and image size) in metadata_cache.json of each image folder for "
+             "faster dataset loading (DreamBooth subsets only; the default of the dataset .toml's cache_info)")
     add("--shuffle_caption", action="store_true", help="shuffle separated caption")
     add("--caption_separator", type=str, default=",", help="separator for caption")
     add("--caption_extension", type=str, default=".caption", help="extension of caption files")
@@ -64,7 +65,9 @@ def add_dataset_arguments(parser: argparse.ArgumentParser, support_dreambooth: b
     add("--face_crop_aug_range", type=str, default=None,
         help="enable face-centered crop augmentation and its range (e.g. 2.0,4.0)")
     add("--random_crop", action="store_true", help="enable random crop")
-    add("--debug_dataset", action="store_true", help="print the batches for debugging (do not train)")
+    add("--debug_dataset", action="store_true",
+        help="print one epoch of batches (image keys, sizes, captions) and stop: no model is loaded, nothing is "
+             "written, no training")
     add("--resolution", type=str, default=None, help="resolution in training ('size' or 'width,height')")
     add("--cache_latents", action="store_true",
         help="cache latents to main memory (color_aug and random_crop must be disabled)")

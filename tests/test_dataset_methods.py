@@ -185,3 +185,26 @@ def test_debug_dataset_prints_kohya_lines(tmp_path):
     assert lines[0] == "Total dataset length (steps): 1"
     assert any(l.endswith('a.png, size: (64, 64), loss weight: 1.0, caption: "sks", original size: [64, 64], '
                           'crop top left: [0, 0], target size: [64, 64], flipped: False') for l in lines)
+
+
+def test_cache_info_on_the_command_line_is_the_toml_key(tmp_path):
+    """``--cache_info`` (the trainer's own parser, its start check included) means the dataset .toml's
+    cache_info: kohya writes metadata_cache.json in the image folder and later runs read sizes and captions
+    from it (so a caption edited afterwards is not seen, as in kohya)."""
+    from library.train_args import check_not_implemented, parse_args as trainer_args, setup_parser
+
+    write_image(str(tmp_path / "img" / "1_sks" / "a.png"), 64, 48)
+    write_text(str(tmp_path / "img" / "1_sks" / "a.caption"), "first caption")
+    parser = setup_parser()
+    args = trainer_args(parser, ["--train_data_dir", str(tmp_path / "img"), "--resolution", "64", "--cache_info"])
+    check_not_implemented(args, parser)
+    config_util.build_dataset_groups(args)
+    cache = tmp_path / "img" / "1_sks" / "metadata_cache.json"
+    (meta,) = json.loads(cache.read_text()).values()
+    assert meta == {"caption": "first caption", "resolution": [64, 48]}
+    write_text(str(tmp_path / "img" / "1_sks" / "a.caption"), "edited caption")
+    group, _ = config_util.build_dataset_groups(args)
+    assert [info.caption for info in group.image_data.values()] == ["first caption"]
+    args = trainer_args(parser, ["--train_data_dir", str(tmp_path / "img"), "--resolution", "64"])
+    group, _ = config_util.build_dataset_groups(args)  # without it, the caption files are read
+    assert [info.caption for info in group.image_data.values()] == ["edited caption"]

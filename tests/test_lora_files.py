@@ -275,3 +275,32 @@ def test_bad_files_give_one_clear_error(te_net, tmp_path):
     finally:
         lora_file.serialize_mindspore_ckpt = orig
     assert not os.path.exists(target) and not [f for f in os.listdir(tmp_path) if f.startswith(".tmp_")]
+
+
+def test_all_kohya_metadata_arguments_become_modelspec_keys(tmp_path):
+    """kohya's 11 ``--metadata_*`` arguments (sai_model_spec.add_model_spec_arguments), parsed by the trainer's
+    parser: title/author/description/license/tags as modelspec fields, the others as modelspec.<name> extras;
+    a thumbnail file becomes a data URL (kohya's file_to_data_url); a missing one stops at start."""
+    import base64
+
+    from library.device_utils import UserError
+    from library.train_args import parse_args, setup_parser
+
+    thumb = tmp_path / "thumb.png"
+    thumb.write_bytes(b"\x89PNG fake bytes")
+    values = {"title": "T", "author": "A", "description": "D", "license": "L", "tags": "x,y", "usage_hint": "U",
+              "thumbnail": str(thumb), "merged_from": "m1, m2", "trigger_phrase": "sks", "preprocessor": "P",
+              "is_negative_embedding": "False"}
+    argv = ["--output_name", "out"] + [a for k, v in values.items() for a in (f"--metadata_{k}", v)]
+    args = parse_args(setup_parser(), argv)
+    lora_metadata.check_metadata_args(args)
+    md = lora_metadata.get_sai_model_spec(args, timestamp=1700000000.0)
+    expected = {k: v for k, v in values.items() if k != "thumbnail"}
+    expected["thumbnail"] = "data:image/png;base64," + base64.b64encode(thumb.read_bytes()).decode("ascii")
+    for key, value in expected.items():
+        assert md[f"modelspec.{key}"] == value, key
+    args = parse_args(setup_parser(), ["--metadata_thumbnail", "data:image/png;base64,AAAA"])
+    assert lora_metadata.get_sai_model_spec(args)["modelspec.thumbnail"] == "data:image/png;base64,AAAA"
+    args = parse_args(setup_parser(), ["--metadata_thumbnail", str(tmp_path / "missing.png")])
+    with pytest.raises(UserError, match="--metadata_thumbnail .*missing.png: file not found"):
+        lora_metadata.check_metadata_args(args)

@@ -214,6 +214,64 @@ def test_unknown_network_arg_stops_before_the_checkpoint(tmp_path):
     assert len(lines) == 1 and "unknown network_args for networks.lora: foo" in lines[0], proc.stderr
 
 
+def test_debug_dataset_prints_and_stops(tmp_path):
+    """kohya's --debug_dataset: the batches are printed and the run returns before any model work (here: the
+    checkpoint is junk and never opened, the output folder is never made, exit 0); --cache_info on a dataset
+    without DreamBooth subsets has nothing to cache: one line."""
+    import make_tiny_train_demo as demo
+
+    demo.write_images(str(tmp_path / "img" / "2_sks"), 2, [(64, 64)], seed=2, captions=False)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a checkpoint")
+    out = tmp_path / "out"
+    proc = _run(["--pretrained_model_name_or_path", junk, "--output_dir", out, "--network_module", "networks.lora",
+                 "--train_data_dir", tmp_path / "img", "--resolution", "64", "--debug_dataset"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Total dataset length (steps): 4" in proc.stdout and "epoch: 1" in proc.stdout, proc.stdout
+    assert proc.stdout.count('caption: "sks"') == 4, proc.stdout
+    assert not out.exists()
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"a": {"caption": "x"}}))
+    demo.write_images(str(tmp_path / "ft"), 1, [(64, 64)], seed=3, captions=False)
+    meta.write_text(json.dumps({os.path.splitext(f)[0]: {"caption": "x"} for f in os.listdir(tmp_path / "ft")}))
+    proc = _run(["--pretrained_model_name_or_path", junk, "--output_dir", out, "--network_module", "networks.lora",
+                 "--train_data_dir", tmp_path / "ft", "--in_json", meta, "--resolution", "64", "--cache_info"])
+    assert proc.returncode == 2 and "--cache_info" in _error_lines(proc)[-1], proc.stderr[-3000:]
+
+
+def test_console_log_arguments(tmp_path, capsys):
+    """kohya's --console_log_level/--console_log_file/--console_log_simple (utils.setup_logging): the level, a file
+    (overwritten, message-only lines), plain messages on stdout; a file that cannot be opened: one line."""
+    import logging
+
+    from library.device_utils import UserError
+    from library.train_args import parse_args, setup_parser
+    from library.train_logging import setup_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    log = tmp_path / "run.log"
+    log.write_text("old run\n")
+    try:
+        setup_logging(parse_args(setup_parser(), ["--console_log_file", str(log), "--console_log_level", "WARNING"]))
+        logging.getLogger("x").info("hidden")
+        logging.getLogger("x").warning("shown")
+        root.handlers[0].flush()
+        assert log.read_text() == "shown\n"
+        setup_logging(parse_args(setup_parser(), ["--console_log_simple"]))
+        logging.getLogger("x").info("plain")
+        assert capsys.readouterr().out == "plain\n"
+        with pytest.raises(UserError, match="--console_log_file .*no_dir"):
+            setup_logging(parse_args(setup_parser(), ["--console_log_file", str(tmp_path / "no_dir" / "x.log")]))
+    finally:
+        for handler in root.handlers[:]:
+            root.removeHandler(handler)
+            handler.close()
+        for handler in saved[0]:
+            root.addHandler(handler)
+        root.setLevel(saved[1])
+
+
 def test_config_file_unknown_key_stops(tmp_path):
     cfg = tmp_path / "train.toml"
     cfg.write_text("[training_arguments]\nmax_train_steps = 3\nno_such_key = 1\n")
@@ -394,9 +452,15 @@ def test_dim_from_weights_starts_from_the_file(tmp_path, tiny_ckpt):
     proc = _run(["--pretrained_model_name_or_path", tiny_ckpt, "--dataset_config", dataset, "--output_dir", out,
                  "--output_name", "fw", "--network_module", "networks.lora", "--dim_from_weights",
                  "--network_weights", src, "--network_train_unet_only", "--learning_rate", 1e-12,
-                 "--max_train_steps", 1, "--max_data_loader_n_workers", 0, "--save_precision", "fp32"])
+                 "--max_train_steps", 1, "--max_data_loader_n_workers", 0, "--save_precision", "fp32",
+                 "--network_args", "down_lr_weight=1,1,1,1,1,1,1,1,1", "--metadata_title", "From file",
+                 "--metadata_trigger_phrase", "shq", "--console_log_file", tmp_path / "train.log"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    trained, _ = _lora_file(str(out / "fw.safetensors"))
+    log = (tmp_path / "train.log").read_text()  # kohya's --console_log_file: the log goes there, not to stderr
+    assert "saving checkpoint" in log and "saving checkpoint" not in proc.stderr, log
+    trained, md = _lora_file(str(out / "fw.safetensors"))
+    assert md["modelspec.title"] == "From file" and md["modelspec.trigger_phrase"] == "shq"
+    assert json.loads(md["ss_network_args"]) == {"down_lr_weight": "1,1,1,1,1,1,1,1,1"}
     assert set(trained) == set(start)
     for key, value in start.items():
         np.testing.assert_allclose(np.asarray(trained[key]), np.asarray(value), atol=1e-6, err_msg=key)
