@@ -360,7 +360,7 @@ def _args(setup, tmp_path, **over):
     ({"--lora_weights": ["LORA;abc"]}, "is not a number"),
     ({"--width": "100"}, "multiple of 8"),
     ({"--height": "72"}, "is not a multiple of 32"),
-    ({"--sampler": "heun"}, "not implemented in this port"),
+    ({"--sampler": "ddpm"}, "--sampler ddpm: supported samplers are"),
     ({"--sampler": "nonsense"}, "supported samplers are euler"),
     ({"--output_dir": "FILE/sub"}, "afile is a file, so no folder can be created under it"),
     ({"--output_dir": "FILE"}, "afile: is a file, not a folder"),
