@@ -709,6 +709,11 @@ def main(argv=None, trainer_cls=None):
         trainer.add_arguments(parser)
     args = parse_args(parser, argv)
     setup_logging(args)  # --console_log_level/--console_log_file/--console_log_simple (kohya's setup_logging)
+    if args.output_config:  # kohya: write the arguments to the config file and stop
+        from library.train_args import write_output_config
+
+        logger.info("Saved config file: %s", write_output_config(args, parser))
+        return
     trainer.train(args, parser)
 
 

@@ -51,7 +51,6 @@ NOT_IMPLEMENTED = [
     ("--wandb_api_key", dict(type=str, default=None)),
     ("--lowram", dict(action="store_true")),
     ("--highvram", dict(action="store_true")),
-    ("--output_config", dict(action="store_true")),
     ("--weighted_captions", dict(action="store_true")),
     ("--base_weights", dict(type=str, default=None, nargs="*")),
     ("--base_weights_multiplier", dict(type=float, default=None, nargs="*")),
@@ -169,6 +168,8 @@ def setup_parser() -> argparse.ArgumentParser:
              "implemented); a batch with alpha masks is always masked, as kohya")
     add("--config_file", type=str, default=None,
         help="a .toml with these arguments (sections flattened); the command line overrides it")
+    add("--output_config", action="store_true",
+        help="write the arguments that differ from their defaults to --config_file (a new .toml) and stop")
     from library.train_logging import add_logging_arguments
 
     add_logging_arguments(parser)
@@ -281,9 +282,34 @@ def read_config_from_file(args: argparse.Namespace, parser: argparse.ArgumentPar
 def parse_args(parser, argv=None):
     args = parser.parse_args(argv)
     args._argv = argv
-    if args.config_file:
+    if args.config_file and not args.output_config:  # with --output_config the file is written, not read
         args = read_config_from_file(args, parser)
     return args
+
+
+def write_output_config(args, parser) -> str:
+    """kohya's ``--output_config``: the arguments that differ from the parser's defaults (less config_file,
+    output_config and wandb_api_key) into the ``--config_file`` path as toml; an existing file is not
+    overwritten. kohya trains on, silently, when no --config_file is given: here that stops."""
+    import toml
+
+    if not args.config_file:
+        raise UserError("--output_config writes the arguments to the --config_file path: give --config_file")
+    path = args.config_file if args.config_file.endswith(".toml") else args.config_file + ".toml"
+    if os.path.exists(path):
+        raise UserError(f"{path}: config file already exists (--output_config does not overwrite it)")
+    defaults = vars(parser.parse_args([]))
+    values = {k: v for k, v in vars(args).items() if not k.startswith("_")
+              and k not in ("config_file", "output_config", "wandb_api_key")
+              and not (k in defaults and v == defaults[k])}
+    values = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in values.items()}
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"{path}: folder {folder} does not exist")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:  # no half-written config if toml fails
+        toml.dump(values, f)
+    os.replace(path + ".tmp", path)
+    return path
 
 
 def text_encoder_lrs(value):

@@ -272,6 +272,35 @@ def test_console_log_arguments(tmp_path, capsys):
         root.setLevel(saved[1])
 
 
+def test_output_config_writes_the_changed_arguments_and_stops(tmp_path):
+    """kohya's --output_config: the arguments that differ from the defaults go into the --config_file path
+    (config_file/output_config/wandb_api_key left out), the run stops (exit 0, no training); an existing file
+    is not overwritten; the written file reads back as the same arguments; without --config_file: one line."""
+    import toml
+
+    from library.train_args import parse_args, setup_parser
+
+    cfg = tmp_path / "written.toml"
+    argv = ["--output_config", "--config_file", str(cfg), "--pretrained_model_name_or_path", "base.safetensors",
+            "--network_module", "networks.lora", "--network_dim", "8", "--text_encoder_lr", "1e-5", "2e-5",
+            "--network_args", "conv_dim=4", "--max_train_steps", "1600", "--output_dir", str(tmp_path / "out")]
+    proc = _run(argv)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert toml.load(cfg) == {"pretrained_model_name_or_path": "base.safetensors", "network_module": "networks.lora",
+                              "network_dim": 8, "text_encoder_lr": [1e-5, 2e-5], "network_args": ["conv_dim=4"],
+                              "output_dir": str(tmp_path / "out")}  # max_train_steps 1600 is the default
+    assert not (tmp_path / "out").exists()
+    again = _run(argv)
+    assert again.returncode == 2 and "already exists" in _error_lines(again)[-1], again.stderr
+    parser = setup_parser()
+    back = vars(parse_args(parser, ["--config_file", str(cfg)]))
+    given = vars(parse_args(parser, argv[3:]))
+    assert {k: v for k, v in back.items() if k not in ("config_file", "_argv")} == \
+        {k: v for k, v in given.items() if k not in ("config_file", "_argv")}
+    alone = _run(["--output_config"])
+    assert alone.returncode == 2 and "--config_file" in _error_lines(alone)[-1], alone.stderr
+
+
 def test_config_file_unknown_key_stops(tmp_path):
     cfg = tmp_path / "train.toml"
     cfg.write_text("[training_arguments]\nmax_train_steps = 3\nno_such_key = 1\n")
