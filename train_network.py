@@ -216,6 +216,7 @@ class NetworkTrainer:
         if args.gradient_checkpointing and self.dynamic_shapes:
             raise UserError("KOHYA_MS_DYNAMIC_SHAPES=1 cannot be combined with --gradient_checkpointing (the "
                             "segmented step compiles per shape)")
+        train_util.check_initial_step_args(args)
         if args.mem_eff_attn and args.flash_attn:
             raise UserError("--mem_eff_attn and --flash_attn cannot be used together")
         args.text_encoder_lr = text_encoder_lrs(args.text_encoder_lr)  # a number in a config file, a list here
@@ -276,6 +277,8 @@ class NetworkTrainer:
         if val_group is not None:
             self.assert_extra_args(args, val_group)
             train_util.scan_dataset_group(val_group)
+        # the initial step against the steps, now that the batches per epoch are known (before the model load)
+        train_util.check_initial_step(args, len(train_group), args.gradient_accumulation_steps)
 
         model_version, text_encoders, vae, unet = self.load_target_model(args)
         weight_dtype = {"no": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}[args.mixed_precision]
@@ -406,7 +409,7 @@ class NetworkTrainer:
                                                    self.dp.step_reducer(params), skip_non_finite=scaler is not None)
 
         def lr_position():  # accelerate does not step the LR scheduler when GradScaler skipped the update
-            return global_step - (scaler.skipped_steps if scaler is not None else 0)
+            return global_step - lr_offset - (scaler.skipped_steps if scaler is not None else 0)
 
         def set_train_modes():
             step_cell.set_train(True)
@@ -536,11 +539,12 @@ class NetworkTrainer:
                      "position": n_in_epoch % num_batches, "rng": train_state.capture_rng(rng_streams),
                      "losses": losses, "loss_rows": loss_rows, "val_rows": val_rows,
                      "loss_scaler": None if scaler is None else scaler.state(), "max_train_steps": args.max_train_steps,
-                     "num_batches": num_batches, "seed": args.seed}
+                     "num_batches": num_batches, "seed": args.seed, "lr_offset": lr_offset}
             logger.info("saving state: %s", name)
             train_state.save_state(os.path.join(args.output_dir, name), state_params, state)
 
         start_epoch, start_position, resumed = 0, 0, None
+        lr_offset = 0  # kohya: --initial_step/--initial_epoch do not move the LR schedule (it starts at step 0)
         if args.resume is not None:
             resumed = self.resume_state
             if resumed["num_batches"] != num_batches or resumed["seed"] != args.seed:
@@ -549,6 +553,7 @@ class NetworkTrainer:
                                 "(resume with the same dataset, batch size and --seed)")
             train_state.load_parameters(args.resume, state_params)
             global_step = int(resumed["current_step"])
+            lr_offset = int(resumed.get("lr_offset", 0))  # a run started with --skip_until_initial_step
             start_epoch, start_position = int(resumed["current_epoch"]), int(resumed["position"])
             losses.extend(float(x) for x in resumed["losses"])
             loss_recorder_window.extend(losses)
@@ -560,6 +565,18 @@ class NetworkTrainer:
             loader.start_at(start_epoch, start_position)
             logger.info("resumed from %s at step %d (epoch %d, batch %d)", args.resume, global_step,
                         start_epoch + 1, start_position)
+
+        initial = train_util.check_initial_step(args, num_batches, accum)
+        if initial is not None and initial > 0:
+            start_epoch = initial // num_update_steps_per_epoch
+            if args.skip_until_initial_step:  # kohya: the batches before it are skipped, the step count goes on
+                start_position = (initial % num_update_steps_per_epoch) * accum
+                global_step = lr_offset = initial
+                progress.update(global_step)
+                logger.info("skipping %d steps (epoch %d, batch %d)", initial, start_epoch + 1, start_position)
+            else:  # kohya: only the epochs before the initial step's epoch are left out; steps count from 0
+                logger.info("starting at epoch %d (--initial_step %d)", start_epoch + 1, initial)
+            loader.start_at(start_epoch, start_position)
 
         from library.train_sampling import TrainingSampler
 
@@ -577,10 +594,10 @@ class NetworkTrainer:
             network.on_epoch_start(text_encoders, unet)
             loader.current_epoch.value = epoch + 1
             train_group.set_current_epoch(epoch + 1)
-            n_in_epoch = 0
+            n_in_epoch = start_position if epoch == start_epoch else 0  # resumed or skipped batches
             if resumed is not None:  # the state's generators, after the epoch's bucket shuffle (kohya's seed+epoch)
                 train_state.restore_rng(resumed["rng"], rng_streams)
-                n_in_epoch, resumed = start_position, None
+                resumed = None
             for batch in loader:
                 loader.current_step.value = global_step
                 n_in_epoch += 1

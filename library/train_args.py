@@ -58,9 +58,6 @@ NOT_IMPLEMENTED = [
     ("--fused_backward_pass", dict(action="store_true")),
     ("--cpu_offload_checkpointing", dict(action="store_true")),
     ("--disable_mmap_load_safetensors", dict(action="store_true")),
-    ("--skip_until_initial_step", dict(action="store_true")),
-    ("--initial_epoch", dict(type=int, default=None)),
-    ("--initial_step", dict(type=int, default=None)),
 ]
 _NOT_IMPLEMENTED_NAMES = [n for n, _ in NOT_IMPLEMENTED]
 # dataset arguments of train_util.add_dataset_arguments that the trainer does not honour yet
@@ -101,6 +98,14 @@ def setup_parser() -> argparse.ArgumentParser:
     add("--save_last_n_steps_state", type=int, default=None,
         help="keep only the states of the last N steps (overrides --save_last_n_steps for states)")
     add("--resume", type=str, default=None, help="continue from this saved state folder")
+    add("--initial_epoch", type=int, default=None,
+        help="initial epoch number, 1 means the first epoch (same as not given); the LR schedule still starts at "
+             "its beginning (kohya)")
+    add("--initial_step", type=int, default=None,
+        help="initial step number counted over all epochs, 0 means the first step; overrides --initial_epoch")
+    add("--skip_until_initial_step", action="store_true",
+        help="skip the batches before the initial step (same data as a run that got there); without it only the "
+             "epochs before the initial step's epoch are left out")
     add("--logging_dir", type=str, default=None,
         help="write TensorBoard logs (loss, average loss, lr per group) under this folder")
     add("--log_with", type=str, default=None, choices=[None, "tensorboard", "wandb", "all"],

@@ -187,3 +187,40 @@ def max_train_steps_for_epochs(max_train_epochs: int, num_batches: int, num_proc
 def num_train_epochs(max_train_steps: int, num_batches: int, gradient_accumulation_steps: int = 1) -> int:
     """kohya: ceil(max_train_steps / num_update_steps_per_epoch)."""
     return math.ceil(max_train_steps / num_update_steps_per_epoch(num_batches, gradient_accumulation_steps))
+
+
+def initial_update_step(args, num_batches: int, gradient_accumulation_steps: int = 1):
+    """kohya's initial step: ``--initial_step``, else ``(--initial_epoch - 1) * update steps per epoch``; None
+    when neither is given."""
+    if getattr(args, "initial_step", None) is not None:
+        return int(args.initial_step)
+    if getattr(args, "initial_epoch", None) is not None:
+        return (int(args.initial_epoch) - 1) * num_update_steps_per_epoch(num_batches, gradient_accumulation_steps)
+    return None
+
+
+def check_initial_step_args(args):
+    """At start: the model-free checks of --initial_step/--initial_epoch/--skip_until_initial_step."""
+    initial_given = args.initial_step is not None or args.initial_epoch is not None
+    if args.initial_step is not None and args.initial_step < 0:
+        raise UserError(f"--initial_step must be >= 0, got {args.initial_step}")
+    if args.initial_epoch is not None and args.initial_epoch < 1:
+        raise UserError(f"--initial_epoch must be >= 1 (1 is the first epoch), got {args.initial_epoch}")
+    if args.skip_until_initial_step and not initial_given:
+        raise UserError("--skip_until_initial_step needs --initial_step or --initial_epoch")
+    if initial_given and getattr(args, "resume", None) is not None:
+        # kohya lets them override the state's step; here resume restores the exact step and batch position
+        raise UserError("--initial_step/--initial_epoch cannot be combined with --resume (the state's step and "
+                        "batch position are used)")
+
+
+def check_initial_step(args, num_batches: int, gradient_accumulation_steps: int = 1):
+    """kohya's assert, as a UserError: the initial step must leave steps to train. Returns the initial step."""
+    initial = initial_update_step(args, num_batches, gradient_accumulation_steps)
+    max_steps = args.max_train_steps
+    if getattr(args, "max_train_epochs", None) is not None:
+        max_steps = max_train_steps_for_epochs(args.max_train_epochs, num_batches, 1, gradient_accumulation_steps)
+    if initial is not None and initial > 0 and max_steps <= initial:
+        raise UserError(f"max_train_steps should be greater than initial step: {max_steps} vs {initial} "
+                        f"(--initial_step/--initial_epoch)")
+    return initial

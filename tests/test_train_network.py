@@ -125,8 +125,7 @@ def test_not_implemented_argument_stops_with_one_line(tmp_path, extra, name):
     assert len(lines) == 1 and name in lines[0] and "not implemented" in lines[0], proc.stderr
 
 
-@pytest.mark.parametrize("extra", [["--clip_skip", "0"], ["--initial_step", "0"], ["--initial_epoch", "0"],
-                                   ["--ddp_timeout", "0"], ["--base_weights", "a.safetensors"]])
+@pytest.mark.parametrize("extra", [["--clip_skip", "0"], ["--ddp_timeout", "0"], ["--base_weights", "a.safetensors"]])
 def test_not_implemented_argument_given_as_zero_stops(extra):
     """0 is a value (``0 == False`` made these pass unnoticed); checked in-process, before anything loads."""
     from library.device_utils import UserError
@@ -299,6 +298,36 @@ def test_output_config_writes_the_changed_arguments_and_stops(tmp_path):
         {k: v for k, v in given.items() if k not in ("config_file", "_argv")}
     alone = _run(["--output_config"])
     assert alone.returncode == 2 and "--config_file" in _error_lines(alone)[-1], alone.stderr
+
+
+def test_initial_step_and_epoch_as_kohya_computes_them(tmp_path):
+    """kohya's train_network: initial step = --initial_step, else (--initial_epoch - 1) * ceil(batches /
+    accumulation); it must be below max_train_steps (kohya asserts); checks that need no data run at start."""
+    import argparse
+
+    from library import train_util
+    from library.device_utils import UserError
+
+    def ns(**kw):
+        base = dict(initial_step=None, initial_epoch=None, skip_until_initial_step=False, resume=None,
+                    max_train_steps=100, max_train_epochs=None)
+        base.update(kw)
+        return argparse.Namespace(**base)
+
+    assert train_util.initial_update_step(ns(), 10, 1) is None
+    assert train_util.initial_update_step(ns(initial_epoch=3), 10, 3) == 2 * 4  # ceil(10 / 3) = 4 per epoch
+    assert train_util.initial_update_step(ns(initial_epoch=3, initial_step=5), 10, 3) == 5  # step wins
+    assert train_util.check_initial_step(ns(initial_epoch=1), 10, 1) == 0
+    with pytest.raises(UserError, match="max_train_steps should be greater than initial step: 20 vs 20"):
+        train_util.check_initial_step(ns(initial_epoch=3, max_train_epochs=2), 10, 1)
+    for kw, match in ((dict(initial_step=-1), "--initial_step must be >= 0"),
+                      (dict(initial_epoch=0), "--initial_epoch must be >= 1"),
+                      (dict(skip_until_initial_step=True), "--skip_until_initial_step needs"),
+                      (dict(initial_step=3, resume="state"), "cannot be combined with --resume")):
+        with pytest.raises(UserError, match=match):
+            train_util.check_initial_step_args(ns(**kw))
+    with pytest.raises(UserError, match="--skip_until_initial_step needs"):
+        _verify(tmp_path, ["--skip_until_initial_step"])  # the trainer runs the check at start
 
 
 def test_config_file_unknown_key_stops(tmp_path):
@@ -481,13 +510,19 @@ def test_dim_from_weights_starts_from_the_file(tmp_path, tiny_ckpt):
     proc = _run(["--pretrained_model_name_or_path", tiny_ckpt, "--dataset_config", dataset, "--output_dir", out,
                  "--output_name", "fw", "--network_module", "networks.lora", "--dim_from_weights",
                  "--network_weights", src, "--network_train_unet_only", "--learning_rate", 1e-12,
-                 "--max_train_steps", 1, "--max_data_loader_n_workers", 0, "--save_precision", "fp32",
+                 "--max_train_steps", 2, "--max_data_loader_n_workers", 0, "--save_precision", "fp32",
                  "--network_args", "down_lr_weight=1,1,1,1,1,1,1,1,1", "--metadata_title", "From file",
-                 "--metadata_trigger_phrase", "shq", "--console_log_file", tmp_path / "train.log"])
+                 "--metadata_trigger_phrase", "shq", "--console_log_file", tmp_path / "train.log",
+                 "--initial_step", 1, "--skip_until_initial_step"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = (tmp_path / "train.log").read_text()  # kohya's --console_log_file: the log goes there, not to stderr
     assert "saving checkpoint" in log and "saving checkpoint" not in proc.stderr, log
+    # --initial_step 1 --skip_until_initial_step: the first batch is skipped, one step trained, counted as step 2
+    assert "skipping 1 steps (epoch 1, batch 1)" in log, log
+    with open(out / "fw_loss.csv") as f:
+        assert [r["step"] for r in csv.DictReader(f)] == ["2"]
     trained, md = _lora_file(str(out / "fw.safetensors"))
+    assert md["ss_steps"] == "2"
     assert md["modelspec.title"] == "From file" and md["modelspec.trigger_phrase"] == "shq"
     assert json.loads(md["ss_network_args"]) == {"down_lr_weight": "1,1,1,1,1,1,1,1,1"}
     assert set(trained) == set(start)
