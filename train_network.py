@@ -217,6 +217,15 @@ class NetworkTrainer:
             raise UserError("KOHYA_MS_DYNAMIC_SHAPES=1 cannot be combined with --gradient_checkpointing (the "
                             "segmented step compiles per shape)")
         train_util.check_initial_step_args(args)
+        if args.clip_skip is not None and self.is_sdxl:
+            # kohya's verify_sdxl_training_args only warns and trains without it (but writes it into the metadata)
+            raise UserError(f"--clip_skip {args.clip_skip}: SDXL training does not use clip_skip (kohya: 'clip_skip "
+                            "will be unexpected'; text encoder 1's penultimate layer is always used): remove it")
+        if args.network_train_unet_only and args.network_train_text_encoder_only:
+            raise UserError("--network_train_unet_only and --network_train_text_encoder_only together leave nothing "
+                            "to train")
+        if args.network_train_text_encoder_only and args.unet_lr:
+            logger.warning("--unet_lr is not used with --network_train_text_encoder_only")
         if args.mem_eff_attn and args.flash_attn:
             raise UserError("--mem_eff_attn and --flash_attn cannot be used together")
         args.text_encoder_lr = text_encoder_lrs(args.text_encoder_lr)  # a number in a config file, a list here
@@ -327,7 +336,7 @@ class NetworkTrainer:
         else:
             network = network_module.create_network(1.0, args.network_dim, args.network_alpha, vae, text_encoders,
                                                     unet, neuron_dropout=args.network_dropout, **net_kwargs)
-        train_unet = True
+        train_unet = not args.network_train_text_encoder_only
         train_text_encoder = not args.network_train_unet_only
         network.apply_to(text_encoders, unet, train_text_encoder, train_unet)
         if args.network_weights is not None:

@@ -45,7 +45,6 @@ NOT_IMPLEMENTED = [
     ("--ddp_timeout", dict(type=int, default=None)),
     ("--ddp_gradient_as_bucket_view", dict(action="store_true")),
     ("--ddp_static_graph", dict(action="store_true")),
-    ("--clip_skip", dict(type=int, default=None)),
     ("--wandb_run_name", dict(type=str, default=None)),
     ("--log_tracker_config", dict(type=str, default=None)),
     ("--wandb_api_key", dict(type=str, default=None)),
@@ -54,7 +53,6 @@ NOT_IMPLEMENTED = [
     ("--weighted_captions", dict(action="store_true")),
     ("--base_weights", dict(type=str, default=None, nargs="*")),
     ("--base_weights_multiplier", dict(type=float, default=None, nargs="*")),
-    ("--network_train_text_encoder_only", dict(action="store_true")),
     ("--fused_backward_pass", dict(action="store_true")),
     ("--cpu_offload_checkpointing", dict(action="store_true")),
     ("--disable_mmap_load_safetensors", dict(action="store_true")),
@@ -232,6 +230,10 @@ def setup_parser() -> argparse.ArgumentParser:
     add("--network_dropout", type=float, default=None, help="drops neurons out of training every step")
     add("--network_args", type=str, default=None, nargs="*", help="additional arguments for network (key=value)")
     add("--network_train_unet_only", action="store_true", help="only training U-Net part")
+    add("--network_train_text_encoder_only", action="store_true", help="only training Text Encoder part")
+    add("--clip_skip", type=int, default=None,
+        help="kohya's SD 1.x/2.x option; SDXL training does not use it (kohya warns 'clip_skip will be "
+             "unexpected'): stops the run here")
     add("--training_comment", type=str, default=None, help="arbitrary comment string stored in metadata")
     # sample images (library/train_sampling.py)
     add("--sample_every_n_steps", type=int, default=None, help="generate sample images every N steps")

@@ -113,7 +113,6 @@ def test_bad_output_dir_stops_before_loading(tmp_path, sub):
 
 
 @pytest.mark.parametrize("extra,name", [(["--xformers"], "--xformers"),
-                                        (["--clip_skip", "2"], "--clip_skip"),
                                         (["--fp8_base"], "--fp8_base"),
                                         (["--v2"], "--v2"),
                                         (["--weighted_captions"], "--weighted_captions")])
@@ -125,7 +124,7 @@ def test_not_implemented_argument_stops_with_one_line(tmp_path, extra, name):
     assert len(lines) == 1 and name in lines[0] and "not implemented" in lines[0], proc.stderr
 
 
-@pytest.mark.parametrize("extra", [["--clip_skip", "0"], ["--ddp_timeout", "0"], ["--base_weights", "a.safetensors"]])
+@pytest.mark.parametrize("extra", [["--ddp_timeout", "0"], ["--base_weights", "a.safetensors"]])
 def test_not_implemented_argument_given_as_zero_stops(extra):
     """0 is a value (``0 == False`` made these pass unnoticed); checked in-process, before anything loads."""
     from library.device_utils import UserError
@@ -184,6 +183,10 @@ def _verify(tmp_path, extra):
      "--network_alpha cannot be combined with --dim_from_weights"),
     (["--lr_scheduler_type", "torch.optim.lr_scheduler.LambdaLR", "--lr_warmup_steps", "5"],
      "torch LR schedulers need a torch optimizer"),
+    # kohya's sdxl_train_util.verify_sdxl_training_args: "clip_skip will be unexpected" (warned, then unused)
+    (["--clip_skip", "2"], "--clip_skip 2: SDXL training does not use clip_skip"),
+    (["--clip_skip", "0"], "--clip_skip 0: SDXL training does not use clip_skip"),
+    (["--network_train_unet_only", "--network_train_text_encoder_only"], "leave nothing to train"),
 ])
 def test_network_and_scheduler_args_refused_at_start(tmp_path, extra, match):
     """network_args are checked when the run starts (they were checked after the checkpoint load and the latent
