@@ -242,8 +242,11 @@ class Generator:
     def sample(self, noise, scheduler, steps, context, y, guidance_scale, rng=None, callback=None, progress=True):
         """Sampling from unscaled ``noise`` (1,4,h,w) with any ``library.sdxl_schedulers`` scheduler (it supplies
         the timesteps, ``init_noise_sigma``, the model-input scale and the step); returns final latents
-        (numpy float32). ``callback(i, latents)`` runs after step i; when it returns True sampling stops there
-        (as diffusers' ``callback_on_step_end`` with ``interrupt``). ``progress``: a tqdm bar per denoising step
+        (numpy float32). One U-Net evaluation per entry of ``scheduler.timesteps``, ``i`` its position: the
+        second-order samplers (heun, dpm_2, dpm_2_a, pndm) list more entries than ``steps`` and keep their
+        half-step state themselves, as in diffusers' pipelines. ``callback(i, latents)`` runs after
+        evaluation i; when it returns True sampling stops there (as diffusers' ``callback_on_step_end`` with
+        ``interrupt``). ``progress``: a tqdm bar per denoising step
         on stderr (a full-size image on CPU takes minutes per step; without it the run looks hung)."""
         import numpy as np
         from tqdm import tqdm

@@ -24,8 +24,9 @@ step needs them). Randomness comes from a numpy generator per prompt (seeded by 
 entropy): the trainer's numpy generator, ``random`` and ``np.random`` are not touched.
 
 Differences from kohya (on purpose): an option or key this port does not understand, a bad value, a
-sampler it does not implement, or a size the model cannot take stops the run at start with the file and
-line (kohya logs and ignores, or falls back to DDIM for an unknown ``--ss``); the prompt text before
+sampler name that is not one of kohya's 16 (or a step count it cannot take: pndm needs 4), or a size the
+model cannot take stops the run at start with the file and line (kohya logs and ignores, or falls back to
+DDIM for an unknown ``--ss``); the prompt text before
 the first `` --`` is never read as an option (kohya parses ``w 512 ...`` at the start of a prompt as a
 width); comment lines may be indented; a ``.toml`` subset may override a ``[prompt]`` default (kohya
 raises). Not implemented: kohya's prompt weighting syntax ``(word:1.2)`` (the text goes to the tokenizers
@@ -153,7 +154,7 @@ def _read_prompt_entries(path: str):
 
 
 def _check_prompt_dict(d: dict, where: str, default_sampler: str) -> dict:
-    from library.sdxl_schedulers import check_sampler_name
+    from library.sdxl_schedulers import check_sampler_name, get_kohya_scheduler
 
     for key in d:
         if key in OTHER_MODEL_KEYS:
@@ -172,8 +173,12 @@ def _check_prompt_dict(d: dict, where: str, default_sampler: str) -> dict:
                 raise UserError(f"{where}: {key} must be an integer {rng}, got {v!r}")
     if "scale" in d and (isinstance(d["scale"], bool) or not isinstance(d["scale"], (int, float))):
         raise UserError(f"{where}: scale must be a number, got {d['scale']!r}")
-    check_sampler_name(d.get("sample_sampler", default_sampler).strip(),
-                       f"{where}: sampler" if "sample_sampler" in d else "--sample_sampler")
+    sampler = check_sampler_name(d.get("sample_sampler", default_sampler).strip(),
+                                 f"{where}: sampler" if "sample_sampler" in d else "--sample_sampler")
+    try:  # the sampler's own limits on the step count (pndm's Runge-Kutta warm-up needs 4), now, not mid-run
+        get_kohya_scheduler(sampler).set_timesteps(d.get("sample_steps", DEFAULT_STEPS))
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
     return d
 
 

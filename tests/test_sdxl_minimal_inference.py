@@ -300,6 +300,25 @@ def test_sample_step_callback_and_sequential_guidance(setup):
         ms.set_context(mode=ms.GRAPH_MODE)
 
 
+def test_heun_through_the_cli_matches_diffusers_pipeline(setup, tmp_path):
+    """A second-order sampler end to end: --sampler heun evaluates the U-Net twice per step (2n-1 entries in
+    diffusers' timesteps, the last step a single Euler step) and the final latents match diffusers' SDXL
+    pipeline with HeunDiscreteScheduler in SDXL's config. The other new samplers are checked step by step
+    in tests/test_samplers.py."""
+    (latents, _, png), = _ours(setup, tmp_path / "out", extra=["--sampler", "heun"])
+    pipe = _pipeline(setup)
+    pipe.scheduler = diffusers.HeunDiscreteScheduler.from_config(pipe.scheduler.config)
+    with torch.no_grad():
+        ref = pipe(latents=torch.from_numpy(setup["noise"][:1]), output_type="latent", prompt=PROMPT,
+                   prompt_2=PROMPT2, negative_prompt=NEGATIVE, height=SIZE, width=SIZE, num_inference_steps=STEPS,
+                   guidance_scale=7.0).images.numpy()
+    err = assert_close(latents, ref, what="heun final latents")
+    print(f"heun: final latents max abs err {err:.3g} (max |ref| {np.abs(ref).max():.3g})")
+    assert np.abs(ref - setup.get("base_latents", ref + 1)).max() > 1e-3  # not Euler's result
+    from PIL import Image
+    assert Image.open(png).text["sampler"] == "heun"
+
+
 def test_prompt2_reaches_text_encoder2(setup, tmp_path):
     """kohya's bug (text encoder 1's tokens to text encoder 2, --prompt2 ignored) is fixed: the pooled and
     text encoder 2 context follow --prompt2 tokenized with "!" padding."""

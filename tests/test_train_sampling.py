@@ -75,6 +75,7 @@ def test_load_prompts_txt_toml_json(tmp_path):
     ("p.txt", "a --ss ddpm\n", "p.txt:1: sampler ddpm: supported samplers are euler, k_euler, euler_a, k_euler_a, "
                                "ddim, dpmsolver++, dpmsolver, dpmsingle, pndm, lms, k_lms, heun, dpm_2, k_dpm_2, "
                                "dpm_2_a, k_dpm_2_a"),
+    ("p.txt", "a --ss pndm --s 3\n", "p.txt:1: pndm needs at least 4 steps"),
     ("p.txt", "a --g 3.5\n", "p.txt:1: --g / 'guidance_scale' is not used by SDXL sampling"),
     ("p.txt", "# nothing\n\n", "p.txt: no prompts"),
     ("p.toml", '[prompt]\nwidth = 64\n[[prompt.subset]]\nprompt = "a"\nsteps = 3\n',
