@@ -56,8 +56,9 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="random seed (image i uses seed + i); random if unset")
     p.add_argument("--num_images", type=int, default=1, help="images per prompt")
     p.add_argument("--sampler", type=str, default="euler",
-                   help="euler (default), euler_a, ddim or dpmsolver++ (SDXL's scheduler config; also k_euler, "
-                        "k_euler_a)")
+                   help="euler (default) or any of kohya's sampler names: euler_a, ddim, pndm, lms, heun, dpm_2, "
+                        "dpm_2_a, dpmsolver, dpmsolver++, dpmsingle (also k_euler, k_euler_a, k_lms, k_dpm_2, "
+                        "k_dpm_2_a); SDXL's scheduler config")
     p.add_argument("--timestep_spacing", type=str, default="leading", choices=("leading", "linspace", "trailing"),
                    help="sampler timesteps: leading (SDXL's scheduler config, diffusers' SDXL pipeline; default) "
                         "or linspace (what kohya's script gets from diffusers' class defaults) or trailing")
