@@ -462,7 +462,6 @@ class AdamWScheduleFree(GroupedOptimizer):
         self.to_x = _f32(1.0 - 1.0 / float(betas[0]))  # eval(): the lerp weight from y to x
         self.to_y = _f32(1.0 - float(betas[0]))  # train(): from x to y
         self.update_fn = _schedule_free_update
-        self._mode_cell = None
 
     def step_scalars(self, step):
         k1 = self.k + 1.0
@@ -493,9 +492,9 @@ class AdamWScheduleFree(GroupedOptimizer):
 
     def _switch(self, to_train):
         """The parameters to y (train) or x (eval), in a small compiled graph; nothing if already there."""
-        if self._mode_cell is None:
-            self._mode_cell = _ScheduleFreeMode(self)
-        self._mode_cell(Tensor(np.float32(1.0 if to_train else 0.0)))
+        if "_mode_cell" not in self.__dict__:  # not a sub-cell: it holds this cell (a cycle in the cell tree)
+            self.__dict__["_mode_cell"] = _ScheduleFreeMode(self)
+        self.__dict__["_mode_cell"](Tensor(np.float32(1.0 if to_train else 0.0)))
 
     def train(self):
         self._switch(True)
@@ -543,3 +542,59 @@ class _ScheduleFreeMode(ms.nn.Cell):
             out = out + (ops.assign(opt.params[i], _blend(change, _lerp(p, opt.z[i], weight), p).astype(
                 opt.params[i].dtype)),)
         return ops.depend(ops.assign(opt.train_mode, to_train), out)
+
+
+# -- kohya's names for them ------------------------------------------------------------------------
+
+# option key -> (class, the torch class kohya names in ss_optimizer, defaults = the accepted --optimizer_args)
+SPECS = {
+    "came": (CAME, "pytorch_optimizer.optimizer.came.CAME", CAME_DEFAULTS),
+    "prodigy": (Prodigy, "prodigyopt.prodigy.Prodigy", PRODIGY_DEFAULTS),
+    "dadaptadam": (DAdaptAdam, "dadaptation.dadapt_adam.DAdaptAdam", DADAPT_ADAM_DEFAULTS),
+    "adamwschedulefree": (AdamWScheduleFree, "schedulefree.adamw_schedulefree.AdamWScheduleFree",
+                          SCHEDULE_FREE_DEFAULTS),
+}
+# kohya takes CAME as a dotted class path (pytorch-optimizer is in its requirements); lowered
+ALIASES = {"pytorch_optimizer.came": "came", "pytorch_optimizer.optimizer.came.came": "came",
+           "prodigyopt.prodigy": "prodigy", "dadaptation.dadaptadam": "dadaptadam",
+           "schedulefree.adamwschedulefree": "adamwschedulefree"}
+BOOL_ARGS = ("weight_decouple", "fixed_decay", "ams_bound", "maximize", "decouple", "use_bias_correction",
+             "safeguard_warmup", "fsdp_in_use", "foreach")
+
+
+def check_kwargs(key, kwargs, name):
+    """The values the cells cannot take (the type checks are ``train_optimizers._optimizer_kwargs``')."""
+    if kwargs.get("fsdp_in_use"):
+        raise UserError(f"--optimizer_args fsdp_in_use=True for {name}: FSDP is torch-only (this port's data "
+                        "parallel sums the gradients before the update)")
+    if kwargs.get("slice_p", 1) != 1:
+        raise UserError(f"--optimizer_args slice_p for {name}: only 1 (every element) is available in this port, got "
+                        f"{kwargs['slice_p']!r}")
+    betas = kwargs.get("betas")
+    if betas is not None and not all(0.0 <= b < 1.0 for b in betas[:2]):
+        raise UserError(f"--optimizer_args betas for {name} must be in [0, 1), got {betas!r}")
+    for k in ("d0", "eps"):
+        if k in kwargs and not kwargs[k] > 0:
+            raise UserError(f"--optimizer_args {k} for {name} must be > 0, got {kwargs[k]!r}")
+
+
+def check_lr(key, lr, name):
+    """prodigyopt / dadaptation / schedulefree refuse lr <= 0 at creation; kohya warns below 0.1 for d-adaptive ones."""
+    if key in ("prodigy", "dadaptadam") and not (lr is not None and lr > 0):
+        raise UserError(f"{name} needs --learning_rate > 0 (1.0 is the recommended value), got {lr}")
+
+
+def create(key, params, group_of, lrs, kwargs, log):
+    """The cell for ``key`` with the --optimizer_args given (the defaults for the rest)."""
+    cls, _, defaults = SPECS[key]
+    opts = dict(defaults, **kwargs)
+    if key in ("prodigy", "dadaptadam"):
+        top = max(lrs)
+        if top <= 0.1:
+            log.warning("learning rate is too low. If using D-Adaptation or Prodigy, set learning rate around 1.0: "
+                        "lr=%s", top)
+            log.warning("recommend option: lr=1.0")
+        if len(set(lrs)) > 1:
+            log.warning("when multiple learning rates are specified with dadaptation (e.g. for Text Encoder and "
+                        "U-Net), only the first one will take effect: lr=%s", lrs[0])
+    return cls(params, group_of, lrs, **opts)
