@@ -188,8 +188,9 @@ def setup_parser() -> argparse.ArgumentParser:
     add("--no_half_vae", action="store_true", help="keep the VAE in float32 (it is float32 here: always honoured)")
     # optimizer
     add("--optimizer_type", type=str, default="",
-        help="AdamW (default), SGDNesterov, Lion, AdaFactor (case-insensitive), or a dotted path to a MindSpore "
-             "optimizer cell (see library/train_optimizers.py); 8-bit/paged/DAdapt/Prodigy/schedule-free stop")
+        help="AdamW (default), SGDNesterov, Lion, AdaFactor, CAME (or pytorch_optimizer.CAME), Prodigy, DAdaptAdam "
+             "(case-insensitive), or a dotted path to a MindSpore optimizer cell (see library/train_optimizers.py); "
+             "8-bit/paged, other DAdapt variants and schedule-free ones stop")
     add("--use_8bit_adam", action="store_true", help="kohya's 8-bit AdamW (bitsandbytes, CUDA-only): stops the run")
     add("--use_lion_optimizer", action="store_true", help="same as --optimizer_type Lion")
     add("--learning_rate", type=float, default=2.0e-6, help="learning rate")
