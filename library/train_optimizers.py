@@ -402,7 +402,8 @@ def _adafactor_update_no_m(eps1, eps2, clip, beta2t, beta1, wd, scale, relative,
 
 # -- kohya's get_optimizer -------------------------------------------------------------------------
 
-OPTIMIZERS = {"adamw": "AdamW", "sgdnesterov": "SGDNesterov", "lion": "Lion", "adafactor": "AdaFactor"}
+OPTIMIZERS = {"adamw": "AdamW", "sgdnesterov": "SGDNesterov", "lion": "Lion", "adafactor": "AdaFactor",
+              "came": "CAME", "prodigy": "Prodigy", "dadaptadam": "DAdaptAdam"}  # the last three: train_optimizers_adaptive
 # option -> (torch class kohya names in ss_optimizer, accepted --optimizer_args)
 _SPECS = {
     "adamw": ("torch.optim.adamw.AdamW", ("betas", "eps", "weight_decay")),
@@ -410,12 +411,32 @@ _SPECS = {
     "lion": ("lion_pytorch.lion_pytorch.Lion", ("betas", "weight_decay", "decoupled_weight_decay")),
     "adafactor": ("transformers.optimization.Adafactor", tuple(ADAFACTOR_DEFAULTS)),
 }
+
+
+def _adaptive():
+    """``library.train_optimizers_adaptive`` (CAME, Prodigy, DAdaptAdam), imported when used: it subclasses
+    GroupedOptimizer, so importing it here at load time would be circular."""
+    from library import train_optimizers_adaptive
+    return train_optimizers_adaptive
+
+
+def _spec(key):
+    """(torch class kohya names in ss_optimizer, accepted --optimizer_args) of a built-in key."""
+    if key in _SPECS:
+        return _SPECS[key]
+    _, torch_name, defaults = _adaptive().SPECS[key]
+    return torch_name, tuple(defaults)
 _NOT_AVAILABLE = {  # kohya's other optimizer types: CUDA-only packages or not ported
     "adamw8bit": "bitsandbytes 8-bit optimizers are CUDA-only", "sgdnesterov8bit": "bitsandbytes (CUDA-only)",
     "lion8bit": "bitsandbytes (CUDA-only)", "pagedadamw8bit": "bitsandbytes paged optimizers are CUDA-only",
     "pagedlion8bit": "bitsandbytes (CUDA-only)", "pagedadamw": "bitsandbytes (CUDA-only)",
-    "pagedadamw32bit": "bitsandbytes (CUDA-only)", "prodigy": "not ported",
-    "radamschedulefree": "not ported", "adamwschedulefree": "not ported", "sgdschedulefree": "not ported",
+    "pagedadamw32bit": "bitsandbytes (CUDA-only)",
+    "radamschedulefree": "not ported", "sgdschedulefree": "not ported",
+    # the cell exists (train_optimizers_adaptive.AdamWScheduleFree, parity-tested with its train()/eval()),
+    # but the saved LoRA must be its eval() weights, and the training loop does not switch to them yet
+    "adamwschedulefree": "the training loop does not yet switch to its evaluation weights before sampling and "
+                         "saving",
+    "dadaptation": "kohya's DAdaptation is dadaptation's experimental DAdaptAdamPreprint, not ported; DAdaptAdam is",
 }
 
 
@@ -447,18 +468,19 @@ def _custom_optimizer_class(path: str):
 
 def _check_type(opt_type: str):
     """-> the lowered built-in key, or None for a dotted class path (checked); errors for the rest."""
-    key = opt_type.lower()
-    if key in _SPECS:
+    key = _adaptive().ALIASES.get(opt_type.lower(), opt_type.lower())
+    if key in OPTIMIZERS:
         return key
     if key in _NOT_AVAILABLE or key.endswith("8bit") or key.startswith("dadapt"):
         why = _NOT_AVAILABLE.get(key, "bitsandbytes (CUDA-only)" if key.endswith("8bit") else "not ported")
         raise UserError(f"--optimizer_type {opt_type} is not available in this port ({why}): use AdamW, "
-                        "SGDNesterov, Lion or AdaFactor")
+                        "SGDNesterov, Lion, AdaFactor, CAME, Prodigy or DAdaptAdam")
     if "." in opt_type:
         _custom_optimizer_class(opt_type)
         return None
     raise UserError(f"--optimizer_type {opt_type} is not available in this port (kohya takes it from torch.optim): "
-                    "use AdamW, SGDNesterov, Lion, AdaFactor or a dotted path to a MindSpore optimizer cell")
+                    "use AdamW, SGDNesterov, Lion, AdaFactor, CAME, Prodigy, DAdaptAdam or a dotted path to a MindSpore "
+                    "optimizer cell")
 
 
 _BOOL_ARGS = ("decoupled_weight_decay", "scale_parameter", "relative_step", "warmup_init")
@@ -471,18 +493,20 @@ def _is_number(v):
 def _optimizer_kwargs(key, kwargs, log=False):
     """Check the --optimizer_args of a built-in optimizer; -> kwargs with kohya's adjustments (and, with
     ``log``, kohya's messages about them)."""
-    _, accepted = _SPECS[key]
+    _, accepted = _spec(key)
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
         raise UserError(f"--optimizer_args: {OPTIMIZERS[key]} takes {', '.join(accepted)}; not {', '.join(unknown)}")
     kwargs = dict(kwargs)
     for k, v in kwargs.items():
         pair = k == "betas" or (k == "eps" and key == "adafactor")
-        if k in _BOOL_ARGS:
+        n = 3 if key == "came" and k == "betas" else 2  # CAME's third beta: the confidence EMA
+        if k in _BOOL_ARGS or k in _adaptive().BOOL_ARGS:
             ok, what = isinstance(v, bool), "True or False"
         elif pair:
-            ok, what = isinstance(v, tuple) and len(v) == 2 and all(_is_number(x) for x in v), "two numbers (a,b)"
-        elif k == "beta1":
+            ok = isinstance(v, tuple) and len(v) == n and all(_is_number(x) for x in v)
+            what = "two numbers (a,b)" if n == 2 else "three numbers (a,b,c)"
+        elif k in ("beta1", "beta3"):
             ok, what = v is None or _is_number(v), "a number or None"
         else:
             ok, what = _is_number(v), "a number"
@@ -495,6 +519,8 @@ def _optimizer_kwargs(key, kwargs, log=False):
     if key == "sgdnesterov" and (kwargs["momentum"] <= 0 or kwargs.get("dampening", 0) != 0):
         raise UserError("SGDNesterov: Nesterov momentum requires a momentum and zero dampening "
                         f"(got momentum={kwargs['momentum']}, dampening={kwargs.get('dampening', 0)})")
+    if key in _adaptive().SPECS:
+        _adaptive().check_kwargs(key, kwargs, OPTIMIZERS[key])
     if key == "adafactor":
         if "relative_step" not in kwargs:
             kwargs["relative_step"] = True  # kohya's default
@@ -524,6 +550,8 @@ def check_optimizer_args(args):
         kwargs = _optimizer_kwargs(key, kwargs)
     if key == "lion" and not (args.learning_rate and args.learning_rate > 0):
         raise UserError(f"Lion needs --learning_rate > 0, got {args.learning_rate}")
+    if key in _adaptive().SPECS:
+        _adaptive().check_lr(key, args.learning_rate, OPTIMIZERS[key])
     if key != "adafactor" and args.lr_scheduler.startswith("adafactor"):
         raise UserError("adafactor scheduler must be used with Adafactor optimizer (--optimizer_type AdaFactor)")
     if key == "adafactor" and not kwargs["relative_step"] and args.lr_scheduler.startswith("adafactor"):
@@ -588,6 +616,9 @@ def create_optimizer(args, param_groups):
         opts = dict(SGD_DEFAULTS, **kwargs)
         opt = SGDNesterov(params, group_of, lrs, momentum=float(opts["momentum"]),
                           dampening=float(opts["dampening"]), weight_decay=float(opts["weight_decay"]))
+    elif key in _adaptive().SPECS:
+        logger.info("use %s optimizer | %s", OPTIMIZERS[key], kwargs)
+        opt = _adaptive().create(key, params, group_of, lrs, kwargs, logger)
     elif key == "lion":
         logger.info("use Lion optimizer | %s", kwargs)
         opts = dict(LION_DEFAULTS, **kwargs)
@@ -621,6 +652,6 @@ def create_optimizer(args, param_groups):
                         beta1=None if opts["beta1"] is None else float(opts["beta1"]),
                         weight_decay=float(opts["weight_decay"]), scale_parameter=bool(opts["scale_parameter"]),
                         relative_step=bool(opts["relative_step"]), warmup_init=bool(opts["warmup_init"]))
-    name = _SPECS[key][0]
+    name = _spec(key)[0]
     args_str = ",".join(f"{k}={v}" for k, v in kwargs.items())
     return opt, name, args_str, lrs

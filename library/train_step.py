@@ -259,7 +259,11 @@ class ParameterwiseUpdate:
     Parameters are pointed at the chunk's real ones (``Parameter.set_data`` shares the storage) before
     its call. A group compiles at most two graphs (full chunk, remainder). The step's shared scalars
     come from one small prologue graph; the total gradient norm for ``max_grad_norm`` is summed on the
-    host. Only single-process steps without accumulation or loss scaling use it (``supports``)."""
+    host. Only single-process steps without accumulation or loss scaling use it (``supports``).
+
+    Two-phase optimizers (``accumulate_fn``: Prodigy, D-Adaptation) first run ``accumulate_fn`` over the
+    same chunks, each chunk graph returning the sum of its parameters' contributions; one more graph
+    adds them up and runs the optimizer's ``finish`` (the values every ``update_fn`` call then takes)."""
 
     def __init__(self, optimizer, max_grad_norm, max_chunk=8):
         import numpy as np
@@ -272,17 +276,24 @@ class ParameterwiseUpdate:
         for i, p in enumerate(optimizer.params):
             own = [p] + [s[i] for s in states]
             groups.setdefault(tuple((tuple(t.shape), str(t.dtype)) for t in own), []).append((i, own))
-        templates, self.items = {}, []
+        accumulate_fn = getattr(optimizer, "accumulate_fn", None)
+        templates, accumulators, self.items, self.accumulate_items = {}, {}, [], []
         for key, members in groups.items():
             for start in range(0, len(members), max_chunk):
                 chunk = members[start:start + max_chunk]
                 if (key, len(chunk)) not in templates:
                     templates[(key, len(chunk))] = _update_cells()["UpdateChunk"](
                         optimizer.update_fn, chunk[0][1], len(chunk), len(templates))
+                    if accumulate_fn is not None:
+                        accumulators[(key, len(chunk))] = _update_cells()["UpdateChunk"](
+                            accumulate_fn, chunk[0][1], len(chunk), f"a{len(accumulators)}", reduce=True)
                 indices = [i for i, _ in chunk]
                 group_of = ms.Tensor(np.asarray([optimizer.group_of[i] for i in indices], np.int32))
                 self.items.append((templates[(key, len(chunk))], [own for _, own in chunk], indices, group_of))
+                if accumulate_fn is not None:
+                    self.accumulate_items.append((accumulators[(key, len(chunk))],) + self.items[-1][1:])
         self.templates = list(templates.values())
+        self.finish = _update_cells()["Finish"](optimizer) if accumulate_fn is not None else None
 
     @staticmethod
     def supports(optimizer, reducer, accumulation_steps, loss_scale):
@@ -302,6 +313,13 @@ class ParameterwiseUpdate:
             coef = min(self.max_grad_norm / (total + 1e-6), 1.0)
         coef = ms.Tensor(np.float32(coef))
         scalars = tuple(self.prologue())  # passed one by one: no tuple to index in the graphs
+        if self.finish is not None:  # two phases: the sums over all parameters, then the update with them
+            parts = []
+            for template, owns, indices, group_of in self.accumulate_items:
+                template.bind(owns)
+                template.num_scalars = template.num_scalars or len(scalars)
+                parts.append(template(group_of, coef, *scalars, *[grads[i] for i in indices]))
+            scalars = tuple(self.finish(*parts))
         for template, owns, indices, group_of in self.items:
             template.bind(owns)
             template.num_scalars = template.num_scalars or len(scalars)  # a constant of its graph: set once
@@ -326,14 +344,25 @@ def _update_cells():
             step = self.optimizer._next_step()
             return self.optimizer.step_scalars(step) + (self.optimizer.lrs * 1.0,)
 
+    class Finish(nn.Cell):
+        """A two-phase step's middle: the chunks' contributions summed, the optimizer's ``finish``, the lrs."""
+
+        def __init__(self, optimizer):
+            super().__init__(auto_prefix=False)
+            self.optimizer = optimizer
+
+        def construct(self, *parts):
+            return self.optimizer.finish(ops.addn(parts)) + (self.optimizer.lrs * 1.0,)
+
     class UpdateChunk(nn.Cell):
         """``update_fn`` for ``count`` parameters of one shape (their parameters and states bound by ``bind``).
 
-        The states' slots are attributes ``state0``.. (graph mode unpacks no tuple of ParameterTuples)."""
+        The states' slots are attributes ``state0``.. (graph mode unpacks no tuple of ParameterTuples).
+        ``reduce``: return the sum of the results (a two-phase optimizer's contributions) instead."""
 
-        max_states = 4
+        max_states = 6  # CAME: exp_avg, two second-moment and two confidence factors, ams_bound's maximum
 
-        def __init__(self, update_fn, like, count, index):
+        def __init__(self, update_fn, like, count, index, reduce=False):
             super().__init__(auto_prefix=False)
             if len(like) - 1 > self.max_states:
                 raise ValueError(f"an optimizer with {len(like) - 1} states per parameter (at most {self.max_states})")
@@ -341,6 +370,7 @@ def _update_cells():
             self.count = count
             self.num_states = len(like) - 1
             self.num_scalars = 0  # set before the first call
+            self.reduce = reduce
             self.slots = []
             for j, t in enumerate(like):  # the parameter, then each state
                 slot = ParameterTuple([Parameter(ms.Tensor(np.zeros(t.shape, ms.dtype_to_nptype(t.dtype))),
@@ -370,10 +400,18 @@ def _update_cells():
                 elif self.num_states == 3:
                     r = self.update_fn(*scalars[:-1], lrs[k], self.param[k], self.state0[k], self.state1[k],
                                        self.state2[k], g)
-                else:
+                elif self.num_states == 4:
                     r = self.update_fn(*scalars[:-1], lrs[k], self.param[k], self.state0[k], self.state1[k],
                                        self.state2[k], self.state3[k], g)
+                elif self.num_states == 5:
+                    r = self.update_fn(*scalars[:-1], lrs[k], self.param[k], self.state0[k], self.state1[k],
+                                       self.state2[k], self.state3[k], self.state4[k], g)
+                else:
+                    r = self.update_fn(*scalars[:-1], lrs[k], self.param[k], self.state0[k], self.state1[k],
+                                       self.state2[k], self.state3[k], self.state4[k], self.state5[k], g)
                 out = out + (r,)
+            if self.reduce:
+                return ops.addn(out)
             return out
 
-    return dict(Prologue=Prologue, UpdateChunk=UpdateChunk)
+    return dict(Prologue=Prologue, Finish=Finish, UpdateChunk=UpdateChunk)
