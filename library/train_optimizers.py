@@ -403,7 +403,7 @@ def _adafactor_update_no_m(eps1, eps2, clip, beta2t, beta1, wd, scale, relative,
 # -- kohya's get_optimizer -------------------------------------------------------------------------
 
 OPTIMIZERS = {"adamw": "AdamW", "sgdnesterov": "SGDNesterov", "lion": "Lion", "adafactor": "AdaFactor",
-              "came": "CAME", "prodigy": "Prodigy", "dadaptadam": "DAdaptAdam"}  # the last three: train_optimizers_adaptive
+              "came": "CAME", "prodigy": "Prodigy", "dadaptadam": "DAdaptAdam"}  # last three: train_optimizers_adaptive
 # option -> (torch class kohya names in ss_optimizer, accepted --optimizer_args)
 _SPECS = {
     "adamw": ("torch.optim.adamw.AdamW", ("betas", "eps", "weight_decay")),
@@ -479,8 +479,8 @@ def _check_type(opt_type: str):
         _custom_optimizer_class(opt_type)
         return None
     raise UserError(f"--optimizer_type {opt_type} is not available in this port (kohya takes it from torch.optim): "
-                    "use AdamW, SGDNesterov, Lion, AdaFactor, CAME, Prodigy, DAdaptAdam or a dotted path to a MindSpore "
-                    "optimizer cell")
+                    "use AdamW, SGDNesterov, Lion, AdaFactor, CAME, Prodigy, DAdaptAdam or a dotted path to a "
+                    "MindSpore optimizer cell")
 
 
 _BOOL_ARGS = ("decoupled_weight_decay", "scale_parameter", "relative_step", "warmup_init")

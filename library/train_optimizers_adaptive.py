@@ -162,11 +162,13 @@ class CAME(GroupedOptimizer):
         out = ()
         for i in range(len(self.params)):
             if self.ams_bound:
-                r = _came_ams_update(s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], s[9], s[10], s[11], lrs[i], self.params[i],
+                r = _came_ams_update(s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], s[9], s[10], s[11],
+                                     lrs[i], self.params[i],
                                      self.exp_avg[i], self.row[i], self.col[i], self.res_row[i], self.res_col[i],
                                      self.hat[i], grads[i])
             else:
-                r = _came_update(s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], s[9], s[10], s[11], lrs[i], self.params[i],
+                r = _came_update(s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], s[9], s[10], s[11], lrs[i],
+                                 self.params[i],
                                  self.exp_avg[i], self.row[i], self.col[i], self.res_row[i], self.res_col[i], grads[i])
             out = out + (r,)
         return out
@@ -179,7 +181,8 @@ def _approx_rsqrt(row, col):
     return r * c
 
 
-def _came(beta1, beta2, beta3, om1, om2, om3, eps1, eps2, clip, wd, fixed, sign, lr, param, m, row, col, res_row, res_col, hat,
+def _came(beta1, beta2, beta3, om1, om2, om3, eps1, eps2, clip, wd, fixed, sign, lr, param, m, row, col, res_row,
+          res_col, hat,
           grad):
     g = grad.astype(ms.float32) * sign
     p = param.astype(ms.float32)
@@ -217,15 +220,19 @@ def _came(beta1, beta2, beta3, om1, om2, om3, eps1, eps2, clip, wd, fixed, sign,
     return ops.assign(param, (p - update).astype(param.dtype))
 
 
-def _came_update(beta1, beta2, beta3, om1, om2, om3, eps1, eps2, clip, wd, fixed, sign, lr, param, m, row, col, res_row, res_col,
+def _came_update(beta1, beta2, beta3, om1, om2, om3, eps1, eps2, clip, wd, fixed, sign, lr, param, m, row, col,
+                 res_row, res_col,
                  grad):
-    return _came(beta1, beta2, beta3, om1, om2, om3, eps1, eps2, clip, wd, fixed, sign, lr, param, m, row, col, res_row, res_col,
+    return _came(beta1, beta2, beta3, om1, om2, om3, eps1, eps2, clip, wd, fixed, sign, lr, param, m, row, col,
+                 res_row, res_col,
                  None, grad)
 
 
-def _came_ams_update(beta1, beta2, beta3, om1, om2, om3, eps1, eps2, clip, wd, fixed, sign, lr, param, m, row, col, res_row,
+def _came_ams_update(beta1, beta2, beta3, om1, om2, om3, eps1, eps2, clip, wd, fixed, sign, lr, param, m, row, col,
+                     res_row,
                      res_col, hat, grad):
-    return _came(beta1, beta2, beta3, om1, om2, om3, eps1, eps2, clip, wd, fixed, sign, lr, param, m, row, col, res_row, res_col,
+    return _came(beta1, beta2, beta3, om1, om2, om3, eps1, eps2, clip, wd, fixed, sign, lr, param, m, row, col,
+                 res_row, res_col,
                  hat, grad)
 
 
@@ -339,7 +346,8 @@ class Prodigy(TwoPhaseOptimizer):
         return ok, d_new, dlr, self.eps, self.wd_decoupled, self.wd_coupled, self.has_m
 
 
-def _prodigy_accumulate(first, beta1, beta2, beta3, om1, om2, d, d_ratio, dlr, wd_coupled, safeguard, lr, param, m, v, s, p0,
+def _prodigy_accumulate(first, beta1, beta2, beta3, om1, om2, d, d_ratio, dlr, wd_coupled, safeguard, lr, param, m,
+                        v, s, p0,
                         grad):
     p = param.astype(ms.float32)
     g = grad.astype(ms.float32) + p * wd_coupled
@@ -412,7 +420,8 @@ class DAdaptAdam(TwoPhaseOptimizer):
         return ok, dlr, self.eps, self.wd_decoupled
 
 
-def _dadapt_adam_accumulate(beta1, beta2, sqrt_beta2, om1, om2, om_sqrt_beta2, dlr, eps, wd_coupled, lr, param, m, v, s, grad):
+def _dadapt_adam_accumulate(beta1, beta2, sqrt_beta2, om1, om2, om_sqrt_beta2, dlr, eps, wd_coupled, lr, param, m, v,
+                            s, grad):
     p = param.astype(ms.float32)
     g = grad.astype(ms.float32) + p * wd_coupled
     on = _flag(lr > 0.0)
