@@ -19,6 +19,8 @@ logger = logging.getLogger(__name__)
 DEVICE_TARGETS = ("auto", "Ascend", "GPU", "CPU")
 JIT_LEVELS = ("O0", "O1", "O2")
 CPU_ISA_DEFAULT = "AVX2"
+# oneDNN ISA caps under which its 3x3 convolution kernel is the fast one
+_CONV_FAST_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2")
 
 
 def prepare_environment():
@@ -33,6 +35,16 @@ def prepare_environment():
             "mindspore was imported before library: ONEDNN_MAX_CPU_ISA=%s cannot take effect, "
             "3x3 convolutions on AVX-512 CPUs may be ~100x slower", CPU_ISA_DEFAULT)
     os.environ["ONEDNN_MAX_CPU_ISA"] = CPU_ISA_DEFAULT
+
+
+def conv_as_matmul() -> bool:
+    """Whether convolutions with a kernel larger than 1x1 run as matmul + Col2Im (``library.conv_col2im``):
+    on the CPU with oneDNN's ISA not capped at AVX2 or below (set ``ONEDNN_MAX_CPU_ISA=ALL`` before
+    starting), where its own 3x3 convolution is the reference kernel."""
+    import mindspore as ms
+
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", CPU_ISA_DEFAULT).upper()
+    return isa not in _CONV_FAST_ISAS and ms.get_context("device_target") == "CPU"
 
 
 class UserError(Exception):

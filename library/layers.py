@@ -20,6 +20,10 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 from mindspore.ops.operations import _grad_ops as G
 
+from library.conv_col2im import Conv2dCol
+from library.device_utils import conv_as_matmul
+from library.weight_cast import backward_cast, cast_weight
+
 _state = {"rng": np.random.default_rng(0), "skip": False}
 
 
@@ -88,24 +92,6 @@ def linear(x, weight, bias, bias_add, stored_dense=None):
     return bias_add(y.reshape(-1, shape[-1]), bias.astype(x.dtype)).reshape(shape)
 
 
-def cast_weight(weight, x, per_use=True):
-    """``weight`` in x's dtype. The graph backend computes a cast of a parameter alone once, ahead of the
-    layers, and keeps it for the whole graph (in a one-graph step, every fp16 weight's fp32 copy at once:
-    24 frozen 4096x4096 fp16 layers, forward+backward, 2.75 GB; 1.32 GB this way); ``per_use`` makes it
-    depend on x, a cast per use. Graphs that hold a few layers (``short_graph_forms``) cast once."""
-    if weight.dtype == x.dtype:
-        return weight
-    w = ops.depend(weight, x) if per_use else weight
-    return w.astype(x.dtype)
-
-
-def _backward_cast(weight, dout, per_use):
-    """``cast_weight`` in a bprop (per use: made in the backward, not kept from the forward)."""
-    if per_use:
-        return ops.depend(weight, dout).astype(dout.dtype)
-    return weight.astype(dout.dtype)
-
-
 class StoredDense(nn.Cell):
     """``ops.dense(x, weight)`` computed in x's dtype for a weight stored in another (half) precision.
 
@@ -123,7 +109,7 @@ class StoredDense(nn.Cell):
         return ops.dense(x, cast_weight(weight, x, self.per_use_cast))
 
     def bprop(self, x, weight, out, dout):
-        w = _backward_cast(weight, dout, self.per_use_cast)
+        w = backward_cast(weight, dout, self.per_use_cast)
         d2 = dout.reshape(-1, dout.shape[-1])
         dx = ops.matmul(d2, w).reshape(x.shape)
         dw = ops.matmul(d2.T, x.reshape(-1, x.shape[-1])).astype(weight.dtype)  # pruned for frozen weights
@@ -143,7 +129,9 @@ class Conv2d(nn.Cell):
         bound = _uniform_bound(in_channels * kernel_size * kernel_size)
         self.weight = _param((out_channels, in_channels, kernel_size, kernel_size), bound, name="weight")
         self.bias = _param((out_channels,), bound, name="bias") if bias else None
-        if stride == 1:
+        if kernel_size > 1 and conv_as_matmul():
+            self.conv = Conv2dCol(out_channels, kernel_size, padding, stride)
+        elif stride == 1:
             self.conv = Conv2dStride1(in_channels, out_channels, kernel_size, padding)
         else:
             self.conv = Conv2dCast(out_channels, kernel_size, padding, stride)
@@ -200,7 +188,7 @@ class Conv2dStride1(nn.Cell):
         return self.conv(x, cast_weight(weight, x, self.per_use_cast))
 
     def bprop(self, x, weight, out, dout):
-        kernel = _backward_cast(weight, dout, self.per_use_cast)
+        kernel = backward_cast(weight, dout, self.per_use_cast)
         if self.backprop_input:
             dx = self.conv_input_grad(dout, kernel, x.shape)
         else:
@@ -215,7 +203,7 @@ def short_graph_forms(cell: nn.Cell):
     for _, sub in cell.cells_and_names():
         if isinstance(sub, Conv2dStride1):
             sub.backprop_input = True
-        if isinstance(sub, (Conv2dStride1, Conv2dCast, StoredDense)):
+        if isinstance(sub, (Conv2dStride1, Conv2dCast, Conv2dCol, StoredDense)):
             sub.per_use_cast = False
 
 

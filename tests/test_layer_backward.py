@@ -8,6 +8,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from library import layers
+from library.conv_col2im import Conv2dCol
 from library.attention import SoftmaxAttend
 
 
@@ -89,6 +90,34 @@ def test_conv_stride1_gradients(graph_mode, kernel, padding, short):
     dx, dweight = _layer_grads(conv, x, weight, w)
     _close(dx.asnumpy(), tx.grad.numpy(), 1e-5, "dx")
     _close(dweight.asnumpy(), tweight.grad.numpy(), 1e-5, "dweight")
+
+
+@pytest.mark.parametrize("weight_dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("stride,padding", [(1, 1), (1, 0), (2, 1), (2, 0)])
+def test_conv_as_matmul_gradients(graph_mode, stride, padding, weight_dtype):
+    """``Conv2dCol`` (the 3x3 convolution as matmul + Col2Im, for an uncapped oneDNN ISA): output,
+    input and weight gradients as torch's, batch 2, fp16-stored weights computed in fp32, in one piece
+    and in bands of rows."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 5, 10, 9)).astype(np.float32)
+    weight = rng.standard_normal((7, 5, 3, 3)).astype(weight_dtype)
+    tx, tweight = torch.tensor(x, requires_grad=True), torch.tensor(weight.astype(np.float32), requires_grad=True)
+    ty = torch.nn.functional.conv2d(tx, tweight, stride=stride, padding=padding)
+    w = rng.standard_normal(tuple(ty.shape)).astype(np.float32)
+    (ty * torch.tensor(w)).sum().backward()
+    for short, banded in ((False, False), (True, False), (True, True)):
+        conv = Conv2dCol(7, 3, padding, stride)
+        if short:
+            layers.short_graph_forms(conv)
+        if banded:  # the smallest bands: one (stride) output row each
+            conv.band_bytes = 1
+        y = conv(Tensor(x), Tensor(weight))
+        _close(y.asnumpy(), ty.detach().numpy(), 1e-6, f"y (banded: {banded})")
+        dx, dweight = _layer_grads(conv, x, weight, w)
+        assert dx.dtype == ms.float32
+        _close(dx.asnumpy(), tx.grad.numpy(), 1e-6, "dx")
+        _close(dweight.asnumpy().astype(np.float32), tweight.grad.numpy(), 1e-5 if weight_dtype == np.float32 else 1e-3,
+               "dweight")
 
 
 def test_fp16_stored_weights_compute_in_fp32(graph_mode):
