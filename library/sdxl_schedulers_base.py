@@ -20,9 +20,14 @@ TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
+def scaled_linear_betas(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012):
+    """float32 betas of the scaled-linear (sqrt-space linear) schedule, SDXL's training schedule."""
+    return np.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=np.float32) ** 2
+
+
 def scaled_linear_alphas_cumprod(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012):
-    """float32 ``alphas_cumprod`` of the scaled-linear (sqrt-space linear) beta schedule."""
-    betas = np.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=np.float32) ** 2
+    """float32 ``alphas_cumprod`` of the scaled-linear beta schedule."""
+    betas = scaled_linear_betas(num_train_timesteps, beta_start, beta_end)
     # accumulated in float64 as torch's CPU cumprod does for float32 (within 1 ulp of diffusers' values)
     return np.cumprod((np.float32(1.0) - betas).astype(np.float64)).astype(np.float32)
 

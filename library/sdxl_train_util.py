@@ -21,10 +21,10 @@ import numpy as np
 import mindspore as ms
 from mindspore import ops
 
+from library.autoencoder_kl import VAE_SCALE_FACTOR  # noqa: F401  (kohya's name, re-exported)
 from library.clip_text_model import pool_workaround
 from library.sdxl_original_unet import get_size_embeddings  # noqa: F401  (kohya's name, re-exported)
 
-VAE_SCALE_FACTOR = 0.13025
 TOKENIZER_MAX_LENGTH = 77
 EOS_TOKEN_ID2 = 49407  # CLIP's end-of-text id (tokenizer 2's eos)
 
