@@ -14,6 +14,8 @@ import logging
 import os
 import sys
 
+from library.dtypes import canonical
+
 logger = logging.getLogger(__name__)
 
 DEVICE_TARGETS = ("auto", "Ascend", "GPU", "CPU")
@@ -192,8 +194,7 @@ def pynative_mode():
 
 def check_dtype_supported(dtype_name: str, device_target: str):
     """Stop early for dtypes whose Dense/Conv kernels the device lacks (bf16 on CPU)."""
-    name = {"float": "fp32", "float32": "fp32", "fp32": "fp32", "float16": "fp16", "fp16": "fp16",
-            "bfloat16": "bf16", "bf16": "bf16"}.get(str(dtype_name).lower())
+    name = canonical(dtype_name)
     if name is None:
         raise DeviceError(f"unknown dtype '{dtype_name}': choose fp32, fp16 or bf16")
     if name == "bf16" and device_target == "CPU":

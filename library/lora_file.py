@@ -32,6 +32,7 @@ from collections import OrderedDict
 import numpy as np
 
 from library.device_utils import UserError
+from library.dtypes import canonical
 from library.safetensors_io import (_ST_TO_NP, atomic_write as _atomic_write, bf16_bits_to_float32,  # noqa: F401
                                     decode_header, encode_header, float32_to_bf16_bits, sniff_format)
 
@@ -41,19 +42,16 @@ CKPT_METADATA_KEY = "__metadata__"  # MindSpore .ckpt: safetensors-style metadat
 
 _NP_TO_NAME = {np.dtype(np.float32): "fp32", np.dtype(np.float16): "fp16"}
 
-# save_precision / dtype spellings accepted (kohya: "float", "fp16", "bf16")
-_DTYPE_ALIASES = {"float": "fp32", "float32": "fp32", "fp32": "fp32", "fp16": "fp16", "float16": "fp16",
-                  "half": "fp16", "bf16": "bf16", "bfloat16": "bf16"}
 
 
 def normalize_dtype(dtype):
     """'float'/'fp32'/'fp16'/'bf16' (or a MindSpore/numpy float dtype) -> 'fp32'|'fp16'|'bf16'; None stays None."""
     if dtype is None:
         return None
-    name = str(dtype).lower().replace("mindspore.", "").replace("torch.", "")
-    if name not in _DTYPE_ALIASES:
+    name = canonical(dtype)
+    if name is None:
         raise UserError(f"unknown precision '{dtype}': choose float (fp32), fp16 or bf16")
-    return _DTYPE_ALIASES[name]
+    return name
 
 
 def cast_array(a, dtype):

@@ -34,6 +34,7 @@ from library import safetensors_io as sio
 from library.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
 from library.clip_text_model import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from library.device_utils import UserError
+from library.dtypes import DTYPE_ALIASES, SAFETENSORS_DTYPES
 from library.sdxl_original_unet import SdxlUNet2DConditionModel, SdxlUNetConfig
 
 logger = logging.getLogger(__name__)
@@ -55,11 +56,8 @@ class CheckpointInfo(NamedTuple):
 # ---------------------------------------------------------------------------
 # dtypes
 
-_DTYPE_NAMES = {
-    "float": "F32", "float32": "F32", "fp32": "F32", "no": "F32",
-    "fp16": "F16", "float16": "F16", "half": "F16",
-    "bf16": "BF16", "bfloat16": "BF16",
-}
+# every precision spelling, and --mixed_precision's "no"
+_DTYPE_NAMES = {**{k: SAFETENSORS_DTYPES[v] for k, v in DTYPE_ALIASES.items()}, "no": "F32"}
 
 
 def _raw_dtype(dtype):

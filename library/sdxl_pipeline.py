@@ -13,6 +13,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from library.device_utils import UserError
+from library.dtypes import ms_dtype
 from library.path_utils import atomic_write
 from library.segments import Segment, SegmentChain
 from library.unet_segments import unet_segments
@@ -134,11 +135,10 @@ class Generator:
             if unet.attention_impl == "plain":  # same results; 1024x1024 needs it (4096-token attention)
                 unet.set_attention_impl("chunked")
         self.tokenizer1, self.tokenizer2 = load_tokenizers()
-        dtypes = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
-        self.dtype = dtypes[dtype_name]
+        self.dtype = ms_dtype(dtype_name)
         if self.dtype != ms.float32:
             unet.to_dtype(self.dtype)
-        vae_dtype = dtypes[vae_dtype_name]
+        vae_dtype = ms_dtype(vae_dtype_name)
         if vae_dtype != ms.float32:  # Linear/Conv weights (norms stay fp32), as the loader does
             from library import layers
             for _, cell in vae.cells_and_names():

@@ -39,6 +39,7 @@ import mindspore as ms
 from mindspore import Tensor, nn
 
 from library.device_utils import UserError
+from library.dtypes import ms_dtype
 from library.lora_file import cast_array, normalize_dtype, save_state_dict_file, SAFETENSORS_EXT
 from library.lora_metadata import precalculate_safetensors_hashes
 from networks import lora_blocks
@@ -508,9 +509,7 @@ class LoRANetwork:
                 raise UserError(f"LoRA module {lora.lora_name}: merged shape {merged_shape} does not fit the layer "
                                 f"weight {weight_shape}")
             todo.append((lora, sd))
-        target = None if dtype is None else (dtype if isinstance(dtype, ms.Type) else
-                                             {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}[
-                                                 normalize_dtype(dtype)])
+        target = None if dtype is None else (dtype if isinstance(dtype, ms.Type) else ms_dtype(normalize_dtype(dtype)))
         for lora, sd in todo:
             alpha = float(np.asarray(sd["alpha"], np.float32).reshape(-1)[0]) if "alpha" in sd else None
             delta = lora_delta(sd["lora_up.weight"], sd["lora_down.weight"], alpha, float(lora.multiplier.asnumpy()))

@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import library  # noqa: E402,F401  (CPU runtime env before mindspore loads)
 from library.arg_utils import ArgumentParser  # noqa: E402
 from library.device_utils import UserError, add_device_arguments, run_main, setup_device_from_args  # noqa: E402
+from library.dtypes import canonical  # noqa: E402
 from library.lora_tool_io import check_models_and_ratios  # noqa: E402
 from library.path_utils import check_output_folder, make_output_folder, remove_empty_folders  # noqa: E402
 
@@ -92,7 +93,7 @@ def check_args(args):
 
 
 def _dtype_name(precision):
-    return {"float": "fp32", "fp16": "fp16", "bf16": "bf16", None: None}[precision]
+    return None if precision is None else canonical(precision)
 
 
 # ---------------------------------------------------------------------------

@@ -58,6 +58,7 @@ def cache_to_disk(args, parser):
     cache_latents.check_cache_folders(pending, "text encoder outputs")
 
     from library.device_utils import check_dtype_supported, setup_device_from_args
+    from library.dtypes import ms_dtype
     from library.sdxl_checkpoint import load_text_encoders_from_sdxl_checkpoint
 
     target = setup_device_from_args(args)
@@ -65,12 +66,10 @@ def cache_to_disk(args, parser):
         check_dtype_supported(args.mixed_precision, target)
     text_encoders = list(load_text_encoders_from_sdxl_checkpoint(args.pretrained_model_name_or_path))
     if args.mixed_precision != "no":  # the trainer casts the frozen text encoders before it caches
-        import mindspore as ms
-
         from library.clip_text_model import cast_params
 
         for te in text_encoders:
-            cast_params(te, {"fp16": ms.float16, "bf16": ms.bfloat16}[args.mixed_precision])
+            cast_params(te, ms_dtype(args.mixed_precision))
     trainer.cache_text_encoder_outputs(args, text_encoders, groups)
     print(f"cached the text encoder outputs of {len(pending)} caption(s) ({summary['reused']} already valid)")
     return summary

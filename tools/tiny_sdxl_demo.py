@@ -15,6 +15,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import library  # noqa: E402,F401  (sets the CPU runtime env before mindspore loads)
+from library import dtypes  # noqa: E402
 from library.arg_utils import ArgumentParser  # noqa: E402
 from library.device_utils import (  # noqa: E402
     UserError, add_device_arguments, check_dtype_supported, run_main, setup_device_from_args)
@@ -76,7 +77,7 @@ def main(argv=None):
     unet = SdxlUNet2DConditionModel(model_channels=32, transformer_depth=(0, 1, 1), num_head_channels=8,
                                     context_dim=context_dim, adm_in_channels=adm, norm_num_groups=8)
     vae = AutoencoderKL(AutoencoderKLConfig.tiny(block_out_channels=(16, 32, 32, 32)))  # 8x, as SDXL
-    ms_dtype = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}[dtype_name]
+    ms_dtype = dtypes.ms_dtype(dtype_name)
     if ms_dtype != ms.float32:
         unet.to_dtype(ms_dtype)
     for cell in (text_encoder1, text_encoder2, unet, vae):
