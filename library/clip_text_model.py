@@ -33,7 +33,6 @@ states (embeddings output, then each layer's output, as transformers'
 allowed), or ``()`` when ``output_hidden_states=False``. The ``OUT_*``
 constants index the returned tuple.
 """
-import time
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
@@ -346,12 +345,6 @@ def cast_params(model: nn.Cell, dtype=ms.float16):
         if p.dtype != dtype:
             p.set_dtype(dtype)
             changed = True
-    if changed:
-        # Graph mode caches compiled graphs by (cell id, creation time, input
-        # signature); parameter dtypes are not part of the key, so a cell that
-        # already ran would keep executing its fp32 graph. A new creation time
-        # makes every cell compile afresh on its next call.
-        stamp = time.time_ns()
-        for _, cell in model.cells_and_names():
-            object.__setattr__(cell, "_create_time", stamp)
+    if changed:  # parameter dtypes are not part of the compiled-graph key
+        layers.recompile_on_next_call(model)
     return model

@@ -13,6 +13,7 @@ first use, for full-size models whose weights are loaded afterwards.
 """
 import contextlib
 import math
+import time
 
 import numpy as np
 import mindspore as ms
@@ -312,6 +313,15 @@ class QuickGELU(nn.Cell):
 class Identity(nn.Cell):
     def construct(self, x):
         return x
+
+
+def recompile_on_next_call(root: nn.Cell):
+    """Every cell under ``root`` compiles afresh on its next call. Graph mode caches compiled graphs by
+    (cell id, creation time, input signature); a change the key does not see (parameter dtypes, cells
+    swapped in) would otherwise keep running the old graph. A new creation time changes the key."""
+    stamp = time.time_ns()
+    for _, cell in root.cells_and_names():
+        object.__setattr__(cell, "_create_time", stamp)
 
 
 def param_dict(cell: nn.Cell):

@@ -38,6 +38,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn
 
+from library import layers
 from library.device_utils import UserError
 from library.dtypes import ms_dtype
 from library.lora_file import cast_array, normalize_dtype, save_state_dict_file, SAFETENSORS_EXT
@@ -236,15 +237,6 @@ def _resolve(root, path):
     for p in parts[:-1]:
         parent = parent._cells[p]
     return parent, parts[-1]
-
-
-def _refresh_compile_cache(root):
-    """Graph mode caches compiled graphs per cell creation time: new time -> recompile on next call."""
-    import time
-
-    stamp = time.time_ns()
-    for _, cell in root.cells_and_names():
-        object.__setattr__(cell, "_create_time", stamp)
 
 
 class LoRANetwork:
@@ -456,7 +448,7 @@ class LoRANetwork:
             lora.applied = True
             roots[id(root)] = root
         for root in roots.values():
-            _refresh_compile_cache(root)
+            layers.recompile_on_next_call(root)
 
     def check_weights_fit(self, weights_sd, source="LoRA weights"):
         """UserError naming the first module of ``weights_sd`` that the network's modules do not fit."""
