@@ -147,6 +147,7 @@ class NetworkTrainer:
             if given:
                 raise UserError(f"{', '.join(given)} cannot be combined with --dim_from_weights "
                                 "(dims and alphas come from --network_weights)")
+        check_base_weights(args)  # the files read now, not after the checkpoint load
         if args.scale_weight_norms is not None and args.scale_weight_norms <= 0:
             raise UserError(f"--scale_weight_norms must be positive, got {args.scale_weight_norms}")
         if args.network_module is None:
@@ -256,7 +257,8 @@ class NetworkTrainer:
         from library import lora_metadata, train_logging, train_state, train_validation
         from library.loss_scaler import DynamicLossScaler
         from library.latent_cache import make_vae_encode_fn
-        from library.train_optimizers import create_lr_schedule, create_optimizer
+        from library.train_optimizers import create_lr_schedule, create_optimizer, get_optimizer_train_eval_fn
+        from library.train_sampling import should_sample
         from networks import lora as network_module
 
         session_id = random.randint(0, 2 ** 32)
@@ -290,6 +292,11 @@ class NetworkTrainer:
         train_util.check_initial_step(args, len(train_group), args.gradient_accumulation_steps)
 
         model_version, text_encoders, vae, unet = self.load_target_model(args)
+        if args.base_weights:  # computed in fp32 before the models go to half precision (kohya: merged, then cast;
+            # a U-Net read in fp16 by --fp16_unet_weights gets the fp32 sum rounded to fp16). kohya merges after
+            # caching the text encoder outputs, so a base LoRA's text encoder part never reaches cached outputs;
+            # here it is merged first, and the cache holds the model that is trained
+            merge_base_weights(args.base_weights, args.base_weights_multiplier, text_encoders, vae, unet)
         weight_dtype = {"no": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}[args.mixed_precision]
         if weight_dtype != ms.float32:  # frozen models in half precision (before LoRA wraps their layers)
             from library.clip_text_model import cast_params
@@ -359,6 +366,24 @@ class NetworkTrainer:
             text_encoders = []  # not used again: dropped (the LoRA network keeps no reference to them)
             release_host_memory()
         optimizer, optimizer_name, optimizer_args, base_lrs = create_optimizer(args, param_groups)
+        optimizer_train_fn, optimizer_eval_fn = get_optimizer_train_eval_fn(optimizer, args)
+        at_eval_weights = [False]  # the parameters hold a schedule-free optimizer's x (its eval() was called)
+
+        def use_eval_weights(needed=True):
+            """kohya's optimizer_eval_fn() before sampling, validation and saving: a schedule-free optimizer's
+            averaged weights x are what is sampled, validated and saved (LoRA and state); training goes on
+            from y (``use_train_weights``). kohya switches to x and back after every update; here to x only
+            when something is sampled, validated or saved, and back just before the next step, so that all
+            the outputs between two steps see one x and y is not rounded by round trips nothing needed."""
+            if needed and not at_eval_weights[0]:
+                optimizer_eval_fn()
+                at_eval_weights[0] = True
+
+        def use_train_weights():
+            """kohya's optimizer_train_fn(): back to y before a step (a no-op for other optimizers)."""
+            if at_eval_weights[0]:
+                optimizer_train_fn()
+                at_eval_weights[0] = False
 
         # steps
         loader = train_util.DataLoader(train_group, shuffle=True, num_workers=args.max_data_loader_n_workers,
@@ -497,6 +522,9 @@ class NetworkTrainer:
         compile_times = {}
         loss_recorder_window = []
 
+        def sampling(epoch_no, step):
+            return sampler.enabled and should_sample(args, epoch_no, step)
+
         def run_update_bookkeeping(loss_value, step_seconds):
             nonlocal global_step
             global_step += 1
@@ -514,15 +542,18 @@ class NetworkTrainer:
             progress.set_postfix(**postfix)
             if not math.isfinite(loss_value):
                 raise UserError(f"loss is {loss_value} at step {global_step}: stopping (no LoRA saved for it)")
-            sampler.sample(None, global_step)  # --sample_every_n_steps
             tracker.log(train_logging.step_logs(args, loss_value, avr, schedule.lrs(lr_position() - 1), lr_descriptions,
                                                 keys_scaled, mean_norm, max_norm), global_step)
-            if train_validation.should_validate_step(args, global_step, validator.has_data):
+            validate = train_validation.should_validate_step(args, global_step, validator.has_data)
+            save = args.save_every_n_steps is not None and global_step % args.save_every_n_steps == 0
+            use_eval_weights(sampling(None, global_step) or validate or save)
+            sampler.sample(None, global_step)  # --sample_every_n_steps
+            if validate:
                 val_loss = validator.run("validation steps")
                 val_rows.append((global_step, epoch + 1, val_loss))
                 tracker.log({"loss/validation/step_average": val_loss,
                              "loss/validation/step_divergence": val_loss - avr}, global_step)
-            if args.save_every_n_steps is not None and global_step % args.save_every_n_steps == 0:
+            if save:
                 save_model(get_step_ckpt_name(args, ext, global_step), global_step, epoch + 1)
                 if args.save_last_n_steps is not None:  # kohya's get_remove_step_no
                     remove_no = global_step - args.save_last_n_steps - 1
@@ -561,6 +592,7 @@ class NetworkTrainer:
                                 f"per epoch and seed {resumed['seed']}; this run has {num_batches} and {args.seed} "
                                 "(resume with the same dataset, batch size and --seed)")
             train_state.load_parameters(args.resume, state_params)
+            at_eval_weights[0] = True  # states are saved at a schedule-free optimizer's eval weights, as kohya's
             global_step = int(resumed["current_step"])
             lr_offset = int(resumed.get("lr_offset", 0))  # a run started with --skip_until_initial_step
             start_epoch, start_position = int(resumed["current_epoch"]), int(resumed["position"])
@@ -590,6 +622,7 @@ class NetworkTrainer:
         from library.train_sampling import TrainingSampler
 
         sampler = TrainingSampler(args, text_encoders, vae, unet, self.dp.rank, self.dp.world_size)  # sizes checked
+        use_eval_weights(sampling(0, global_step))
         sampler.sample(0, global_step)  # --sample_at_first (kohya passes epoch 0)
         epoch = start_epoch
         optimizer.set_lrs(schedule.lrs(lr_position()))
@@ -632,6 +665,7 @@ class NetworkTrainer:
                     key = "dynamic"
                 elif self.dynamic_shapes:
                     key = "dynamic"
+                use_train_weights()
                 t0 = time.perf_counter()
                 loss = float(step_cell(*inputs).asnumpy())
                 dt = time.perf_counter() - t0
@@ -661,17 +695,21 @@ class NetworkTrainer:
                     optimizer.set_lrs(schedule.lrs(lr_position()))
                     if global_step >= args.max_train_steps:
                         break
+            epoch_avr = None
             if n_in_epoch:
                 epoch_avr = sum(losses[-num_update_steps_per_epoch:]) / len(losses[-num_update_steps_per_epoch:])
                 tracker.log({"loss/epoch_average": epoch_avr}, epoch + 1)
-                if train_validation.should_validate_epoch(args, epoch + 1, validator.has_data):
-                    val_loss = validator.run("epoch validation steps")
-                    val_rows.append((global_step, epoch + 1, val_loss))
-                    logger.info("epoch %d: validation loss %.6f", epoch + 1, val_loss)
-                    tracker.log({"loss/validation/epoch_average": val_loss,
-                                 "loss/validation/epoch_divergence": val_loss - epoch_avr}, epoch + 1)
-            if args.save_every_n_epochs is not None and (epoch + 1) % args.save_every_n_epochs == 0 \
-                    and (epoch + 1) < num_train_epochs:
+            validate = bool(n_in_epoch) and train_validation.should_validate_epoch(args, epoch + 1, validator.has_data)
+            save = args.save_every_n_epochs is not None and (epoch + 1) % args.save_every_n_epochs == 0 \
+                and (epoch + 1) < num_train_epochs
+            use_eval_weights(validate or save or sampling(epoch + 1, global_step))
+            if validate:
+                val_loss = validator.run("epoch validation steps")
+                val_rows.append((global_step, epoch + 1, val_loss))
+                logger.info("epoch %d: validation loss %.6f", epoch + 1, val_loss)
+                tracker.log({"loss/validation/epoch_average": val_loss,
+                             "loss/validation/epoch_divergence": val_loss - epoch_avr}, epoch + 1)
+            if save:
                 save_model(get_epoch_ckpt_name(args, ext, epoch + 1), global_step, epoch + 1)
                 if args.save_last_n_epochs is not None:
                     remove_epoch_no = epoch + 1 - args.save_every_n_epochs * args.save_last_n_epochs
@@ -689,6 +727,7 @@ class NetworkTrainer:
         progress.close()
         loader.close()
 
+        use_eval_weights()  # kohya: the LoRA and the state at the end hold the eval weights too
         save_model(get_last_ckpt_name(args, ext), global_step, num_train_epochs)
         if args.save_state or args.save_state_on_train_end:
             save_train_state(train_state.LAST_STATE_NAME.format(args.output_name))
@@ -720,6 +759,49 @@ class NetworkTrainer:
         print(f"model saved: {os.path.join(args.output_dir, get_last_ckpt_name(args, ext))} "
               f"(loss curve {args.output_name}_loss.png); {json.dumps(summary)}")
         return summary
+
+
+def check_base_weights(args):
+    """--base_weights / --base_weights_multiplier at start: each file exists and holds tensors (whether it fits
+    the model is known once the model is loaded: ``merge_base_weights``)."""
+    from library.lora_file import load_state_dict_file
+
+    files, multipliers = args.base_weights or [], args.base_weights_multiplier or []
+    if multipliers and not files:
+        raise UserError("--base_weights_multiplier needs --base_weights (the LoRA files it scales)")
+    if len(multipliers) > len(files):  # kohya ignores the extra ones silently
+        raise UserError(f"--base_weights_multiplier has {len(multipliers)} values for {len(files)} --base_weights "
+                        "file(s): give at most one per file (1 for the files it does not reach)")
+    for path in files:
+        try:
+            tensors = load_state_dict_file(path)[0]
+        except UserError as e:
+            raise UserError(f"--base_weights {e}") from None
+        if not tensors:
+            raise UserError(f"--base_weights {path}: holds no tensors")
+
+
+def merge_base_weights(files, multipliers, text_encoders, vae, unet):
+    """kohya's --base_weights: each LoRA file merged into the models' weights (W += multiplier * up@down *
+    alpha/dim, the inference merge of ``networks.lora``), with ``multipliers[i]``, or 1 where the list does not
+    reach. Every file is checked against the models before the first is merged, so a file that does not fit
+    stops the run with the models untouched."""
+    from networks.lora import create_network_from_weights
+
+    multipliers = list(multipliers or [])
+    todo = []
+    for i, path in enumerate(files):
+        multiplier = float(multipliers[i]) if i < len(multipliers) else 1.0
+        try:
+            network, weights_sd = create_network_from_weights(multiplier, path, vae, list(text_encoders), unet,
+                                                              for_inference=True)
+        except UserError as e:
+            raise UserError(f"--base_weights {e}") from None
+        todo.append((path, multiplier, network, weights_sd))
+    for path, multiplier, network, weights_sd in todo:
+        logger.info("merging module: %s with multiplier %s", path, multiplier)
+        network.merge_to(list(text_encoders), unet, weights_sd)
+    logger.info("all weights merged: %s", ", ".join(files))
 
 
 def main(argv=None, trainer_cls=None):

@@ -330,6 +330,23 @@ def create_lr_schedule(args, base_lrs, max_train_steps, optimizer=None, num_proc
                             f"{('--lr_scheduler_type ' + custom) if custom else '--lr_scheduler ' + name} "
                             "(kohya ignores it there): remove it")
 
+    opt_type = getattr(args, "optimizer_type", None) or ""
+    if opt_type.lower().endswith("schedulefree"):  # train_optimizers.is_schedule_free (not imported: circular)
+        # kohya's get_scheduler_fix gives schedule-free optimizers a dummy scheduler: the group lrs stay the
+        # initial ones whatever --lr_scheduler says (the averaging weights, and this port's one lr_max for
+        # all groups, assume lrs that keep their ratios); what it would ignore stops here instead
+        why = (f"--optimizer_type {opt_type} keeps a constant learning rate (kohya replaces the schedule of "
+               "schedule-free optimizers); its warmup is --optimizer_args warmup_steps=N")
+        if custom:
+            raise UserError(f"--lr_scheduler_type {custom} cannot be used: {why}")
+        if name != "constant":
+            raise UserError(f"--lr_scheduler {name} cannot be used: {why}")
+        if warmup:
+            raise UserError(f"--lr_warmup_steps {args.lr_warmup_steps} cannot be used: {why}")
+        if kwargs:
+            raise UserError(f"--lr_scheduler_args cannot be used: {why}")
+        return LRSchedule(base_lrs, lambda step: 1.0)
+
     if custom:
         if warmup:
             raise UserError(f"--lr_scheduler_type {custom} does not take --lr_warmup_steps (kohya: Set None or 0)")

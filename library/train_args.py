@@ -10,6 +10,7 @@ import sys
 from library import config_util, train_util
 from library.arg_utils import ArgumentParser, suggest_options
 from library.device_utils import UserError, add_device_arguments
+from library.sdxl_schedulers import KOHYA_SAMPLERS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,8 +52,6 @@ NOT_IMPLEMENTED = [
     ("--lowram", dict(action="store_true")),
     ("--highvram", dict(action="store_true")),
     ("--weighted_captions", dict(action="store_true")),
-    ("--base_weights", dict(type=str, default=None, nargs="*")),
-    ("--base_weights_multiplier", dict(type=float, default=None, nargs="*")),
     ("--fused_backward_pass", dict(action="store_true")),
     ("--cpu_offload_checkpointing", dict(action="store_true")),
     ("--disable_mmap_load_safetensors", dict(action="store_true")),
@@ -223,6 +222,10 @@ def setup_parser() -> argparse.ArgumentParser:
     add("--text_encoder_lr", type=float, default=None, nargs="*",
         help="learning rate for the text encoders: one value for both, or one per text encoder (TE1 TE2)")
     add("--network_weights", type=str, default=None, help="pretrained weights for network")
+    add("--base_weights", type=str, default=None, nargs="*",
+        help="network weights (LoRA files) to merge into the model before training")
+    add("--base_weights_multiplier", type=float, default=None, nargs="*",
+        help="multiplier for each --base_weights file, in order (1 for the files it does not reach)")
     add("--dim_from_weights", action="store_true",
         help="take each module's dim and alpha from --network_weights (kohya's option)")
     add("--network_module", type=str, default=None, help="network module to train (networks.lora)")
@@ -245,7 +248,7 @@ def setup_parser() -> argparse.ArgumentParser:
         help="file of prompts to generate sample images: .txt (kohya's --n --w --h --d --l --s --ss options), "
              ".toml or .json")
     add("--sample_sampler", type=str, default="ddim",
-        help="sampler for sample images: ddim (default), euler, euler_a, dpmsolver++ (also k_euler, k_euler_a)")
+        help=f"sampler for sample images, any of kohya's {len(KOHYA_SAMPLERS)}: {', '.join(KOHYA_SAMPLERS)}")
     add_device_arguments(parser)
     existing = {a for action in parser._actions for a in action.option_strings}
     for name, kwargs in NOT_IMPLEMENTED:

@@ -12,6 +12,10 @@ Each optimizer reproduces the torch optimizer kohya creates for ``--optimizer_ty
   relative_step / scale_parameter / warmup_init), with kohya's argument handling: relative_step
   defaults to True, and then --learning_rate is only the schedule's reported initial lr, the group
   lrs are dropped and the lr scheduler becomes ``adafactor:<lr>``.
+- ``CAME``, ``Prodigy``, ``DAdaptAdam``, ``AdamWScheduleFree``: ``library/train_optimizers_adaptive.py``.
+  AdamWScheduleFree, as kohya's schedule-free optimizers, takes a constant lr (its warmup is
+  ``--optimizer_args warmup_steps=N``) and has ``train()``/``eval()``, which the trainer calls around
+  sampling, validation and saving (``get_optimizer_train_eval_fn``).
 - a dotted class path ``mypkg.MyOpt``: a cell following this module's optimizer protocol.
 
 Optimizer protocol (all of them): ``__init__(params, group_of, lrs, **optimizer_args)`` where
@@ -403,7 +407,8 @@ def _adafactor_update_no_m(eps1, eps2, clip, beta2t, beta1, wd, scale, relative,
 # -- kohya's get_optimizer -------------------------------------------------------------------------
 
 OPTIMIZERS = {"adamw": "AdamW", "sgdnesterov": "SGDNesterov", "lion": "Lion", "adafactor": "AdaFactor",
-              "came": "CAME", "prodigy": "Prodigy", "dadaptadam": "DAdaptAdam"}  # last three: train_optimizers_adaptive
+              "came": "CAME", "prodigy": "Prodigy", "dadaptadam": "DAdaptAdam",
+              "adamwschedulefree": "AdamWScheduleFree"}  # last four: train_optimizers_adaptive
 # option -> (torch class kohya names in ss_optimizer, accepted --optimizer_args)
 _SPECS = {
     "adamw": ("torch.optim.adamw.AdamW", ("betas", "eps", "weight_decay")),
@@ -414,8 +419,8 @@ _SPECS = {
 
 
 def _adaptive():
-    """``library.train_optimizers_adaptive`` (CAME, Prodigy, DAdaptAdam), imported when used: it subclasses
-    GroupedOptimizer, so importing it here at load time would be circular."""
+    """``library.train_optimizers_adaptive`` (CAME, Prodigy, DAdaptAdam, AdamWScheduleFree), imported when used:
+    it subclasses GroupedOptimizer, so importing it here at load time would be circular."""
     from library import train_optimizers_adaptive
     return train_optimizers_adaptive
 
@@ -426,16 +431,14 @@ def _spec(key):
         return _SPECS[key]
     _, torch_name, defaults = _adaptive().SPECS[key]
     return torch_name, tuple(defaults)
+
+
 _NOT_AVAILABLE = {  # kohya's other optimizer types: CUDA-only packages or not ported
     "adamw8bit": "bitsandbytes 8-bit optimizers are CUDA-only", "sgdnesterov8bit": "bitsandbytes (CUDA-only)",
     "lion8bit": "bitsandbytes (CUDA-only)", "pagedadamw8bit": "bitsandbytes paged optimizers are CUDA-only",
     "pagedlion8bit": "bitsandbytes (CUDA-only)", "pagedadamw": "bitsandbytes (CUDA-only)",
     "pagedadamw32bit": "bitsandbytes (CUDA-only)",
     "radamschedulefree": "not ported", "sgdschedulefree": "not ported",
-    # the cell exists (train_optimizers_adaptive.AdamWScheduleFree, parity-tested with its train()/eval()),
-    # but the saved LoRA must be its eval() weights, and the training loop does not switch to them yet
-    "adamwschedulefree": "the training loop does not yet switch to its evaluation weights before sampling and "
-                         "saving",
     "dadaptation": "kohya's DAdaptation is dadaptation's experimental DAdaptAdamPreprint, not ported; DAdaptAdam is",
 }
 
@@ -474,13 +477,13 @@ def _check_type(opt_type: str):
     if key in _NOT_AVAILABLE or key.endswith("8bit") or key.startswith("dadapt"):
         why = _NOT_AVAILABLE.get(key, "bitsandbytes (CUDA-only)" if key.endswith("8bit") else "not ported")
         raise UserError(f"--optimizer_type {opt_type} is not available in this port ({why}): use AdamW, "
-                        "SGDNesterov, Lion, AdaFactor, CAME, Prodigy or DAdaptAdam")
+                        "SGDNesterov, Lion, AdaFactor, CAME, Prodigy, DAdaptAdam or AdamWScheduleFree")
     if "." in opt_type:
         _custom_optimizer_class(opt_type)
         return None
     raise UserError(f"--optimizer_type {opt_type} is not available in this port (kohya takes it from torch.optim): "
-                    "use AdamW, SGDNesterov, Lion, AdaFactor, CAME, Prodigy, DAdaptAdam or a dotted path to a "
-                    "MindSpore optimizer cell")
+                    "use AdamW, SGDNesterov, Lion, AdaFactor, CAME, Prodigy, DAdaptAdam, AdamWScheduleFree or a "
+                    "dotted path to a MindSpore optimizer cell")
 
 
 _BOOL_ARGS = ("decoupled_weight_decay", "scale_parameter", "relative_step", "warmup_init")
@@ -655,3 +658,23 @@ def create_optimizer(args, param_groups):
     name = _spec(key)[0]
     args_str = ",".join(f"{k}={v}" for k, v in kwargs.items())
     return opt, name, args_str, lrs
+
+
+def is_schedule_free(args) -> bool:
+    """kohya's ``is_schedulefree_optimizer``: the --optimizer_type name ends with ScheduleFree (a dotted class
+    path too). Such an optimizer gets a constant lr (``lr_schedules.create_lr_schedule``) and is switched
+    to its evaluation weights around sampling, validation and saving (``get_optimizer_train_eval_fn``)."""
+    return (getattr(args, "optimizer_type", None) or "").lower().endswith("schedulefree")
+
+
+def get_optimizer_train_eval_fn(optimizer, args):
+    """kohya's ``get_optimizer_train_eval_fn``: (train_fn, eval_fn), the optimizer's ``train``/``eval`` for a
+    schedule-free one (the parameters to y, where gradients are taken, or to x, the averaged weights that
+    are sampled, validated and saved), no-ops for the others."""
+    if not is_schedule_free(args):
+        return (lambda: None), (lambda: None)
+    missing = [m for m in ("train", "eval") if not callable(getattr(optimizer, m, None))]
+    if missing:  # kohya would fail with an AttributeError at the first sample/save
+        raise UserError(f"--optimizer_type {args.optimizer_type}: a schedule-free optimizer (the name ends with "
+                        f"ScheduleFree) needs methods train() and eval(); this one has no {' or '.join(missing)}")
+    return optimizer.train, optimizer.eval

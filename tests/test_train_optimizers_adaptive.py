@@ -103,6 +103,11 @@ def _dadapt(**kw):
     return lambda groups: dadaptation.DAdaptAdam(groups, **kw)
 
 
+def _schedulefree(**kw):
+    import schedulefree
+    return lambda groups: schedulefree.AdamWScheduleFree(groups, **kw)
+
+
 # (--optimizer_type, --optimizer_args, group lrs, the reference)
 CASES = {
     "came": ("pytorch_optimizer.CAME", ["weight_decay=0.1"], [1e-2, 3e-3], _came(weight_decay=0.1)),
@@ -122,6 +127,9 @@ CASES = {
     "dadaptadam_decoupled_bc": ("dadaptadam", ["weight_decay=0.1", "decouple=True", "use_bias_correction=True",
                                                "growth_rate=2.0"], [0.5, 0.5],
                                 _dadapt(weight_decay=0.1, decouple=True, use_bias_correction=True, growth_rate=2.0)),
+    # y (the training point) after each step; its eval()/train() are test_schedule_free_adamw_and_its_eval_weights'
+    "adamwschedulefree": ("AdamWScheduleFree", ["weight_decay=0.1", "warmup_steps=2"], [1e-2, 3e-3],
+                          _schedulefree(weight_decay=0.1, warmup_steps=2)),
 }
 
 
@@ -166,8 +174,8 @@ def test_d_estimate_is_state():
 
 
 def test_schedule_free_adamw_and_its_eval_weights():
-    """AdamWScheduleFree (the cell; the trainer does not offer it yet): y after each step, and x from
-    eval() (what the saved LoRA must hold), then train() back to y, as schedulefree's."""
+    """AdamWScheduleFree's cell: y after each step, and x from eval() (what the trainer samples, validates
+    and saves), then train() back to y, as schedulefree's."""
     import schedulefree
 
     w0, grads = _data(2)
@@ -209,7 +217,8 @@ def test_schedule_free_adamw_and_its_eval_weights():
 
 @pytest.mark.parametrize("opt_type,opt_args", [("Prodigy", ["weight_decay=0.1"]),
                                                ("DAdaptAdam", ["weight_decay=0.1", "decouple=True"]),
-                                               ("CAME", ["weight_decay=0.1", "ams_bound=True"])])
+                                               ("CAME", ["weight_decay=0.1", "ams_bound=True"]),
+                                               ("AdamWScheduleFree", ["weight_decay=0.1", "warmup_steps=2"])])
 def test_parameterwise_update_equals_the_one_graph_update(opt_type, opt_args):
     """The segmented trainer's update (library.train_step.ParameterwiseUpdate: same-shape chunks of at most
     3 per graph; for Prodigy / D-Adaptation the chunk sums, one graph for d, then the update chunks), with
@@ -221,7 +230,7 @@ def test_parameterwise_update_equals_the_one_graph_update(opt_type, opt_args):
     w0 = [rng.standard_normal(s).astype(np.float32) for s in shapes]
     grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(3)]
     first_group = [0, 2, 3, 5]
-    lr = 1.0 if opt_type != "CAME" else 1e-2
+    lr = 1.0 if opt_type in ("Prodigy", "DAdaptAdam") else 1e-2
     results = []
     for kind in ("one graph", "parameterwise"):
         params = [Parameter(Tensor(w.copy()), name=f"p{i}") for i, w in enumerate(w0)]
@@ -253,7 +262,15 @@ def test_parameterwise_update_equals_the_one_graph_update(opt_type, opt_args):
     (dict(optimizer_type="DAdaptLion"), "--optimizer_type DAdaptLion is not available"),
     (dict(optimizer_type="CAME", optimizer_args=["betas=0.9,0.999"]), "betas for CAME must be three numbers"),
     (dict(optimizer_type="pytorch_optimizer.CAME", optimizer_args=["eps=1e-8"]), "CAME takes betas, weight_decay"),
-    (dict(optimizer_type="AdamWScheduleFree"), "does not yet switch to its evaluation weights"),
+    (dict(optimizer_type="RAdamScheduleFree"), "--optimizer_type RAdamScheduleFree is not available"),
+    # kohya gives schedule-free optimizers a constant lr whatever the scheduler arguments say: they stop here
+    (dict(optimizer_type="AdamWScheduleFree", lr_scheduler="cosine"),
+     "--lr_scheduler cosine cannot be used: --optimizer_type AdamWScheduleFree keeps a constant learning rate"),
+    (dict(optimizer_type="AdamWScheduleFree", lr_warmup_steps="10"), "--lr_warmup_steps 10 cannot be used"),
+    (dict(optimizer_type="schedulefree.AdamWScheduleFree", lr_scheduler_type="mypkg.Sched"),
+     "--lr_scheduler_type mypkg.Sched cannot be used"),
+    (dict(optimizer_type="AdamWScheduleFree", optimizer_args=["warmup_steps=x"]),
+     "warmup_steps for AdamWScheduleFree must be a number"),
 ])
 def test_argument_errors_at_start(kw, msg):
     with pytest.raises(UserError) as e:
@@ -270,3 +287,33 @@ def test_group_lrs_must_agree_for_d_adaptation():
     groups = [{"params": params[:2], "lr": 1.0}, {"params": params[2:], "lr": 0.5}]
     with pytest.raises(UserError, match="one learning rate for all parameter groups"):
         to.create_optimizer(_args(optimizer_type="Prodigy", learning_rate=1.0), groups)
+
+
+def test_schedule_free_lr_is_constant_and_its_train_eval_are_the_trainers():
+    """kohya's get_scheduler_fix gives a schedule-free optimizer a dummy scheduler (the group lrs as given, at
+    every step; warmup is the optimizer's warmup_steps), and get_optimizer_train_eval_fn its train()/eval()
+    (no-ops for the other optimizers)."""
+    args = _args(optimizer_type="AdamWScheduleFree", optimizer_args=["warmup_steps=3"])
+    to.check_optimizer_args(args)
+    schedule = to.create_lr_schedule(args, [1e-2, 3e-3], 10)
+    assert [schedule.lrs(k) for k in (0, 1, 5, 9)] == [[1e-2, 3e-3]] * 4
+    w0, grads = _data(3)
+    params, groups = _params(w0, "t")
+    for g, lr in zip(groups, [1e-2, 3e-3]):
+        g["lr"] = lr
+    opt = to.create_optimizer(args, groups)[0]
+    train_fn, eval_fn = to.get_optimizer_train_eval_fn(opt, args)
+    order = [i for g in GROUPS for i in g]
+    for g in grads[:2]:  # after one step y = z = x (the first step's averaging weight is 1)
+        opt(tuple(Tensor(g[i]) for i in order))
+    y = [p.asnumpy().copy() for p in params]
+    eval_fn()
+    assert float(opt.train_mode.asnumpy()) == 0.0 and not np.allclose(params[0].asnumpy(), y[0])
+    train_fn()
+    assert float(opt.train_mode.asnumpy()) == 1.0
+    for a, b in zip(params, y):  # y -> x -> y: the same up to rounding
+        np.testing.assert_allclose(a.asnumpy(), b, rtol=0, atol=1e-6 * np.abs(b).max())
+    adamw_args = _args(optimizer_type="AdamW")
+    adamw = to.create_optimizer(adamw_args, [dict(g, lr=1e-2) for g in _params(w0, "a")[1]])[0]
+    train_fn, eval_fn = to.get_optimizer_train_eval_fn(adamw, adamw_args)
+    assert train_fn() is None and eval_fn() is None
