@@ -1,6 +1,11 @@
 """--save_state / --resume, TensorBoard logs and the validation loss, end to end on the tiny
 checkpoint (real processes, real files): a run killed after a saved state and resumed from it ends
-with the same LoRA, the same per-step losses and the same validation losses as an uninterrupted run."""
+with the same LoRA, the same per-step losses and the same validation losses as an uninterrupted run.
+
+The run trains with AdamWScheduleFree (with its own warmup): the state then holds more than moments
+(z, the step count that drives the warmup, the averaging weights, the train/eval mode), and the saved
+LoRAs, validation and states must be its averaged weights x (kohya's optimizer eval()), not the
+training point y; a resumed run must switch back to y as the uninterrupted one does."""
 import csv
 import os
 import signal
@@ -18,6 +23,8 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 TRAIN = os.path.join(ROOT, "sdxl_train_network.py")
 STEPS = 7
+WARMUP = 5  # AdamWScheduleFree's warmup_steps: the resumed run (from step 4) must still be warming up
+LR = 2e-3
 
 
 def _cmd(args):
@@ -59,8 +66,9 @@ validation_split = 0.25
 def _args(root, ckpt, dataset, out, extra=()):
     return ["--pretrained_model_name_or_path", ckpt, "--dataset_config", dataset, "--output_dir", out,
             "--output_name", "r", "--network_module", "networks.lora", "--network_dim", 2,
-            "--learning_rate", 2e-3, "--max_train_steps", STEPS, "--seed", 7, "--max_data_loader_n_workers", 0,
-            "--lr_scheduler", "cosine", "--noise_offset", 0.05, "--save_every_n_steps", 2, "--save_state",
+            "--learning_rate", LR, "--max_train_steps", STEPS, "--seed", 7, "--max_data_loader_n_workers", 0,
+            "--optimizer_type", "AdamWScheduleFree", "--optimizer_args", f"warmup_steps={WARMUP}", "weight_decay=0.01",
+            "--noise_offset", 0.05, "--save_every_n_steps", 2, "--save_state",
             "--save_last_n_steps_state", 2, "--validate_every_n_steps", 3] + list(extra)
 
 
@@ -78,6 +86,48 @@ def _lora(path):
     from safetensors.numpy import load_file
 
     return load_file(str(path))
+
+
+def _state(folder):
+    from safetensors.numpy import load_file
+
+    return load_file(str(folder / "weights.safetensors"))
+
+
+def _same_tensors(lora, state, names):
+    """The LoRA file's up/down tensors are the state's LoRA parameters (its names are kohya's, the state's
+    the model's: compared as sets of arrays)."""
+    def key(a):
+        return (a.shape, a.astype(np.float32).tobytes())
+
+    file_tensors = sorted(key(v) for k, v in lora.items() if not k.endswith(".alpha"))
+    return file_tensors == sorted(key(state[n]) for n in names)
+
+
+def _check_saved_weights_are_the_averaged_ones(full):
+    """schedulefree's x_k = (1 - c_k) x_{k-1} + c_k z_k with c_k = w_k / sum(w_1..w_k), w_k = lr_max_k^2
+    (r=0, weight_lr_power 2): the LoRA saved at step 6 and the one at the end (step 7), with z and the
+    weight sum of the end state, must satisfy it; the training point y = x + (1 - beta1)(z - x) does not."""
+    s6, s7 = _state(full / "r-step00000006-state"), _state(full / "r-state")
+    names = [k[2:] for k in s7 if k.startswith("z.")]  # the LoRA parameters (the state's z.<name>)
+    assert names and all(n in s7 for n in names)
+    assert float(s7["optimizer_train_mode"]) == 0.0  # saved in eval mode, as kohya's states
+    assert _same_tensors(_lora(full / "r.safetensors"), s7, names), "the last LoRA is not the state's weights"
+    assert _same_tensors(_lora(full / "r-step00000006.safetensors"), s6, names), "step-6 LoRA != its state"
+    lr_max = float(s7["optimizer_lr_max"])
+    expected_sum = sum((LR * min(k / WARMUP, 1.0)) ** 2 for k in range(1, STEPS + 1))
+    assert abs(lr_max - LR) <= 1e-6 * LR
+    assert abs(float(s7["optimizer_weight_sum"]) - expected_sum) <= 1e-5 * expected_sum
+    c = lr_max ** 2 / float(s7["optimizer_weight_sum"])
+    worst, moved = 0.0, 0.0
+    for n in names:
+        x6, x7, z7 = (a.astype(np.float64) for a in (s6[n], s7[n], s7["z." + n]))
+        scale = max(np.abs(x7).max(), 1e-12)
+        worst = max(worst, np.abs((1 - c) * x6 + c * z7 - x7).max() / scale)
+        moved = max(moved, np.abs(0.1 * (z7 - x7)).max() / scale)  # y - x, beta1 0.9
+    print(f"schedule-free averaging: x7 vs (1-c) x6 + c z7 {worst:.2g}, y7 vs x7 {moved:.2g} of the tensor's scale")
+    assert worst <= 1e-5, worst
+    assert moved > 1e-3, moved  # saving y instead would fail by far
 
 
 def _read_events(folder):
@@ -127,6 +177,8 @@ def test_killed_run_resumed_equals_uninterrupted(setup):
     assert full_val[0][2] == full_val[1][2] and full_val[2][2] != full_val[0][2]  # same weights, same value
     assert [s for s, _ in scalars["loss/validation/step_average"]] == [3, 6]
     assert [s for s, _ in scalars["loss/validation/epoch_average"]] == [1, 2, 3]
+    assert {lr for _, _, lr in full_losses} == {LR}  # kohya: schedule-free optimizers keep the given lr
+    _check_saved_weights_are_the_averaged_ones(full)
 
     # the same run, killed once its step-4 state exists, then resumed from that state
     killed = root / "killed"
