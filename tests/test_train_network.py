@@ -71,6 +71,11 @@ def test_help_shows_defaults():
     assert "--learning_rate LEARNING_RATE learning rate (default: 2e-06)" in text
     assert "--max_train_steps MAX_TRAIN_STEPS training steps (default: 1600)" in text
     assert "(default: None)" not in text and "(default: False)" not in text
+    from library.sdxl_schedulers import KOHYA_SAMPLERS, SCHEDULERS
+
+    assert len(KOHYA_SAMPLERS) == 16 and set(KOHYA_SAMPLERS) == set(SCHEDULERS)  # every kohya name is available
+    assert (f"--sample_sampler SAMPLE_SAMPLER sampler for sample images, any of kohya's 16: "
+            f"{', '.join(KOHYA_SAMPLERS)} (default: ddim)") in text
     text = " ".join(smi.setup_parser().format_help().split())
     for option in ("--prompt PROMPT", "--negative_prompt NEGATIVE_PROMPT", "--output_dir OUTPUT_DIR"):
         assert re.search(re.escape(option) + r" [a-z]", text), option  # a help text follows the option
@@ -124,7 +129,7 @@ def test_not_implemented_argument_stops_with_one_line(tmp_path, extra, name):
     assert len(lines) == 1 and name in lines[0] and "not implemented" in lines[0], proc.stderr
 
 
-@pytest.mark.parametrize("extra", [["--ddp_timeout", "0"], ["--base_weights", "a.safetensors"]])
+@pytest.mark.parametrize("extra", [["--ddp_timeout", "0"], ["--huggingface_repo_id", "0"]])
 def test_not_implemented_argument_given_as_zero_stops(extra):
     """0 is a value (``0 == False`` made these pass unnoticed); checked in-process, before anything loads."""
     from library.device_utils import UserError
@@ -187,6 +192,13 @@ def _verify(tmp_path, extra):
     (["--clip_skip", "2"], "--clip_skip 2: SDXL training does not use clip_skip"),
     (["--clip_skip", "0"], "--clip_skip 0: SDXL training does not use clip_skip"),
     (["--network_train_unet_only", "--network_train_text_encoder_only"], "leave nothing to train"),
+    # --base_weights: the files are read at start (whether they fit the model: test_base_weights_...)
+    (["--base_weights", "no_such_base.safetensors"], "--base_weights no_such_base.safetensors: file not found"),
+    (["--base_weights_multiplier", "0.5"], "--base_weights_multiplier needs --base_weights"),
+    (["--base_weights", "a.safetensors", "--base_weights_multiplier", "1", "2"],
+     "--base_weights_multiplier has 2 values for 1 --base_weights file"),
+    (["--optimizer_type", "AdamWScheduleFree", "--lr_scheduler", "cosine"],
+     "--lr_scheduler cosine cannot be used: --optimizer_type AdamWScheduleFree keeps a constant learning rate"),
 ])
 def test_network_and_scheduler_args_refused_at_start(tmp_path, extra, match):
     """network_args are checked when the run starts (they were checked after the checkpoint load and the latent
@@ -480,7 +492,8 @@ def test_demo_trains_with_falling_loss(tmp_path):
 
 def test_dim_from_weights_starts_from_the_file(tmp_path, tiny_ckpt):
     """--dim_from_weights: module dims/alphas and the starting weights come from --network_weights
-    (a LoRA of dim 2 with random up weights); with a negligible learning rate the saved LoRA equals it."""
+    (a LoRA of dim 2 with random up weights); with a negligible learning rate the saved LoRA equals it.
+    The run trains with CAME (kohya's pytorch_optimizer.CAME): the one-graph step compiles with it."""
     import library  # noqa: F401
     from library import layers
     from library.sdxl_model_util import load_models_from_sdxl_checkpoint
@@ -513,7 +526,7 @@ def test_dim_from_weights_starts_from_the_file(tmp_path, tiny_ckpt):
     proc = _run(["--pretrained_model_name_or_path", tiny_ckpt, "--dataset_config", dataset, "--output_dir", out,
                  "--output_name", "fw", "--network_module", "networks.lora", "--dim_from_weights",
                  "--network_weights", src, "--network_train_unet_only", "--learning_rate", 1e-12,
-                 "--max_train_steps", 2, "--max_data_loader_n_workers", 0, "--save_precision", "fp32",
+                 "--optimizer_type", "CAME", "--max_train_steps", 2, "--max_data_loader_n_workers", 0, "--save_precision", "fp32",
                  "--network_args", "down_lr_weight=1,1,1,1,1,1,1,1,1", "--metadata_title", "From file",
                  "--metadata_trigger_phrase", "shq", "--console_log_file", tmp_path / "train.log",
                  "--initial_step", 1, "--skip_until_initial_step"])
@@ -527,8 +540,86 @@ def test_dim_from_weights_starts_from_the_file(tmp_path, tiny_ckpt):
     trained, md = _lora_file(str(out / "fw.safetensors"))
     assert md["ss_steps"] == "2"
     assert md["modelspec.title"] == "From file" and md["modelspec.trigger_phrase"] == "shq"
+    assert md["ss_optimizer"] == "pytorch_optimizer.optimizer.came.CAME", md["ss_optimizer"]
     assert json.loads(md["ss_network_args"]) == {"down_lr_weight": "1,1,1,1,1,1,1,1,1"}
     assert set(trained) == set(start)
     for key, value in start.items():
         np.testing.assert_allclose(np.asarray(trained[key]), np.asarray(value), atol=1e-6, err_msg=key)
     assert any(np.abs(np.asarray(v)).max() > 0 for k, v in trained.items() if k.endswith("lora_up.weight"))
+
+
+def test_base_weights_are_merged_as_the_inference_merge_does(tmp_path, tiny_ckpt):
+    """--base_weights A B --base_weights_multiplier 0.5 (kohya: B gets 1): the trainer's merge, right after the
+    checkpoint load, leaves every U-Net and text encoder weight as sdxl_minimal_inference's --lora_weights
+    merge of A:0.5 and B:1 does, and a merged linear weight is W + 0.5 scale_A up_A@down_A + scale_B up_B@down_B
+    (numpy, from the files). A file that does not fit stops the run before any file is merged."""
+    import library  # noqa: F401
+    import sdxl_minimal_inference as smi
+    import train_network
+    from library import layers
+    from library.device_utils import UserError
+    from library.sdxl_model_util import load_models_from_sdxl_checkpoint
+    from networks import lora
+    from safetensors.numpy import save_file
+
+    def models():
+        te1, te2, vae, unet, _, _ = load_models_from_sdxl_checkpoint(tiny_ckpt)
+        return [te1, te2], vae, unet
+
+    def weights(tes, unet):
+        return {f"{i}/{p.name}": p.asnumpy().copy() for i, m in enumerate(tes + [unet]) for p in m.get_parameters()}
+
+    tes, vae, unet = models()
+    original = weights(tes, unet)
+    rng = np.random.default_rng(4)
+    files, nets = [], []
+    for seed, dim, alpha in ((1, 2, 1), (2, 4, 2)):  # A: U-Net and text encoders; B: U-Net only, another rank
+        layers.set_init_seed(seed)
+        net = lora.create_network(1.0, dim, alpha, vae, tes, unet)
+        if seed == 2:
+            net.text_encoder_loras = []
+        for module in net.loras:
+            w = module.lora_up.weight
+            w.set_data(ms_tensor(rng.standard_normal(w.shape).astype(np.float32) * 0.01))
+        files.append(str(tmp_path / f"base{seed}.safetensors"))
+        net.save_weights(files[-1], None, {})
+        nets.append(net)
+    made_with = weights(tes, unet)  # the LoRA files were made without touching the model (not applied)
+    assert all(np.array_equal(made_with[k], original[k]) for k in original)
+
+    tes_t, vae_t, unet_t = models()
+    train_network.merge_base_weights(files, [0.5], tes_t, vae_t, unet_t)
+    tes_i, vae_i, unet_i = models()
+    smi.merge_loras([(files[0], 0.5), (files[1], 1.0)], tes_i[0], tes_i[1], vae_i, unet_i)
+    trained, inferred = weights(tes_t, unet_t), weights(tes_i, unet_i)
+    changed = [k for k in original if not np.array_equal(trained[k], original[k])]
+    assert any(k.startswith("2/") for k in changed) and any(k.startswith("0/") for k in changed), changed[:5]
+    for k in original:
+        np.testing.assert_array_equal(trained[k], inferred[k], err_msg=k)
+    # one U-Net linear layer by the formula
+    module_a = next(m for m in nets[0].unet_loras if not m.is_conv)
+    module_b = next(m for m in nets[1].unet_loras if m.lora_name == module_a.lora_name)
+    sd_a, sd_b = (lora_file_sd(f) for f in files)
+    expected = original[f"2/{module_a.org_module.weight.name}"].astype(np.float64)
+    for sd, m, mult in ((sd_a, module_a, 0.5), (sd_b, module_b, 1.0)):
+        up = sd[f"{m.lora_name}.lora_up.weight"].astype(np.float64)
+        down = sd[f"{m.lora_name}.lora_down.weight"].astype(np.float64)
+        expected += mult * float(sd[f"{m.lora_name}.alpha"]) / down.shape[0] * (up @ down)
+    got = trained[f"2/{module_a.org_module.weight.name}"]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+
+    bad = str(tmp_path / "bad.safetensors")
+    save_file({"lora_unet_no_such_layer.lora_down.weight": np.zeros((2, 8), np.float32),
+               "lora_unet_no_such_layer.lora_up.weight": np.zeros((8, 2), np.float32)}, bad)
+    tes_b, vae_b, unet_b = models()
+    with pytest.raises(UserError) as e:
+        train_network.merge_base_weights([files[0], bad], None, tes_b, vae_b, unet_b)
+    assert str(e.value).startswith(f"--base_weights {bad}: LoRA module lora_unet_no_such_layer does not exist")
+    after = weights(tes_b, unet_b)
+    assert all(np.array_equal(after[k], original[k]) for k in original)  # A was not merged either
+
+
+def lora_file_sd(path):
+    from safetensors.numpy import load_file
+
+    return load_file(path)
