@@ -247,6 +247,9 @@ class NetworkTrainer:
             from library.device_utils import check_dtype_supported
 
             check_dtype_supported(args.mixed_precision, target)
+        if args.flash_attn and target != "Ascend":
+            raise UserError(f"--flash_attn needs Ascend (device is {target}); use --mem_eff_attn, --xformers, "
+                            "--sdpa or none")
 
         import numpy as np
         import mindspore as ms
@@ -307,12 +310,12 @@ class NetworkTrainer:
         if args.fp16_unet_weights:  # checked in verify_args: --mixed_precision no
             unet.to_dtype(ms.float16, compute_dtype=ms.float32)
             release_host_memory()  # the fp32 weights just freed
-        if args.mem_eff_attn:
-            unet.set_attention_impl("chunked")
-        if args.flash_attn:
-            if target != "Ascend":
-                raise UserError(f"--flash_attn needs Ascend (device is {target}); use --mem_eff_attn or neither")
-            unet.set_attention_impl("flash")
+        from library.attention import attention_impl_for_flags
+
+        attention_impl = attention_impl_for_flags(vars(args), target)  # --mem_eff_attn/--xformers/--sdpa/...
+        if attention_impl:
+            logger.info(f"U-Net attention: {attention_impl}")
+            unet.set_attention_impl(attention_impl)
         if args.gradient_checkpointing:
             unet.set_gradient_checkpointing(True)
 

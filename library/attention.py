@@ -46,6 +46,28 @@ def check_attention_impl(impl: str) -> str:
     return impl
 
 
+# kohya's attention flags in kohya's order of precedence (``replace_unet_modules``: mem_eff_attn, then
+# xformers, then sdpa), then this port's --flash_attn: flag -> (implementation on Ascend, elsewhere).
+# They all ask for attention that does not hold the full score tensor: on Ascend that is the flash kernel;
+# on the CPU xformers and kohya's own mem_eff_attn become the chunked implementation, and torch's sdpa
+# (which computes exact attention) the plain one, which is also the fastest there.
+KOHYA_ATTENTION_FLAGS = {
+    "mem_eff_attn": ("chunked", "chunked"),
+    "xformers": ("flash", "chunked"),
+    "sdpa": ("flash", "plain"),
+    "flash_attn": ("flash", "flash"),
+}
+
+
+def attention_impl_for_flags(flags: dict, target: str):
+    """The implementation the first set flag of ``KOHYA_ATTENTION_FLAGS`` asks for on ``target``
+    ("Ascend", "CPU", ...), or None when none is set (keep the default)."""
+    for flag, (ascend, elsewhere) in KOHYA_ATTENTION_FLAGS.items():
+        if flags.get(flag):
+            return ascend if target == "Ascend" else elsewhere
+    return None
+
+
 class SoftmaxAttend(nn.Cell):
     """softmax(q k^T) v per head on (B, H, N, D) inputs, q already scaled.
 

@@ -34,7 +34,8 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from library import layers
-from library.attention import DEFAULT_CHUNK_SIZE, ScaledDotProductAttention, check_attention_impl
+from library.attention import (DEFAULT_CHUNK_SIZE, ScaledDotProductAttention, attention_impl_for_flags,
+                               check_attention_impl)
 
 IN_CHANNELS = 4
 OUT_CHANNELS = 4
@@ -405,21 +406,14 @@ class SdxlUNet2DConditionModel(nn.Cell):
         self.attention_impl = impl
 
     def set_use_memory_efficient_attention(self, xformers: bool, mem_eff: bool):
-        """kohya's switch: xformers -> flash on Ascend else chunked; mem_eff -> chunked."""
-        if xformers:
-            impl = "flash" if ms.get_context("device_target") == "Ascend" else "chunked"
-        elif mem_eff:
-            impl = "chunked"
-        else:
-            impl = "plain"
-        self.set_attention_impl(impl, DEFAULT_CHUNK_SIZE)
+        """kohya's switch, mapped by ``library.attention.KOHYA_ATTENTION_FLAGS``."""
+        impl = attention_impl_for_flags({"mem_eff_attn": mem_eff, "xformers": xformers},
+                                        ms.get_context("device_target"))
+        self.set_attention_impl(impl or "plain", DEFAULT_CHUNK_SIZE)
 
     def set_use_sdpa(self, sdpa: bool):
-        """kohya's switch: sdpa -> flash on Ascend, plain elsewhere."""
-        if sdpa and ms.get_context("device_target") == "Ascend":
-            self.set_attention_impl("flash")
-        else:
-            self.set_attention_impl("plain")
+        """kohya's switch, mapped by ``library.attention.KOHYA_ATTENTION_FLAGS``."""
+        self.set_attention_impl(attention_impl_for_flags({"sdpa": sdpa}, ms.get_context("device_target")) or "plain")
 
     def set_gradient_checkpointing(self, value: bool = False):
         """Mark the U-Net as trained with gradient checkpointing.

@@ -24,39 +24,83 @@ class _Parser(ArgumentParser):
         raise UserError(message)
 
 
-# kohya arguments accepted by the parser that this port does not implement yet: (name, kwargs).
-# Given any value other than the default, the run stops at start naming the argument.
+# kohya arguments accepted by the parser that this port does not implement: (name, kwargs, why).
+# Given any value other than the default, the run stops at start naming the argument and why;
+# tools/argument_table.py puts the reasons in Limitations.md's table.
 NOT_IMPLEMENTED = [
-    ("--v2", dict(action="store_true")),
-    ("--tokenizer_cache_dir", dict(type=str, default=None)),
-    ("--huggingface_repo_id", dict(type=str, default=None)),
-    ("--huggingface_repo_type", dict(type=str, default=None)),
-    ("--huggingface_path_in_repo", dict(type=str, default=None)),
-    ("--huggingface_token", dict(type=str, default=None)),
-    ("--huggingface_repo_visibility", dict(type=str, default=None)),
-    ("--save_state_to_huggingface", dict(action="store_true")),
-    ("--resume_from_huggingface", dict(action="store_true")),
-    ("--async_upload", dict(action="store_true")),
-    ("--torch_compile", dict(action="store_true")),
-    ("--dynamo_backend", dict(type=str, default="inductor")),
-    ("--xformers", dict(action="store_true")),
-    ("--sdpa", dict(action="store_true")),
-    ("--fp8_base", dict(action="store_true")),
-    ("--fp8_base_unet", dict(action="store_true")),
-    ("--ddp_timeout", dict(type=int, default=None)),
-    ("--ddp_gradient_as_bucket_view", dict(action="store_true")),
-    ("--ddp_static_graph", dict(action="store_true")),
-    ("--wandb_run_name", dict(type=str, default=None)),
-    ("--log_tracker_config", dict(type=str, default=None)),
-    ("--wandb_api_key", dict(type=str, default=None)),
-    ("--lowram", dict(action="store_true")),
-    ("--highvram", dict(action="store_true")),
-    ("--weighted_captions", dict(action="store_true")),
-    ("--fused_backward_pass", dict(action="store_true")),
-    ("--cpu_offload_checkpointing", dict(action="store_true")),
-    ("--disable_mmap_load_safetensors", dict(action="store_true")),
+    ("--v2", dict(action="store_true"),
+     "SD 2.x models: this port trains SDXL only"),
+    ("--tokenizer_cache_dir", dict(type=str, default=None),
+     "not implemented yet: the CLIP tokenizers are bundled (library/clip_bpe), not downloaded"),
+    ("--huggingface_repo_id", dict(type=str, default=None),
+     "Hugging Face upload: not implemented"),
+    ("--huggingface_repo_type", dict(type=str, default=None),
+     "Hugging Face upload: not implemented"),
+    ("--huggingface_path_in_repo", dict(type=str, default=None),
+     "Hugging Face upload: not implemented"),
+    ("--huggingface_token", dict(type=str, default=None),
+     "Hugging Face upload: not implemented"),
+    ("--huggingface_repo_visibility", dict(type=str, default=None),
+     "Hugging Face upload: not implemented"),
+    ("--save_state_to_huggingface", dict(action="store_true"),
+     "Hugging Face upload: not implemented"),
+    ("--resume_from_huggingface", dict(action="store_true"),
+     "Hugging Face download of a state: not implemented"),
+    ("--async_upload", dict(action="store_true"),
+     "Hugging Face upload: not implemented"),
+    ("--torch_compile", dict(action="store_true"),
+     "torch.compile: MindSpore compiles graph mode steps itself"),
+    ("--dynamo_backend", dict(type=str, default="inductor"),
+     "torch.compile backend: MindSpore compiles graph mode steps itself"),
+    ("--fp8_base", dict(action="store_true"),
+     "fp8 base weights: not implemented"),
+    ("--fp8_base_unet", dict(action="store_true"),
+     "fp8 U-Net weights: not implemented (--fp16_unet_weights halves their memory)"),
+    ("--ddp_timeout", dict(type=int, default=None),
+     "torch DDP option: data parallel here is msrun (library/distributed.py)"),
+    ("--ddp_gradient_as_bucket_view", dict(action="store_true"),
+     "torch DDP option: data parallel here is msrun (library/distributed.py)"),
+    ("--ddp_static_graph", dict(action="store_true"),
+     "torch DDP option: data parallel here is msrun (library/distributed.py)"),
+    ("--wandb_run_name", dict(type=str, default=None),
+     "wandb logging: not implemented (TensorBoard only)"),
+    ("--log_tracker_config", dict(type=str, default=None),
+     "accelerate tracker config: not implemented (TensorBoard only)"),
+    ("--wandb_api_key", dict(type=str, default=None),
+     "wandb logging: not implemented (TensorBoard only)"),
+    ("--lowram", dict(action="store_true"),
+     "kohya loads the models straight to the GPU (Colab-like machines): no equivalent here"),
+    ("--highvram", dict(action="store_true"),
+     "kohya skips clearing the CUDA cache: no equivalent here"),
+    ("--weighted_captions", dict(action="store_true"),
+     "not implemented yet: (word:1.2) prompt weighting"),
+    ("--fused_backward_pass", dict(action="store_true"),
+     "kohya's per-parameter optimizer step in the backward pass (torch hooks): not implemented"),
+    ("--cpu_offload_checkpointing", dict(action="store_true"),
+     "offloading checkpointed activations to the CPU: not implemented"),
+    ("--conditioning_data_dir", dict(type=str, default=None),
+     "mask images for --masked_loss from a separate folder: not implemented yet (alpha_mask subsets are)"),
+    ("--deepspeed", dict(action="store_true"),
+     "DeepSpeed is a CUDA/torch library; data parallel here is msrun (library/distributed.py)"),
+    ("--zero_stage", dict(type=int, default=2, choices=[0, 1, 2, 3]),
+     "DeepSpeed option: DeepSpeed is a CUDA/torch library"),
+    ("--offload_optimizer_device", dict(type=str, default=None, choices=[None, "cpu", "nvme"]),
+     "DeepSpeed option: DeepSpeed is a CUDA/torch library"),
+    ("--offload_optimizer_nvme_path", dict(type=str, default=None),
+     "DeepSpeed option: DeepSpeed is a CUDA/torch library"),
+    ("--offload_param_device", dict(type=str, default=None, choices=[None, "cpu", "nvme"]),
+     "DeepSpeed option: DeepSpeed is a CUDA/torch library"),
+    ("--offload_param_nvme_path", dict(type=str, default=None),
+     "DeepSpeed option: DeepSpeed is a CUDA/torch library"),
+    ("--zero3_init_flag", dict(action="store_true"),
+     "DeepSpeed option: DeepSpeed is a CUDA/torch library"),
+    ("--zero3_save_16bit_model", dict(action="store_true"),
+     "DeepSpeed option: DeepSpeed is a CUDA/torch library"),
+    ("--fp16_master_weights_and_gradients", dict(action="store_true"),
+     "DeepSpeed option: DeepSpeed is a CUDA/torch library"),
 ]
-_NOT_IMPLEMENTED_NAMES = [n for n, _ in NOT_IMPLEMENTED]
+_NOT_IMPLEMENTED_NAMES = [n for n, _, _ in NOT_IMPLEMENTED]
+_WHY_NOT = {n: why for n, _, why in NOT_IMPLEMENTED}
 # dataset arguments of train_util.add_dataset_arguments that the trainer does not honour yet
 _DATASET_ARGS_NOT_IMPLEMENTED = ()
 
@@ -69,6 +113,8 @@ def setup_parser() -> argparse.ArgumentParser:
         help="SDXL checkpoint: SAI single file (.safetensors / MindSpore .ckpt) or diffusers folder")
     add("--v_parameterization", action="store_true", help="v-prediction target")
     add("--vae", type=str, default=None, help="a separate VAE (file or diffusers folder)")
+    add("--disable_mmap_load_safetensors", action="store_true",
+        help="read .safetensors files without mmap (always so in this port)")
     # dataset
     train_util.add_dataset_arguments(parser, True, True, True)
     train_util.add_text_encoder_cache_arguments(parser)
@@ -121,7 +167,12 @@ def setup_parser() -> argparse.ArgumentParser:
     add("--train_batch_size", type=int, default=1, help="batch size for training")
     add("--max_token_length", type=int, default=None, choices=[None, 150, 225],
         help="max token length of text encoder (default for 75, 150 or 225)")
-    add("--mem_eff_attn", action="store_true", help="memory-efficient (chunked) attention in the UNet")
+    add("--mem_eff_attn", action="store_true",
+        help="memory-efficient attention in the UNet (chunked; flash on Ascend is --xformers/--sdpa/--flash_attn)")
+    add("--xformers", action="store_true",
+        help="memory-efficient attention in the UNet: flash on Ascend, chunked elsewhere (xformers is CUDA-only)")
+    add("--sdpa", action="store_true",
+        help="scaled dot-product attention in the UNet: flash on Ascend, plain (exact, fastest) elsewhere")
     add("--flash_attn", action="store_true", help="flash attention in the UNet (Ascend only)")
     add("--max_train_steps", type=int, default=1600, help="training steps")
     add("--max_train_epochs", type=int, default=None, help="training epochs (overrides max_train_steps)")
@@ -251,10 +302,10 @@ def setup_parser() -> argparse.ArgumentParser:
         help=f"sampler for sample images, any of kohya's {len(KOHYA_SAMPLERS)}: {', '.join(KOHYA_SAMPLERS)}")
     add_device_arguments(parser)
     existing = {a for action in parser._actions for a in action.option_strings}
-    for name, kwargs in NOT_IMPLEMENTED:
+    for name, kwargs, why in NOT_IMPLEMENTED:
         if name in existing:
             continue
-        parser.add_argument(name, help="not implemented yet in this port: stops the run when given", **kwargs)
+        parser.add_argument(name, help=f"not implemented in this port ({why}): stops the run when given", **kwargs)
     return parser
 
 
@@ -343,7 +394,8 @@ def check_not_implemented(args, parser):
         default = parser.get_default(dest)
         value = getattr(args, dest, default)
         if value != default and not (_unset(value) and _unset(default)):
-            raise UserError(f"{name} is not implemented yet in this port (remove it to train)")
+            raise UserError(f"{name} is not implemented in this port: {_WHY_NOT.get(name, 'not yet')} "
+                            "(remove it to train)")
 
 
 def _unset(value):

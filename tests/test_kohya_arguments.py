@@ -132,6 +132,7 @@ def test_refused_argument_stops_at_start_naming_it(name, parser, tmp_path, monke
         trainer.train(args, parser)
     message = str(e.value)
     assert name in message and "\n" not in message, message
+    assert train_args._WHY_NOT.get(name, "") in message, message  # names why, not only what
     assert "no_such_model" not in message, message
     assert not (tmp_path / "out").exists()
 
@@ -156,7 +157,7 @@ def test_every_not_accepted_argument_stops_in_argparse(parser, classes, tmp_path
         assert name in str(e.value), str(e.value)
 
 
-@pytest.mark.parametrize("argv", [["--fp8_base"], ["--clip_skip", "2"], ["--deepspeed"]],
+@pytest.mark.parametrize("argv", [["--deepspeed"], ["--clip_skip", "2"], ["--no_such_kohya_option"]],
                          ids=["not_implemented", "refused_in_verify_args", "not_accepted"])
 def test_refusal_through_the_real_cli(argv, tmp_path):
     """The real command line, no checkpoint: exit status 2 and one ``error:`` line naming the argument."""

@@ -117,7 +117,7 @@ def test_bad_output_dir_stops_before_loading(tmp_path, sub):
         proc.stderr
 
 
-@pytest.mark.parametrize("extra,name", [(["--xformers"], "--xformers"),
+@pytest.mark.parametrize("extra,name", [(["--deepspeed"], "--deepspeed"),
                                         (["--fp8_base"], "--fp8_base"),
                                         (["--v2"], "--v2"),
                                         (["--weighted_captions"], "--weighted_captions")])
@@ -373,7 +373,8 @@ MAX_NORM = 1e-4
 
 
 def test_dreambooth_class_tokens_buckets_accumulation(tmp_path, tiny_ckpt):
-    """DreamBooth class+identifier, two aspect-ratio buckets, text encoders trained too,
+    """DreamBooth class+identifier, two aspect-ratio buckets, text encoders trained too, kohya's attention
+    flags (--xformers before --sdpa: the chunked attention on the CPU),
     gradient accumulation 2 with gradient checkpointing (the segmented step), epochs and epoch saves
     with kohya's names, max-norm regularisation (--scale_weight_norms) after every update, kohya's
     dataset metadata."""
@@ -404,8 +405,9 @@ batch_size = 2
                  "--gradient_accumulation_steps", 2, "--max_train_epochs", 2, "--save_every_n_epochs", 1,
                  "--seed", 1, "--max_data_loader_n_workers", 0, "--lr_scheduler", "cosine",
                  "--lr_warmup_steps", 1, "--save_precision", "fp32", "--scale_weight_norms", MAX_NORM,
-                 "--gradient_checkpointing"])
+                 "--gradient_checkpointing", "--xformers", "--sdpa"])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "U-Net attention: chunked" in proc.stderr, proc.stderr[-3000:]  # kohya: xformers before sdpa
     files = sorted(os.listdir(out))
     assert "db.safetensors" in files and "db-000001.safetensors" in files, files
     assert "db_loss.png" in files and "db_loss.csv" in files

@@ -298,7 +298,7 @@ def test_schedule_matches_kohya(case):
     (dict(optimizer_type="PagedLion8bit"), "--optimizer_type PagedLion8bit is not available"),
     (dict(optimizer_type="Lion8bit"), "--optimizer_type Lion8bit is not available"),
     (dict(optimizer_type="DAdaptLion"), "--optimizer_type DAdaptLion is not available"),
-    (dict(optimizer_type="AdamWScheduleFree"), "--optimizer_type AdamWScheduleFree is not available"),
+    (dict(optimizer_type="RAdamScheduleFree"), "--optimizer_type RAdamScheduleFree is not available"),
     (dict(optimizer_type="PagedAdamW"), "--optimizer_type PagedAdamW is not available"),
     (dict(optimizer_type="RAdam"), "--optimizer_type RAdam is not available"),
     (dict(use_8bit_adam=True), "--use_8bit_adam is not available"),

@@ -198,6 +198,29 @@ def test_flash_attention_refused_off_ascend():
         net.set_attention_impl("xformers")
 
 
+@pytest.mark.parametrize("flags,ascend,cpu", [
+    (dict(), None, None),
+    (dict(sdpa=True), "flash", "plain"),
+    (dict(xformers=True, sdpa=True), "flash", "chunked"),
+    (dict(mem_eff_attn=True, xformers=True), "chunked", "chunked"),
+    (dict(flash_attn=True), "flash", "flash"),
+])
+def test_kohya_attention_flags(flags, ascend, cpu):
+    """kohya's precedence (replace_unet_modules: mem_eff_attn, xformers, sdpa) and what each means here;
+    the U-Net's kohya switches follow the same table."""
+    from library.attention import attention_impl_for_flags
+
+    assert attention_impl_for_flags(flags, "Ascend") == ascend
+    assert attention_impl_for_flags(flags, "CPU") == cpu
+    with layers.skip_init():
+        net = SdxlUNet2DConditionModel(TINY)
+    xformers, mem_eff = bool(flags.get("xformers")), bool(flags.get("mem_eff_attn"))
+    net.set_use_memory_efficient_attention(xformers=xformers, mem_eff=mem_eff)
+    assert net.attention_impl == ("chunked" if xformers or mem_eff else "plain")  # on the CPU
+    net.set_use_sdpa(bool(flags.get("sdpa")))
+    assert net.attention_impl == "plain"  # torch's sdpa is exact attention: the plain one on the CPU
+
+
 def test_half_precision_runs(reference):
     _, sd, inp = reference
     ms.set_context(mode=ms.PYNATIVE_MODE)

@@ -51,56 +51,13 @@ REFUSED_ELSEWHERE = {
 # Accepted and honoured without their value being read: the port's only behaviour is what the flag asks for.
 HONOURED_WITHOUT_READ = {
     "--no_half_vae": "the VAE always runs in float32 in this port (also with --mixed_precision)",
+    "--disable_mmap_load_safetensors": "this port always reads .safetensors files with plain reads, never mmap "
+                                       "(library/safetensors_io.py)",
 }
 
-# Why each refused (NOT_IMPLEMENTED) or not accepted argument is not honoured; the table's reason column.
-# A refused or not accepted argument missing here gets the generic reason (and the test asks for one).
-REASONS = {
-    "--v2": "SD 2.x models: this port trains SDXL only",
-    "--tokenizer_cache_dir": "not implemented yet: the CLIP tokenizers are bundled (library/clip_bpe), "
-                             "not downloaded",
-    "--huggingface_repo_id": "Hugging Face upload: not implemented",
-    "--huggingface_repo_type": "Hugging Face upload: not implemented",
-    "--huggingface_path_in_repo": "Hugging Face upload: not implemented",
-    "--huggingface_token": "Hugging Face upload: not implemented",
-    "--huggingface_repo_visibility": "Hugging Face upload: not implemented",
-    "--save_state_to_huggingface": "Hugging Face upload: not implemented",
-    "--resume_from_huggingface": "Hugging Face download of a state: not implemented",
-    "--async_upload": "Hugging Face upload: not implemented",
-    "--torch_compile": "torch.compile: MindSpore compiles graph mode steps itself",
-    "--dynamo_backend": "torch.compile backend: MindSpore compiles graph mode steps itself",
-    "--xformers": "xformers is a CUDA/torch package; --mem_eff_attn is this port's memory-efficient attention",
-    "--sdpa": "torch's scaled_dot_product_attention; --mem_eff_attn is this port's memory-efficient attention",
-    "--fp8_base": "fp8 base weights: not implemented",
-    "--fp8_base_unet": "fp8 U-Net weights: not implemented (--fp16_unet_weights halves their memory)",
-    "--ddp_timeout": "torch DDP option: data parallel here is msrun (library/distributed.py)",
-    "--ddp_gradient_as_bucket_view": "torch DDP option: data parallel here is msrun (library/distributed.py)",
-    "--ddp_static_graph": "torch DDP option: data parallel here is msrun (library/distributed.py)",
-    "--wandb_run_name": "wandb logging: not implemented (TensorBoard only)",
-    "--log_tracker_config": "accelerate tracker config: not implemented (TensorBoard only)",
-    "--wandb_api_key": "wandb logging: not implemented (TensorBoard only)",
-    "--lowram": "kohya loads the models straight to the GPU (Colab-like machines): no equivalent here",
-    "--highvram": "kohya skips clearing the CUDA cache: no equivalent here",
-    "--weighted_captions": "not implemented yet: (word:1.2) prompt weighting",
-    "--base_weights": "not implemented yet: merging LoRAs into the base model before training",
-    "--base_weights_multiplier": "not implemented yet (goes with --base_weights)",
-    "--fused_backward_pass": "kohya's per-parameter optimizer step in the backward pass (torch hooks): "
-                             "not implemented",
-    "--cpu_offload_checkpointing": "offloading checkpointed activations to the CPU: not implemented",
-    "--disable_mmap_load_safetensors": "in NOT_IMPLEMENTED, though this port always reads .safetensors without "
-                                       "mmap, which is what the flag asks for",
-    "--conditioning_data_dir": "mask images for --masked_loss from a separate folder: not implemented "
-                               "(alpha_mask subsets are)",
-    "--deepspeed": "DeepSpeed is a CUDA/torch library",
-    "--zero_stage": "DeepSpeed option",
-    "--offload_optimizer_device": "DeepSpeed option",
-    "--offload_optimizer_nvme_path": "DeepSpeed option",
-    "--offload_param_device": "DeepSpeed option",
-    "--offload_param_nvme_path": "DeepSpeed option",
-    "--zero3_init_flag": "DeepSpeed option",
-    "--zero3_save_16bit_model": "DeepSpeed option",
-    "--fp16_master_weights_and_gradients": "DeepSpeed option",
-}
+# Why each not accepted argument is not an option of this port; the table's reason column. The refused ones
+# carry theirs in library.train_args.NOT_IMPLEMENTED (the run's message) and REFUSED_ELSEWHERE above.
+REASONS = {}
 GENERIC_REASON = {"refused": "not implemented yet in this port", "not accepted": "not an option of this port",
                   "ignored": "parsed and never read (a defect: tests/test_kohya_arguments.py fails)"}
 
@@ -194,6 +151,9 @@ def classify(fixture=None, parser=None):
     parser = parser or port_parser()
     actions = {o: a for a in parser._actions for o in a.option_strings}
     refused = set(refusal_lists())
+    from library import train_args
+
+    why_not = train_args._WHY_NOT
     accepted = {a["name"]: actions[a["name"]].dest for a in fixture["arguments"] if a["name"] in actions}
     sites = read_sites(accepted.values())
     out = {}
@@ -210,8 +170,9 @@ def classify(fixture=None, parser=None):
         if status == "ignored":
             reason = GENERIC_REASON[status]
         else:
-            reason = REASONS.get(name) or (REFUSED_ELSEWHERE[name][1] if name in REFUSED_ELSEWHERE else None) \
-                or GENERIC_REASON.get(status, "")
+            reason = (REASONS.get(name) or why_not.get(name)
+                      or (REFUSED_ELSEWHERE[name][1] if name in REFUSED_ELSEWHERE else None)
+                      or GENERIC_REASON.get(status, ""))
         out[name] = dict(status=status, reason=reason, read=sites.get(accepted.get(name), []),
                          dest=accepted.get(name))
     return out
