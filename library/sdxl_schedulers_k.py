@@ -20,11 +20,22 @@ import numpy as np
 from library.sdxl_schedulers_base import _SigmaScheduler
 
 
+def _log32(x):
+    """float32 log through float64: the correctly rounded value, which torch's float32 log gives; numpy's own
+    float32 log differs by an ulp on some CPUs (its AVX-512 kernels)."""
+    return np.log(np.asarray(x, np.float64)).astype(np.float32)
+
+
+def _exp32(x):
+    """float32 exp through float64 (see ``_log32``)."""
+    return np.exp(np.asarray(x, np.float64)).astype(np.float32)
+
+
 def _sigma_to_t(sigmas, log_sigmas):
     """diffusers' ``_sigma_to_t``: the fractional training timestep of each sigma, linear in log sigma."""
     sigmas = np.asarray(sigmas, np.float32)
     with np.errstate(divide="ignore", invalid="ignore"):  # NaN/0 entries are never used (as in diffusers)
-        log_sigma = np.log(np.maximum(sigmas, np.float32(1e-10)))
+        log_sigma = _log32(np.maximum(sigmas, np.float32(1e-10)))
         dists = log_sigma[None, :] - log_sigmas[:, None]
         low_idx = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
         high_idx = low_idx + 1
@@ -42,8 +53,8 @@ def _log_midpoint(a, b):
     """``exp(lerp(log a, log b, 0.5))`` with torch's lerp formula for weight 0.5 (``end - (end - start) / 2``),
     so that a zero end gives 0 and a zero start NaN, as in diffusers (those entries are never used)."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        la, lb = np.log(a.astype(np.float32)), np.log(b.astype(np.float32))
-        return np.exp(lb - (lb - la) * np.float32(0.5)).astype(np.float32)
+        la, lb = _log32(a.astype(np.float32)), _log32(b.astype(np.float32))
+        return _exp32(lb - (lb - la) * np.float32(0.5))
 
 
 class LMSDiscreteScheduler(_SigmaScheduler):
@@ -142,7 +153,7 @@ class KDPM2DiscreteScheduler(_SigmaScheduler):
                  timestep_spacing="leading", steps_offset=1, prediction_type="epsilon"):
         super().__init__(num_train_timesteps, beta_start, beta_end, beta_schedule, timestep_spacing, steps_offset,
                          prediction_type)
-        self.log_sigmas = np.log(self.train_sigmas)
+        self.log_sigmas = _log32(self.train_sigmas)
         self.sigmas_interpol = None
         self._kept = None
 
