@@ -196,7 +196,7 @@ class SdxlNetworkTrainer(train_network.NetworkTrainer):
     def load_tokenizers(self, args):
         from library.clip_tokenizer import load_tokenizers
 
-        self.tokenizers = load_tokenizers()
+        self.tokenizers = load_tokenizers(args.tokenizer_cache_dir)
         return self.tokenizers
 
     def load_target_model(self, args):

@@ -26,18 +26,32 @@ OpenAI's reference tokenizer additionally runs ``html.unescape`` twice; the
 transformers tokenizer (and so kohya) does not: only ftfy's own HTML handling
 applies (it unescapes entities unless the text contains "<"). We follow
 transformers.
+
+kohya's ``--tokenizer_cache_dir`` (``load_tokenizers(cache_dir)``): kohya reads
+each tokenizer from ``<dir>/openai_clip-vit-large-patch14`` and
+``<dir>/laion_CLIP-ViT-bigG-14-laion2B-39B-b160k`` (the hub names with "/" ->
+"_") when that folder exists, else downloads it and ``save_pretrained``s it
+there. Here an existing folder's ``vocab.json`` and ``merges.txt`` are read
+(as transformers' CLIPTokenizer reads them); a missing one gets the bundled
+vocabulary written in that layout (nothing is downloaded), so a later kohya
+run finds it. The special tokens stay SDXL's (bos/eos/unk, pad eos resp. "!"
+= id 0, which kohya forces for tokenizer 2); the folders' json configs are
+not read.
 """
 from __future__ import annotations
 
 import functools
 import gzip
 import json
+import logging
 import os
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import ftfy
 import numpy as np
 import regex
+
+logger = logging.getLogger(__name__)
 
 BPE_VOCAB_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_bpe", "bpe_simple_vocab_16e6.txt.gz")
 
@@ -51,6 +65,11 @@ NUM_MERGES = 49152 - 256 - 2
 VOCAB_SIZE = 2 * 256 + NUM_MERGES + 2  # 49408
 
 WORD_END = "</w>"
+
+# kohya's tokenizer sources (library/sdxl_train_util.py); its cache folders are these with "/" -> "_"
+TOKENIZER1_PATH = "openai/clip-vit-large-patch14"
+TOKENIZER2_PATH = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
+TOKENIZER_CACHE_SUBDIRS = (TOKENIZER1_PATH.replace("/", "_"), TOKENIZER2_PATH.replace("/", "_"))
 
 # CLIP's pre-tokenisation: special tokens, English contractions, letter runs,
 # single digits, and runs of anything that is neither space, letter nor digit.
@@ -108,6 +127,37 @@ def load_bpe_vocab(bpe_path: Optional[str] = None) -> Tuple[Tuple[Tuple[str, str
     return tuple(merges), encoder
 
 
+def load_hf_vocab(vocab_path: str, merges_path: str) -> Tuple[Tuple[Tuple[str, str], ...], Dict[str, int]]:
+    """Read Hugging Face tokenizer files (``vocab.json``: token -> id, ``merges.txt``: a header line, then one
+    merge per line) as transformers' CLIPTokenizer does: the first line is skipped and at most CLIP's
+    48894 merges are used. -> (merges in rank order, token -> id); ValueError naming the bad file."""
+    try:
+        with open(vocab_path, encoding="utf-8") as f:
+            encoder = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{vocab_path}: not a readable tokenizer vocabulary ({e})") from e
+    if not isinstance(encoder, dict) or not encoder or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in encoder.items()):
+        raise ValueError(f"{vocab_path}: not a tokenizer vocabulary (a JSON object of token -> integer id)")
+    for token in (BOS_TOKEN, EOS_TOKEN):
+        if token not in encoder:
+            raise ValueError(f"{vocab_path}: the vocabulary has no {token}")
+    try:
+        with open(merges_path, encoding="utf-8") as f:
+            lines = f.read().strip().split("\n")[1:NUM_MERGES + 1]
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{merges_path}: not a readable merges file ({e})") from e
+    merges = []
+    for n, line in enumerate(lines, start=2):
+        parts = line.split()
+        if len(parts) != 2:
+            raise ValueError(f"{merges_path}: line {n} is {line!r}, expected two symbols")
+        merges.append((parts[0], parts[1]))
+    if not merges:
+        raise ValueError(f"{merges_path}: holds no merges")
+    return tuple(merges), encoder
+
+
 def whitespace_clean(text: str) -> str:
     return _WHITESPACE_RUN.sub(" ", text).strip()
 
@@ -130,8 +180,17 @@ class CLIPTokenizer:
         bpe_path: Optional[str] = None,
         pad_token: str = EOS_TOKEN,
         model_max_length: int = MODEL_MAX_LENGTH,
+        vocab_file: Optional[str] = None,
+        merges_file: Optional[str] = None,
     ):
-        merges, encoder = load_bpe_vocab(bpe_path)
+        """The bundled vocabulary (or the gz merge list ``bpe_path``), or with ``vocab_file`` and
+        ``merges_file`` Hugging Face tokenizer files (``load_hf_vocab``)."""
+        if (vocab_file is None) != (merges_file is None):
+            raise ValueError("vocab_file and merges_file go together")
+        if vocab_file is not None:
+            merges, encoder = load_hf_vocab(vocab_file, merges_file)
+        else:
+            merges, encoder = load_bpe_vocab(bpe_path)
         self.encoder: Dict[str, int] = encoder
         self.decoder: Dict[int, str] = {i: t for t, i in encoder.items()}
         self.bpe_ranks: Dict[Tuple[str, str], int] = {pair: rank for rank, pair in enumerate(merges)}
@@ -372,9 +431,73 @@ def load_tokenizer2() -> CLIPTokenizer:
     return _cached_tokenizer(SDXL_TOKENIZER2_PAD_TOKEN)
 
 
-def load_tokenizers() -> List[CLIPTokenizer]:
-    """[tokenizer1, tokenizer2] for SDXL, from the vocabulary the project carries."""
-    return [load_tokenizer1(), load_tokenizer2()]
+def load_tokenizers(cache_dir: Optional[str] = None) -> List[CLIPTokenizer]:
+    """[tokenizer1, tokenizer2] for SDXL, from the vocabulary the project carries, or with ``cache_dir``
+    (kohya's ``--tokenizer_cache_dir``) from the tokenizer files there (see the module doc); a problem with
+    the folder or its files is a UserError naming it."""
+    if not cache_dir:
+        return [load_tokenizer1(), load_tokenizer2()]
+    from library.device_utils import UserError
+
+    if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
+        raise UserError(f"--tokenizer_cache_dir {cache_dir}: is a file, not a folder")
+    tokenizers = []
+    for subdir, pad_token in zip(TOKENIZER_CACHE_SUBDIRS, (EOS_TOKEN, SDXL_TOKENIZER2_PAD_TOKEN)):
+        path = os.path.join(cache_dir, subdir)
+        if os.path.exists(path):  # kohya's test: an existing folder is the cached tokenizer
+            logger.info(f"load tokenizer from cache: {path}")
+            tokenizers.append(_tokenizer_from_folder(path, pad_token))
+        else:
+            logger.info(f"save Tokenizer to cache: {path} (the bundled CLIP vocabulary; nothing is downloaded)")
+            _write_cache_folder(path, pad_token)
+            tokenizers.append(_cached_tokenizer(pad_token))
+    return tokenizers
+
+
+def _tokenizer_from_folder(path: str, pad_token: str) -> CLIPTokenizer:
+    from library.device_utils import UserError
+
+    if not os.path.isdir(path):
+        raise UserError(f"{path}: is a file, not a tokenizer folder (--tokenizer_cache_dir)")
+    files = [os.path.join(path, name) for name in ("vocab.json", "merges.txt")]
+    for file in files:
+        if not os.path.isfile(file):
+            raise UserError(f"{file}: missing (a --tokenizer_cache_dir tokenizer folder holds vocab.json and "
+                            "merges.txt, as transformers' save_pretrained writes them)")
+    try:
+        tokenizer = CLIPTokenizer(pad_token=pad_token, vocab_file=files[0], merges_file=files[1])
+    except ValueError as e:
+        message = str(e) if str(e).startswith(path) else f"{files[0]}: {e}"
+        raise UserError(message) from None
+    if pad_token == SDXL_TOKENIZER2_PAD_TOKEN and tokenizer.pad_token_id != 0:
+        # kohya pads tokenizer 2 with id 0 and splits its pad token "!" out of the text: the two agree only so
+        raise UserError(f"{files[0]}: '!' has id {tokenizer.pad_token_id}, expected 0 (SDXL's tokenizer 2 "
+                        "pads with id 0)")
+    return tokenizer
+
+
+def _write_cache_folder(path: str, pad_token: str) -> None:
+    """The bundled vocabulary as Hugging Face files in ``path``: written in a temporary folder renamed into
+    place, so that an interrupted write (or another process of the same job) never leaves a partial folder
+    that a later run would take for the cache."""
+    import shutil
+
+    from library.device_utils import UserError
+
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_hf_tokenizer_files(tmp, pad_token=pad_token)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not os.path.isdir(path):  # not written by another process meanwhile
+                raise
+    except OSError as e:
+        raise UserError(f"{path}: cannot write the tokenizer cache ({e.strerror or e})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_hf_tokenizer_files(

@@ -1,5 +1,7 @@
 """Reading and writing LoRA state dicts: kohya ``.safetensors``, MindSpore
-``.ckpt`` and torch-pickled ``.ckpt``/``.pt`` files (read only), without torch.
+``.ckpt`` and torch-pickled ``.ckpt``/``.pt`` files, without torch (torch
+files are read from any of those extensions and written for ``.pt``/``.pth``/
+``.bin``: kohya's ``torch.save`` of the state dict, no metadata).
 
 A state dict here is ``{name: numpy array}`` plus ``dtypes`` ``{name: "fp32" |
 "fp16" | "bf16" | numpy dtype name}``: numpy has no bfloat16, so bf16 tensors
@@ -22,6 +24,7 @@ bytes, atomic write, content sniffing) are ``library.safetensors_io``'s, shared
 with the SDXL checkpoint loader; ``float32_to_bf16_bits`` and
 ``bf16_bits_to_float32`` are re-exported here.
 """
+import io
 import json
 import os
 import pickle
@@ -38,6 +41,9 @@ from library.safetensors_io import (_ST_TO_NP, atomic_write as _atomic_write, bf
 
 SAFETENSORS_EXT = ".safetensors"
 CKPT_EXTS = (".ckpt", ".pt", ".pth", ".bin")
+# written as torch.save() zip files (kohya: torch.save for every non-.safetensors name); ".ckpt" stays a
+# MindSpore checkpoint here (it keeps the metadata).
+TORCH_SAVE_EXTS = (".pt", ".pth", ".bin")
 CKPT_METADATA_KEY = "__metadata__"  # MindSpore .ckpt: safetensors-style metadata, JSON in one string entry
 
 _NP_TO_NAME = {np.dtype(np.float32): "fp32", np.dtype(np.float16): "fp16"}
@@ -253,6 +259,109 @@ def read_torch_pickle(path):
     return tensors, {}, dtypes
 
 
+# torch.save() zip files (written without torch): the layout torch's zip serializer produces -- records
+# under one folder named after the file, each record's data 64-byte aligned (the local header's "FB"
+# extra field pads it, so torch.load(mmap=True) can map the storages), data.pkl a protocol 2 pickle of an
+# OrderedDict {name: torch._utils._rebuild_tensor_v2(persistent storage id, offset, size, stride,
+# requires_grad, backward_hooks)}, one storage per tensor in data/<i>, little endian. No
+# .data/serialization_id: torch writes a random one (optional when loading); leaving it out keeps equal
+# inputs giving equal bytes.
+
+_NP_TO_TORCH_STORAGE = {np.dtype(np_dtype): name for name, (np_dtype, _) in _TORCH_STORAGE_DTYPES.items()
+                        if name != "BFloat16Storage"}
+_TORCH_ALIGNMENT = 64
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest a zip entry can carry; torch's writer leaves it zero
+
+
+def _pickle_global(module, name):
+    return b"c" + module.encode("ascii") + b"\n" + name.encode("ascii") + b"\n"
+
+
+def _pickle_str(text):
+    data = str(text).encode("utf-8")
+    return b"X" + struct.pack("<I", len(data)) + data
+
+
+def _pickle_int(n):
+    n = int(n)
+    if 0 <= n < 0x100:
+        return b"K" + struct.pack("<B", n)
+    if 0 <= n < 0x10000:
+        return b"M" + struct.pack("<H", n)
+    if -0x80000000 <= n < 0x80000000:
+        return b"J" + struct.pack("<i", n)
+    data = n.to_bytes((n.bit_length() + 8) // 8, "little", signed=True)
+    return b"\x8a" + struct.pack("<B", len(data)) + data  # LONG1
+
+
+def _pickle_tuple(items):
+    items = [_pickle_int(i) for i in items]
+    if len(items) <= 3:
+        return b"".join(items) + (b")", b"\x85", b"\x86", b"\x87")[len(items)]
+    return b"(" + b"".join(items) + b"t"
+
+
+def _torch_state_dict_pickle(entries):
+    """data.pkl bytes: entries are (name, storage class name, storage key, numel, shape)."""
+    empty_ordered_dict = _pickle_global("collections", "OrderedDict") + b")R"
+    out = [b"\x80\x02", empty_ordered_dict]
+    for start in range(0, len(entries), 1000):  # SETITEMS batches of 1000, as pickle's own writer
+        out.append(b"(")
+        for name, storage, key, numel, shape in entries[start:start + 1000]:
+            stride = [int(np.prod(shape[i + 1:], dtype=np.int64)) for i in range(len(shape))]
+            pid = (b"(" + _pickle_str("storage") + _pickle_global("torch", storage) + _pickle_str(key)
+                   + _pickle_str("cpu") + _pickle_int(numel) + b"t")
+            out += [_pickle_str(name), _pickle_global("torch._utils", "_rebuild_tensor_v2"),
+                    b"(", pid, b"Q", _pickle_int(0), _pickle_tuple(shape), _pickle_tuple(stride),
+                    b"\x89", empty_ordered_dict, b"tR"]
+        out.append(b"u")
+    out.append(b".")
+    return b"".join(out)
+
+
+def _torch_archive_name(path):
+    """torch names the records' folder after the file (its name without the extension)."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    ok = stem and all(c.isascii() and (c.isalnum() or c in "-_.") for c in stem)
+    return stem if ok else "archive"
+
+
+def serialize_torch_zip(tensors, dtypes=None, archive_name="archive"):
+    """Bytes of a file ``torch.load`` reads as an OrderedDict of tensors (what kohya's ``torch.save(state_dict)``
+    writes); bf16 tensors (held as fp32, see the module doc) are stored as torch bfloat16."""
+    dtypes = dtypes or {}
+    entries, storages = [], []
+    for i, (name, value) in enumerate(tensors.items()):
+        a = np.asarray(value)
+        shape = tuple(int(d) for d in a.shape)
+        if dtypes.get(name) == "bf16":
+            data, storage = float32_to_bf16_bits(a.astype(np.float32)), "BFloat16Storage"
+        else:
+            storage = _NP_TO_TORCH_STORAGE.get(a.dtype)
+            if storage is None:
+                raise UserError(f"tensor '{name}': dtype {a.dtype} cannot be written to a torch file")
+            data = a
+        data = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<"))
+        entries.append((str(name), storage, str(i), data.size, shape))
+        storages.append(data.tobytes())
+
+    records = [("data.pkl", _torch_state_dict_pickle(entries)), (".format_version", b"1"),
+               (".storage_alignment", str(_TORCH_ALIGNMENT).encode()), ("byteorder", b"little")]
+    records += [(f"data/{i}", raw) for i, raw in enumerate(storages)]
+    records.append(("version", b"3\n"))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as archive:
+        for rel, payload in records:
+            info = zipfile.ZipInfo(f"{archive_name}/{rel}", date_time=_ZIP_DATE)
+            info.compress_type = zipfile.ZIP_STORED
+            # local header: 30 bytes + name + extra; pad the extra so the data starts on the alignment
+            start = buf.tell() + 30 + len(info.filename.encode("utf-8")) + 4
+            pad = -start % _TORCH_ALIGNMENT
+            info.extra = b"FB" + struct.pack("<H", pad) + b"\0" * pad
+            archive.writestr(info, payload)
+    return buf.getvalue()
+
+
 # ---------------------------------------------------------------------------
 # MindSpore .ckpt
 
@@ -351,10 +460,15 @@ def read_safetensors_metadata(path):
 
 
 def save_state_dict_file(path, tensors, metadata=None, dtypes=None):
-    """Write ``tensors`` to ``path``: .safetensors (kohya layout) or MindSpore .ckpt; atomically."""
+    """Write ``tensors`` to ``path``, atomically: .safetensors (kohya layout), MindSpore .ckpt (with the
+    metadata), or for .pt/.pth/.bin a torch.save() zip file without metadata (kohya's torch.save writes the
+    bare state dict)."""
     ext = os.path.splitext(path)[1].lower()
-    if ext == SAFETENSORS_EXT:
-        data = serialize_safetensors(tensors, metadata, dtypes)
+    if ext in (SAFETENSORS_EXT,) + TORCH_SAVE_EXTS:
+        if ext == SAFETENSORS_EXT:
+            data = serialize_safetensors(tensors, metadata, dtypes)
+        else:
+            data = serialize_torch_zip(tensors, dtypes, _torch_archive_name(path))
 
         def write(tmp):
             with open(tmp, "wb") as f:
@@ -370,5 +484,5 @@ def save_state_dict_file(path, tensors, metadata=None, dtypes=None):
                 if os.path.exists(target):
                     os.remove(target)
     else:
-        raise UserError(f"{path}: unknown weights file extension '{ext}' (use .safetensors or .ckpt)")
+        raise UserError(f"{path}: unknown weights file extension '{ext}' (use .safetensors, .ckpt or .pt)")
     _atomic_write(path, write)

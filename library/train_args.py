@@ -30,8 +30,6 @@ class _Parser(ArgumentParser):
 NOT_IMPLEMENTED = [
     ("--v2", dict(action="store_true"),
      "SD 2.x models: this port trains SDXL only"),
-    ("--tokenizer_cache_dir", dict(type=str, default=None),
-     "not implemented yet: the CLIP tokenizers are bundled (library/clip_bpe), not downloaded"),
     ("--huggingface_repo_id", dict(type=str, default=None),
      "Hugging Face upload: not implemented"),
     ("--huggingface_repo_type", dict(type=str, default=None),
@@ -113,6 +111,9 @@ def setup_parser() -> argparse.ArgumentParser:
         help="SDXL checkpoint: SAI single file (.safetensors / MindSpore .ckpt) or diffusers folder")
     add("--v_parameterization", action="store_true", help="v-prediction target")
     add("--vae", type=str, default=None, help="a separate VAE (file or diffusers folder)")
+    add("--tokenizer_cache_dir", type=str, default=None,
+        help="kohya's tokenizer cache folder: the CLIP tokenizers are read from it when there, else the bundled "
+             "ones are written to it (nothing is downloaded)")
     add("--disable_mmap_load_safetensors", action="store_true",
         help="read .safetensors files without mmap (always so in this port)")
     # dataset
@@ -129,8 +130,9 @@ def setup_parser() -> argparse.ArgumentParser:
     add("--save_every_n_steps", type=int, default=None, help="save checkpoint every N steps")
     add("--save_last_n_epochs", type=int, default=None, help="keep only the last N epoch files")
     add("--save_last_n_steps", type=int, default=None, help="keep step files of the last N steps only")
-    add("--save_model_as", type=str, default="safetensors", choices=[None, "ckpt", "safetensors"],
-        help="format to save the model (default is .safetensors)")
+    add("--save_model_as", type=str, default="safetensors", choices=[None, "ckpt", "pt", "safetensors"],
+        help="format to save the model (default is .safetensors; ckpt: MindSpore checkpoint with the metadata; "
+             "pt: torch.save file, no metadata, as kohya's)")
     add("--save_n_epoch_ratio", type=int, default=None,
         help="save checkpoint N epoch ratio (for example 5 means save at least 5 files total)")
     add("--save_state", action="store_true",

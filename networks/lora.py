@@ -561,8 +561,9 @@ class LoRANetwork:
         return self.load_state_dict(weights_sd, False, file)
 
     def save_weights(self, file, dtype, metadata):
-        """kohya's ``save_weights``: .safetensors (with sshs_* hashes in the metadata) or MindSpore .ckpt,
-        every tensor in ``dtype`` (None: as trained, fp32); written atomically."""
+        """kohya's ``save_weights``: .safetensors (with sshs_* hashes in the metadata), MindSpore .ckpt, or .pt
+        (kohya's torch.save file, no metadata), every tensor in ``dtype`` (None: as trained, fp32); written
+        atomically."""
         if metadata is not None and len(metadata) == 0:
             metadata = None
         state_dict = self.state_dict()

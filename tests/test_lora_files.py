@@ -128,6 +128,80 @@ def test_ckpt_save_and_load_weights(te_net, tmp_path):
         np.testing.assert_array_equal(v, net.state_dict()[k].astype(np.float16).astype(np.float32))
 
 
+
+@pytest.mark.parametrize("precision", [None, "fp16", "bf16"])
+def test_pt_save_is_torch_save_and_loads_everywhere(te_net, tmp_path, precision):
+    """--save_model_as pt: kohya's save_weights writes torch.save(state_dict) (no metadata). Ours, written
+    without torch, loads with torch.load(weights_only=True, also mmap) to the same tensors as the safetensors
+    file of the same network, and here (reader, network loading, inference merge, convert tool)."""
+    import zipfile
+
+    te, net = te_net
+    pt, st = str(tmp_path / "lora.pt"), str(tmp_path / "lora.safetensors")
+    old_umask = os.umask(0o022)
+    try:
+        net.save_weights(pt, precision, {"ss_network_dim": "4"})
+    finally:
+        os.umask(old_umask)
+    net.save_weights(st, precision, {"ss_network_dim": "4"})
+    assert oct(os.stat(pt).st_mode & 0o777) == oct(0o644)
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp_")]
+    want_dtype = {None: torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    reference = safetensors_torch.load_file(st)
+    for kwargs in ({}, {"mmap": True}):
+        loaded = torch.load(pt, weights_only=True, **kwargs)
+        assert type(loaded).__name__ == "OrderedDict" and list(loaded) == list(net.state_dict())
+        for k, v in loaded.items():
+            assert v.dtype == want_dtype and v.shape == reference[k].shape and v.is_contiguous(), k
+            assert torch.equal(v, reference[k]), k
+    with zipfile.ZipFile(pt) as z:  # torch's layout: records under the file's stem, storages 64-byte aligned
+        names = z.namelist()
+        assert names[0] == "lora/data.pkl" and "lora/version" in names and z.read("lora/byteorder") == b"little"
+        raw = open(pt, "rb").read()
+        for info in z.infolist():
+            name_len, extra_len = int.from_bytes(raw[info.header_offset + 26:info.header_offset + 28], "little"), \
+                int.from_bytes(raw[info.header_offset + 28:info.header_offset + 30], "little")
+            assert (info.header_offset + 30 + name_len + extra_len) % 64 == 0, info.filename
+    # the bytes depend only on the tensors (no random serialization id)
+    again = str(tmp_path / "again" / "lora.pt")
+    os.makedirs(os.path.dirname(again))
+    net.save_weights(again, precision, None)
+    assert open(again, "rb").read() == raw
+
+    tensors, meta, dtypes = lora_file.load_state_dict_file(pt)
+    st_tensors, _, st_dtypes = lora_file.load_state_dict_file(st)
+    assert meta == {} and dtypes == st_dtypes and list(tensors) == list(net.state_dict())  # kohya's order
+    for k in tensors:
+        assert tensors[k].dtype == st_tensors[k].dtype and tensors[k].shape == st_tensors[k].shape
+        np.testing.assert_array_equal(tensors[k], st_tensors[k])
+    assert lora_file.read_torch_pickle(pt)[2] == dtypes
+
+    # training-side loading and the inference merge (sdxl_minimal_inference.merge_loras' calls)
+    merged = {}
+    for path in (pt, st):
+        layers.set_init_seed(0)
+        te2 = ctm.CLIPTextModel(ctm.CLIPTextConfig.tiny())
+        net2, _ = lora.create_network_from_weights(1.0, path, None, te2, None)
+        net2.apply_to(te2, None)
+        assert net2.load_weights(path) == ([], [])
+        for k, v in net2.state_dict().items():
+            np.testing.assert_array_equal(v, st_tensors[k].astype(np.float32))
+        layers.set_init_seed(0)
+        te3 = ctm.CLIPTextModel(ctm.CLIPTextConfig.tiny())
+        inf, wsd = lora.create_network_from_weights(0.7, path, None, te3, None, for_inference=True)
+        inf.merge_to(te3, None, wsd)
+        merged[path] = {p.name: p.asnumpy() for p in te3.get_parameters()}
+    for name, value in merged[st].items():
+        np.testing.assert_array_equal(merged[pt][name], value)
+
+    out = str(tmp_path / "converted.safetensors")
+    convert_weights.main(["--input", pt, "--output", out])
+    c_tensors, c_meta, c_dtypes = lora_file.load_state_dict_file(out)
+    assert c_meta == {} and c_dtypes == st_dtypes
+    for k in st_tensors:
+        np.testing.assert_array_equal(c_tensors[k], st_tensors[k])
+
+
 def test_convert_round_trips_are_bit_exact(te_net, tmp_path):
     _, net = te_net
     for precision in (None, "bf16"):

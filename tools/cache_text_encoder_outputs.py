@@ -33,7 +33,8 @@ import cache_latents  # noqa: E402  (kohya's tool imports its sibling too)
 
 logger = logging.getLogger(__name__)
 
-TEXT_ENCODER_USED = {"max_token_length", "mixed_precision", "train_batch_size", "network_train_unet_only"}
+TEXT_ENCODER_USED = {"max_token_length", "mixed_precision", "train_batch_size", "network_train_unet_only",
+                     "tokenizer_cache_dir"}
 
 
 def cache_to_disk(args, parser):
