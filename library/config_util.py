@@ -8,6 +8,13 @@ key and the section (kohya's voluptuous schema, with readable messages).
 Without a config file the command line alone describes one dataset:
 ``--train_data_dir`` with ``<repeats>_<class tokens>`` sub-folders (and
 ``--reg_data_dir`` alike), or ``--train_data_dir`` + ``--in_json``.
+
+With ``--masked_loss`` (kohya's ``support_controlnet``), a dataset whose
+subsets all have ``conditioning_data_dir`` is a ControlNet dataset: DreamBooth
+subsets whose images each have a mask image of the same file stem in that
+folder (kohya's ControlNetSubset keys: no ``is_reg``, ``class_tokens`` or
+``alpha_mask``). The command line's ``--conditioning_data_dir`` does not make
+one (kohya's train_network.py ignores it; refused here, see train_args).
 """
 from __future__ import annotations
 
@@ -78,6 +85,13 @@ class FineTuningSubsetParams(BaseSubsetParams):
 
 
 @dataclass
+class ControlNetSubsetParams(BaseSubsetParams):
+    conditioning_data_dir: Optional[str] = None
+    caption_extension: str = ".caption"
+    cache_info: bool = False
+
+
+@dataclass
 class BaseDatasetParams:
     resolution: Optional[Tuple[int, int]] = None
     network_multiplier: float = 1.0
@@ -109,8 +123,13 @@ class FineTuningDatasetParams(_BucketedDatasetParams):
 
 
 @dataclass
+class ControlNetDatasetParams(_BucketedDatasetParams):
+    pass
+
+
+@dataclass
 class SubsetBlueprint:
-    params: Union[DreamBoothSubsetParams, FineTuningSubsetParams]
+    params: Union[DreamBoothSubsetParams, FineTuningSubsetParams, ControlNetSubsetParams]
 
 
 @dataclass
@@ -194,6 +213,8 @@ class ConfigSanitizer:
     DB_SUBSET_ASCENDABLE_SCHEMA = {"caption_extension": _str, "class_tokens": _str, "cache_info": _bool}
     DB_SUBSET_DISTINCT_SCHEMA = {"image_dir": _str, "is_reg": _bool, "alpha_mask": _bool}
     FT_SUBSET_DISTINCT_SCHEMA = {"metadata_file": _str, "image_dir": _str, "alpha_mask": _bool}
+    CN_SUBSET_ASCENDABLE_SCHEMA = {"caption_extension": _str, "cache_info": _bool}
+    CN_SUBSET_DISTINCT_SCHEMA = {"image_dir": _str, "conditioning_data_dir": _str}
     DATASET_ASCENDABLE_SCHEMA = {
         "batch_size": _int, "bucket_no_upscale": _bool, "bucket_reso_steps": _int, "enable_bucket": _bool,
         "max_bucket_reso": _int, "min_bucket_reso": _int, "validation_seed": _int, "validation_split": _number,
@@ -207,6 +228,7 @@ class ConfigSanitizer:
             raise ValueError("Neither DreamBooth mode nor fine tuning mode specified")
         self.support_dreambooth = support_dreambooth
         self.support_finetuning = support_finetuning
+        self.support_controlnet = support_controlnet
         do = self.DO_SUBSET_ASCENDABLE_SCHEMA if support_dropout else {}
         self.db_subset_schema = {**self.SUBSET_ASCENDABLE_SCHEMA, **self.DB_SUBSET_DISTINCT_SCHEMA,
                                  **self.DB_SUBSET_ASCENDABLE_SCHEMA, **do}
@@ -214,8 +236,13 @@ class ConfigSanitizer:
         self.db_dataset_schema = {**self.DATASET_ASCENDABLE_SCHEMA, **self.SUBSET_ASCENDABLE_SCHEMA,
                                   **self.DB_SUBSET_ASCENDABLE_SCHEMA, **do}
         self.ft_dataset_schema = {**self.DATASET_ASCENDABLE_SCHEMA, **self.SUBSET_ASCENDABLE_SCHEMA, **do}
+        self.cn_subset_schema = {**self.SUBSET_ASCENDABLE_SCHEMA, **self.CN_SUBSET_DISTINCT_SCHEMA,
+                                 **self.CN_SUBSET_ASCENDABLE_SCHEMA, **do}
+        self.cn_dataset_schema = {**self.DATASET_ASCENDABLE_SCHEMA, **self.SUBSET_ASCENDABLE_SCHEMA,
+                                  **self.CN_SUBSET_ASCENDABLE_SCHEMA, **do}
         self.general_schema = {**self.DATASET_ASCENDABLE_SCHEMA, **self.SUBSET_ASCENDABLE_SCHEMA,
-                               **(self.DB_SUBSET_ASCENDABLE_SCHEMA if support_dreambooth else {}), **do}
+                               **(self.DB_SUBSET_ASCENDABLE_SCHEMA if support_dreambooth else {}),
+                               **(self.CN_SUBSET_ASCENDABLE_SCHEMA if support_controlnet else {}), **do}
 
     @staticmethod
     def _check_table(table, schema, where: str, required=()) -> dict:
@@ -258,14 +285,23 @@ class ConfigSanitizer:
         if not isinstance(subsets, list) or not all(isinstance(s, dict) for s in subsets):
             raise UserError(f"dataset config: 'subsets' in {where} must be an array of tables ([[datasets.subsets]])")
         has_meta = ["metadata_file" in s for s in subsets]
-        if all(has_meta) and subsets or (not subsets and not self.support_dreambooth):
+        has_cond = ["conditioning_data_dir" in s for s in subsets]
+        if any(has_cond) and not self.support_controlnet:
+            raise UserError(f"dataset config: conditioning_data_dir (mask images for the masked loss) in {where} "
+                            f"needs --masked_loss (kohya's ControlNet subsets)")
+        if any(has_cond) and not all(has_cond):
+            raise UserError(f"dataset config: conditioning_data_dir must be in every subset of {where} or in none "
+                            f"(kohya's ControlNet datasets); split them into separate datasets")
+        if subsets and all(has_cond):  # kohya's ControlNet subsets: DreamBooth folders with mask images
+            schema, sub_schema, required = self.cn_dataset_schema, self.cn_subset_schema, ("image_dir",)
+        elif all(has_meta) and subsets or (not subsets and not self.support_dreambooth):
             if not self.support_finetuning:
                 raise UserError(f"dataset config: fine-tuning subsets (metadata_file) are not supported ({where})")
-            schema, sub_schema, required, kind = self.ft_dataset_schema, self.ft_subset_schema, ("metadata_file",), "ft"
+            schema, sub_schema, required = self.ft_dataset_schema, self.ft_subset_schema, ("metadata_file",)
         elif not any(has_meta):
             if not self.support_dreambooth:
                 raise UserError(f"dataset config: DreamBooth subsets (no metadata_file) are not supported ({where})")
-            schema, sub_schema, required, kind = self.db_dataset_schema, self.db_subset_schema, ("image_dir",), "db"
+            schema, sub_schema, required = self.db_dataset_schema, self.db_subset_schema, ("image_dir",)
         else:
             raise UserError(f"dataset config: DreamBooth subsets and fine tuning subsets (metadata_file) cannot be "
                             f"mixed in the same dataset ({where}); split them into separate datasets")
@@ -294,13 +330,18 @@ class BlueprintGenerator:
         for dataset_config in config.get("datasets", []):
             subsets = dataset_config.get("subsets", [])
             is_dreambooth = all("metadata_file" not in s for s in subsets)
-            subset_klass = DreamBoothSubsetParams if is_dreambooth else FineTuningSubsetParams
-            dataset_klass = DreamBoothDatasetParams if is_dreambooth else FineTuningDatasetParams
+            is_controlnet = bool(subsets) and all("conditioning_data_dir" in s for s in subsets)
+            if is_controlnet:
+                subset_klass, dataset_klass = ControlNetSubsetParams, ControlNetDatasetParams
+            elif is_dreambooth:
+                subset_klass, dataset_klass = DreamBoothSubsetParams, DreamBoothDatasetParams
+            else:
+                subset_klass, dataset_klass = FineTuningSubsetParams, FineTuningDatasetParams
             subset_bps = [SubsetBlueprint(self.generate_params_by_fallbacks(
                 subset_klass, [s, dataset_config, general, argparse_config, runtime_params])) for s in subsets]
             params = self.generate_params_by_fallbacks(dataset_klass,
                                                        [dataset_config, general, argparse_config, runtime_params])
-            datasets.append(DatasetBlueprint(is_dreambooth, params, subset_bps))
+            datasets.append(DatasetBlueprint(is_dreambooth, params, subset_bps, is_controlnet))
         return Blueprint(DatasetGroupBlueprint(datasets))
 
     @staticmethod
@@ -354,7 +395,10 @@ def _log_info(datasets, dataset_type: str):
                       f"    face_crop_aug_range: {s.face_crop_aug_range}", f"    random_crop: {s.random_crop}",
                       f"    token_warmup_min: {s.token_warmup_min}", f"    token_warmup_step: {s.token_warmup_step}",
                       f"    alpha_mask: {s.alpha_mask}", f"    custom_attributes: {s.custom_attributes}"]
-            if isinstance(s, DreamBoothSubset):
+            if isinstance(s, DreamBoothSubset) and s.conditioning_data_dir is not None:
+                lines += [f'    conditioning_data_dir: "{s.conditioning_data_dir}"',
+                          f"    caption_extension: {s.caption_extension}"]
+            elif isinstance(s, DreamBoothSubset):
                 lines += [f"    is_reg: {s.is_reg}", f"    class_tokens: {s.class_tokens}",
                           f"    caption_extension: {s.caption_extension}"]
             else:
@@ -477,7 +521,10 @@ def build_dataset_groups(args: argparse.Namespace, tokenizers=None, support_drop
     ``batch_size_multiplier``: data parallelism buckets global batches (batch_size x world size),
     see library/distributed.py."""
     user_config = user_config_from_args(args)
-    blueprint = BlueprintGenerator(ConfigSanitizer(True, True, False, support_dropout)).generate(user_config, args)
+    # kohya's train_network: ControlNet (conditioning_data_dir) subsets only with --masked_loss
+    support_controlnet = bool(getattr(args, "masked_loss", False))
+    blueprint = BlueprintGenerator(ConfigSanitizer(True, True, support_controlnet, support_dropout)).generate(
+        user_config, args)
     for dataset_blueprint in blueprint.dataset_group.datasets:
         dataset_blueprint.params.batch_size *= int(batch_size_multiplier)
     train_group, val_group = generate_dataset_group_by_blueprint(blueprint.dataset_group)

@@ -245,7 +245,8 @@ def resize_area(x, size):
 
 
 def loss_mask_for_batch(batch, latent_shape):
-    """kohya's ``apply_masked_loss`` mask: the batch's ``alpha_masks`` (B, H, W) in [0, 1] resized to the
+    """kohya's ``apply_masked_loss`` mask: the batch's ``alpha_masks`` (B, H, W) in [0, 1] (alpha channels or
+    conditioning_data_dir mask images, see library/dataset_base.py) resized to the
     latent size with area interpolation, (B, 1, h, w) float32; ones when the batch has no alpha masks
     (kohya applies the mask whenever a batch has one, with or without --masked_loss)."""
     b, _, h, w = latent_shape
@@ -276,6 +277,8 @@ def check_loss_args(args, train_dataset_group=None):
     if getattr(args, "multires_noise_iterations", None) is not None and args.multires_noise_iterations < 0:
         raise UserError(f"--multires_noise_iterations must be >= 0, got {args.multires_noise_iterations}")
     if getattr(args, "masked_loss", False) and train_dataset_group is not None:
-        if not any(getattr(s, "alpha_mask", False) for d in train_dataset_group.datasets for s in d.subsets):
-            raise UserError("--masked_loss needs subsets with alpha_mask = true (or --alpha_mask): masks from "
-                            "conditioning images (conditioning_data_dir) are not implemented in this port")
+        # kohya trains unmasked without a mask source; here that is a mistake named at start
+        if not any(getattr(s, "alpha_mask", False) or getattr(s, "conditioning_data_dir", None)
+                   for d in train_dataset_group.datasets for s in d.subsets):
+            raise UserError("--masked_loss needs subsets with mask images (conditioning_data_dir in the dataset "
+                            ".toml) or with alpha_mask = true (or --alpha_mask)")

@@ -17,7 +17,9 @@ has a fixed shape for that bucket. ``dataset[i]`` returns a dict:
 ``original_sizes_hw`` int64 (B, 2); ``crop_top_lefts`` int64 (B, 2);
 ``target_sizes_hw``   int64 (B, 2): SDXL's size conditioning (kohya's formula)
 ``flippeds``          list of B bools
-``alpha_masks``       float32 (B, H, W) with ``alpha_mask`` subsets, else None
+``alpha_masks``       float32 (B, H, W) in [0, 1] with ``alpha_mask`` subsets (alpha / 255) or
+                      ``conditioning_data_dir`` subsets (the mask image's red channel / 255,
+                      kohya's conditioning image mapped back from [-1, 1]), else None
 ``network_multipliers`` float32 (B,)
 ``custom_attributes`` list of B dicts; ``image_keys`` list of B keys
 ===================== ==========================================================
@@ -294,9 +296,35 @@ class BaseDataset:
                 return 0, 0, 0, 0
         return 0, 0, 0, 0
 
+    def _load_cond_mask(self, info: ImageInfo, size_hw) -> np.ndarray:
+        """The red channel (H, W) uint8 of a conditioning_data_dir mask image, at the image's size ``size_hw``.
+        kohya needs equal sizes with bucketing (checked at start, dataset_check) and resizes the mask
+        otherwise, with the dataset's resize_interpolation."""
+        mask = image_utils.load_image(info.cond_img_path)[:, :, 0]
+        if mask.shape != tuple(size_hw):
+            if self.enable_bucket:
+                raise UserError(f"{info.cond_img_path}: mask image {mask.shape[1]}x{mask.shape[0]} is not the size "
+                                f"of its image {info.absolute_path} ({size_hw[1]}x{size_hw[0]})")
+            mask = image_utils.resize_image(mask, mask.shape[1], mask.shape[0], size_hw[1], size_hw[0],
+                                            self.resize_interpolation)
+        return mask
+
+    def _cond_mask_for_cached_latents(self, info: ImageInfo) -> np.ndarray:
+        """The mask of an image whose latents are cached: resized and centre-cropped to the bucket as the
+        image was when cached (no random crop with cached latents). It is read every step, as kohya reads
+        conditioning images, so it is never stale in a latents cache."""
+        w, h = info.image_size
+        mask = self._load_cond_mask(info, (h, w))
+        mask, _, _ = image_utils.trim_and_resize_if_required(False, mask, info.bucket_reso, info.resized_size,
+                                                             info.resize_interpolation)
+        return mask.astype(np.float32) / 255.0
+
     def _load_pixels(self, info: ImageInfo, subset: BaseSubset):
-        """-> (HWC uint8 image at the bucket size, original size (w, h), crop ltrb)."""
+        """-> (HWC uint8 image at the bucket size, original size (w, h), crop ltrb). A conditioning_data_dir
+        mask rides as a 4th channel, so it gets the image's resize, crops and flip (as an alpha channel)."""
         img = image_utils.load_image(info.absolute_path, subset.alpha_mask)
+        if info.cond_img_path is not None:
+            img = np.dstack([img[:, :, :3], self._load_cond_mask(info, img.shape[:2])])
         im_h, im_w = img.shape[:2]
         if self.enable_bucket:
             return image_utils.trim_and_resize_if_required(subset.random_crop, img, info.bucket_reso,
@@ -344,12 +372,16 @@ class BaseDataset:
                 original_size, crop_ltrb = info.latents_original_size, info.latents_crop_ltrb
                 latents = info.latents_flipped if flipped else info.latents
                 alpha_mask = info.alpha_mask
+                if info.cond_img_path is not None:
+                    alpha_mask = self._cond_mask_for_cached_latents(info)
                 if alpha_mask is not None and flipped:
                     alpha_mask = alpha_mask[:, ::-1].copy()
             elif info.latents_npz is not None:
                 from library.latent_cache import load_latents_from_disk
                 latents, original_size, crop_ltrb, latents_flipped, alpha_mask = load_latents_from_disk(
                     info.latents_npz)
+                if info.cond_img_path is not None:
+                    alpha_mask = self._cond_mask_for_cached_latents(info)
                 if flipped:
                     latents = latents_flipped
                     alpha_mask = None if alpha_mask is None else alpha_mask[:, ::-1].copy()
@@ -360,7 +392,7 @@ class BaseDataset:
                     img[:, :, :3] = image_utils.color_aug(np.ascontiguousarray(img[:, :, :3]))
                 if flipped:
                     img = img[:, ::-1, :].copy()
-                if subset.alpha_mask:
+                if subset.alpha_mask or info.cond_img_path is not None:
                     if img.shape[2] == 4:
                         alpha_mask = img[:, :, 3].astype(np.float32) / 255.0
                     else:

@@ -8,8 +8,11 @@ bombs); the whole image decodes (corrupt or truncated files); a size given in
 metadata matches the file; without bucketing (and when the image is not
 turned into cached latents, which are resized as kohya does) the image must
 match the resolution or be croppable to it (``random_crop`` or a face crop).
-Captions (non-UTF-8, empty) and metadata entries whose image is missing are
-reported when the dataset is built.
+A ``conditioning_data_dir`` mask image is checked as an image, and with
+bucketing it must be the size of its image (kohya's assertion, which kohya
+makes at the image's first batch). Captions (non-UTF-8, empty), metadata
+entries whose image is missing and images without mask (or masks without
+image) are reported when the dataset is built.
 """
 from __future__ import annotations
 
@@ -79,6 +82,16 @@ def scan_dataset(dataset, latents_cached: bool = False) -> List[str]:
         if problem:
             problems.append(problem)
             continue
+        cond_path = getattr(info, "cond_img_path", None)
+        if cond_path is not None:
+            problem = check_image_file(cond_path)
+            if problem:
+                problems.append(problem)
+            elif dataset.enable_bucket:
+                w, h = image_utils.get_image_size(cond_path)
+                if (w, h) != tuple(info.image_size):
+                    problems.append(f"{cond_path}: mask image {w}x{h} is not the size of its image "
+                                    f"{info.absolute_path} ({info.image_size[0]}x{info.image_size[1]})")
         if dataset.enable_bucket or latents_cached:
             continue
         w, h = info.image_size

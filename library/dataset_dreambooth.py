@@ -9,6 +9,12 @@ add one repeat to each reg image in turn until it does. So the reg images
 contribute ``max(T, R)`` samples per epoch if ``R`` (reg with repeats) is at
 most ``T`` after one pass, otherwise only as many as the first pass
 registered (some reg images unused).
+
+Subsets with ``conditioning_data_dir`` (kohya's ControlNetDataset, used by
+--masked_loss) pair every image with the mask image of the same file stem in
+that folder (kohya's ``glob_images(dir, stem)``, the first in sorted order).
+As kohya, an image without a mask and a mask without an image are errors; all
+of them are named in one error when the dataset is built.
 """
 from __future__ import annotations
 
@@ -71,6 +77,8 @@ class DreamBoothDataset(BaseDataset):
 
         num_train_images = 0
         num_reg_images = 0
+        self._cond_img_paths = {}  # image path -> mask image path (conditioning_data_dir subsets)
+        mask_problems: List[str] = []
         reg_infos: List[Tuple[ImageInfo, DreamBoothSubset]] = []
         for subset in subsets:
             num_repeats = subset.num_repeats if self.is_training_dataset else 1
@@ -81,7 +89,7 @@ class DreamBoothDataset(BaseDataset):
             if subset in self.subsets:
                 logger.warning(f"ignore duplicated subset with image_dir='{subset.image_dir}': use the first one")
                 continue
-            img_paths, captions, sizes = self._load_dir(subset)
+            img_paths, captions, sizes = self._load_dir(subset, mask_problems)
             if len(img_paths) < 1:
                 logger.warning(f"ignore subset with image_dir='{subset.image_dir}': no images found")
                 continue
@@ -95,12 +103,18 @@ class DreamBoothDataset(BaseDataset):
                                              else self.resize_interpolation)
                 if size is not None:
                     info.image_size = tuple(size)
+                info.cond_img_path = self._cond_img_paths.get(img_path)
                 if subset.is_reg:
                     reg_infos.append((info, subset))
                 else:
                     self.register_image(info, subset)
             subset.img_count = len(img_paths)
             self.subsets.append(subset)
+
+        mask_problems += self._extra_masks()
+        if mask_problems:
+            from library.dataset_check import raise_bad_data
+            raise_bad_data(mask_problems)
 
         split_name = "train" if self.is_training_dataset else "validation"
         logger.info(f"{num_train_images} {split_name} images with repeats.")
@@ -129,7 +143,38 @@ class DreamBoothDataset(BaseDataset):
                     break
             first_loop = False
 
-    def _load_dir(self, subset: DreamBoothSubset):
+    def _pair_masks(self, subset: DreamBoothSubset, img_paths: List[str], problems: List[str]):
+        """kohya's ControlNetDataset check, over all images of the folder (before the validation split, so
+        a validation dataset does not see the training images' masks as extra)."""
+        cond_dir = subset.conditioning_data_dir
+        if not os.path.isdir(cond_dir):
+            # kohya only warns here, then fails at the first batch
+            problems.append(f"conditioning_data_dir is not a directory: {cond_dir} (subset {subset.image_dir})")
+            return
+        for img_path in img_paths:
+            stem = os.path.splitext(os.path.basename(img_path))[0]
+            found = image_utils.glob_images(cond_dir, stem)
+            if not found:
+                problems.append(f"{img_path}: no mask image {stem}.* in conditioning_data_dir {cond_dir}")
+                continue
+            self._cond_img_paths[img_path] = os.path.abspath(found[0])
+
+    def _extra_masks(self) -> List[str]:
+        """Mask images that no image of the dataset's subsets pairs with (kohya: an error). Compared by path
+        without extension, as kohya (a.png and a.jpg of one stem both count as paired)."""
+        paired = {os.path.splitext(p)[0] for p in self._cond_img_paths.values()}
+        problems = []
+        cond_dirs = dict.fromkeys(s.conditioning_data_dir for s in self.subsets if s.conditioning_data_dir)
+        for cond_dir in cond_dirs:
+            if not os.path.isdir(cond_dir):
+                continue
+            for path in image_utils.glob_images(cond_dir, "*"):
+                if os.path.splitext(os.path.abspath(path))[0] not in paired:
+                    problems.append(f"{path}: mask image without a training image of that name "
+                                    f"(kohya refuses extra conditioning images)")
+        return problems
+
+    def _load_dir(self, subset: DreamBoothSubset, mask_problems: Optional[List[str]] = None):
         if not os.path.isdir(subset.image_dir):
             raise UserError(f"image_dir is not a directory: {subset.image_dir}")
 
@@ -148,6 +193,8 @@ class DreamBoothDataset(BaseDataset):
         else:
             img_paths = image_utils.glob_images(subset.image_dir, "*")
             sizes = [None] * len(img_paths)
+        if subset.conditioning_data_dir is not None:
+            self._pair_masks(subset, img_paths, mask_problems if mask_problems is not None else [])
 
         if self.validation_split > 0.0:
             if subset.is_reg:

@@ -26,6 +26,7 @@ class ImageInfo:
         self.latents_original_size: Optional[Tuple[int, int]] = None
         self.latents_crop_ltrb: Optional[Tuple[int, int, int, int]] = None
         self.alpha_mask: Optional[np.ndarray] = None
+        self.cond_img_path: Optional[str] = None  # the mask image of a conditioning_data_dir subset
         self.text_encoder_outputs: Optional[List[np.ndarray]] = None  # [hidden1, hidden2, pool2]
         self.text_encoder_outputs_npz: Optional[str] = None
         self.resize_interpolation: Optional[str] = None
@@ -71,10 +72,14 @@ class BaseSubset:
 
 class DreamBoothSubset(BaseSubset):
     def __init__(self, image_dir: str, is_reg: bool = False, class_tokens: Optional[str] = None,
-                 caption_extension: str = ".caption", cache_info: bool = False, **kwargs) -> None:
+                 caption_extension: str = ".caption", cache_info: bool = False,
+                 conditioning_data_dir: Optional[str] = None, **kwargs) -> None:
         if image_dir is None:
             raise ValueError("image_dir must be specified")
         super().__init__(image_dir=image_dir, **kwargs)
+        # kohya's ControlNetSubset (a DreamBooth subset whose images have mask images of the same file
+        # stem in this folder; --masked_loss reads their red channel as the loss mask)
+        self.conditioning_data_dir = conditioning_data_dir
         self.is_reg = is_reg
         self.class_tokens = class_tokens
         self.caption_extension = caption_extension

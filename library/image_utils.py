@@ -81,8 +81,14 @@ def resize_image(image: np.ndarray, width: int, height: int, resized_width: int,
     width, height, resized_width, resized_height = int(width), int(height), int(resized_width), int(resized_height)
     if resize_interpolation is None:
         resize_interpolation = "area" if (width >= resized_width and height >= resized_height) else "lanczos"
-    pil = Image.fromarray(image)
-    return np.asarray(pil.resize((resized_width, resized_height), _PIL_FILTERS[resize_interpolation]))
+    size, resample = (resized_width, resized_height), _PIL_FILTERS[resize_interpolation]
+    if image.ndim == 3 and image.shape[2] == 4:
+        # RGB + a mask channel (alpha, or a conditioning_data_dir mask): resized channel by channel as
+        # OpenCV does; PIL would premultiply RGBA by alpha and blacken the colours where the mask is 0
+        rgb = np.asarray(Image.fromarray(np.ascontiguousarray(image[:, :, :3])).resize(size, resample))
+        mask = np.asarray(Image.fromarray(np.ascontiguousarray(image[:, :, 3])).resize(size, resample))
+        return np.dstack([rgb, mask])
+    return np.asarray(Image.fromarray(image).resize(size, resample))
 
 
 def trim_and_resize_if_required(random_crop: bool, image: np.ndarray, reso: Tuple[int, int],

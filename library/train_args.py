@@ -77,7 +77,8 @@ NOT_IMPLEMENTED = [
     ("--cpu_offload_checkpointing", dict(action="store_true"),
      "offloading checkpointed activations to the CPU: not implemented"),
     ("--conditioning_data_dir", dict(type=str, default=None),
-     "mask images for --masked_loss from a separate folder: not implemented yet (alpha_mask subsets are)"),
+     "kohya's train_network.py ignores it (an argument of its ControlNet scripts): for --masked_loss mask "
+     "images, use conditioning_data_dir in the dataset .toml subsets"),
     ("--deepspeed", dict(action="store_true"),
      "DeepSpeed is a CUDA/torch library; data parallel here is msrun (library/distributed.py)"),
     ("--zero_stage", dict(type=int, default=2, choices=[0, 1, 2, 3]),
@@ -219,8 +220,8 @@ def setup_parser() -> argparse.ArgumentParser:
     add("--huber_scale", type=float, default=1.0,
         help="huber loss scale for huber/smooth_l1 (constant and exponential schedules; default 1.0)")
     add("--masked_loss", action="store_true",
-        help="mask the loss with the alpha mask of alpha_mask subsets (masks from conditioning_data_dir: not "
-             "implemented); a batch with alpha masks is always masked, as kohya")
+        help="mask the loss with mask images (conditioning_data_dir in the dataset .toml subsets, red channel) "
+             "or the alpha channel of alpha_mask subsets; a batch with alpha masks is always masked, as kohya")
     add("--config_file", type=str, default=None,
         help="a .toml with these arguments (sections flattened); the command line overrides it")
     add("--output_config", action="store_true",

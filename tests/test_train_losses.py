@@ -253,9 +253,10 @@ caption_extension = ".txt"
 
 
 def test_masked_huber_multires_training_end_to_end(tmp_path):
-    """sdxl_train_network.py with an alpha-mask subset (RGBA PNGs, cached latents), --masked_loss,
-    --loss_type huber (snr schedule), multires noise on top of a noise offset: it trains, and the mask
-    reaches the compiled step: the fully transparent image's steps have loss exactly 0, the other's not."""
+    """sdxl_train_network.py with an alpha-mask subset (an RGBA PNG) and a conditioning_data_dir subset (an
+    opaque RGB PNG whose mask image is all black), cached latents, --masked_loss, --loss_type huber (snr
+    schedule), multires noise on top of a noise offset: it trains, and the masks reach the compiled step:
+    the black-masked image's steps have loss exactly 0, the half-transparent one's not."""
     from PIL import Image
 
     from test_train_network import _run  # also puts tools/ on sys.path
@@ -264,14 +265,17 @@ def test_masked_huber_multires_training_end_to_end(tmp_path):
 
     ckpt = str(tmp_path / "tiny_sdxl.safetensors")
     demo.write_checkpoint(ckpt, seed=0, small=True)
-    images = tmp_path / "img"
-    images.mkdir()
+    images, cond_images, masks = tmp_path / "img", tmp_path / "cond_img", tmp_path / "masks"
+    for d in (images, cond_images, masks):
+        d.mkdir()
     rng = np.random.default_rng(6)
-    for name, alpha in (("clear", np.zeros((64, 64), np.uint8)),
-                        ("half", np.repeat(np.where(np.arange(64) < 32, 255, 0)[None], 64, 0).astype(np.uint8))):
-        rgb = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
-        Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(images / f"{name}.png")
-        (images / f"{name}.txt").write_text(f"a {name} picture")
+    half = np.repeat(np.where(np.arange(64) < 32, 255, 0)[None], 64, 0).astype(np.uint8)
+    rgb = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(np.dstack([rgb, half]), "RGBA").save(images / "half.png")
+    (images / "half.txt").write_text("a half picture")
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(cond_images / "clear.png")
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(masks / "clear.png")  # red 0: all masked out
+    (cond_images / "clear.txt").write_text("a clear picture")
     dataset = tmp_path / "dataset.toml"
     dataset.write_text(f"""[general]
 resolution = 64
@@ -282,6 +286,11 @@ caption_extension = '.txt'
   [[datasets.subsets]]
   image_dir = '{images}'
   alpha_mask = true
+
+[[datasets]]
+  [[datasets.subsets]]
+  image_dir = '{cond_images}'
+  conditioning_data_dir = '{masks}'
 """)
     out = tmp_path / "out"
     proc = _run(["--pretrained_model_name_or_path", ckpt, "--dataset_config", dataset, "--output_dir", out,
