@@ -12,10 +12,13 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import library  # noqa: E402,F401  (sets the CPU runtime env before mindspore loads)
+import logging  # noqa: E402
+
 import train_network  # noqa: E402
 from library.device_utils import UserError, run_main  # noqa: E402
 
 SDXL_MODEL_VERSION = "sdxl_base_v1-0"
+logger = logging.getLogger(__name__)
 
 
 TE2_PARAM_PREFIX = "te2."
@@ -31,17 +34,22 @@ def distinguish_text_encoder_params(text_encoder2):
 
 
 def make_sdxl_loss_net(text_encoder1, text_encoder2, unet, max_token_length=None, v_parameterization=False,
-                       eos_token_id2=49407, loss_type="l2"):
+                       eos_token_id2=49407, loss_type="l2", weighted_captions=False):
     """The SDXL loss cell of the train step (see ``SdxlNetworkLoss``); text encoders None: it takes
-    cached text encoder outputs instead of token ids."""
-    return _build_sdxl_loss_cell()(text_encoder1, text_encoder2, unet, max_token_length, v_parameterization,
-                                   eos_token_id2, loss_type)
+    cached text encoder outputs instead of token ids. ``weighted_captions`` (text encoders given): two
+    more inputs, the token weights of the captions (``WeightedSdxlNetworkLoss``)."""
+    plain, weighted = _build_sdxl_loss_cell()
+    cls = weighted if weighted_captions and text_encoder1 is not None else plain
+    return cls(text_encoder1, text_encoder2, unet, max_token_length, v_parameterization, eos_token_id2, loss_type)
 
 
-def make_text_encoder_outputs_fn(text_encoder1, text_encoder2, max_token_length=None, eos_token_id2=49407):
+def make_text_encoder_outputs_fn(text_encoder1, text_encoder2, max_token_length=None, eos_token_id2=49407,
+                                 weighted=False):
     """(ids1, ids2) int (B, n, 77) -> float32 numpy (hidden1, hidden2, pool2) as the train step computes them
     (``get_hidden_states_sdxl``): what ``--cache_text_encoder_outputs`` stores. Runs in PyNative mode, so
-    that the text encoders' memory is given back when they are dropped (see ``pynative_mode``)."""
+    that the text encoders' memory is given back when they are dropped (see ``pynative_mode``).
+    ``weighted`` (``--weighted_captions``): called as (ids1, ids2, weights1, weights2), the hidden states
+    weighted as the train step weights them (kohya caches the weighted outputs)."""
     import mindspore as ms
     import numpy as np
     from mindspore import Tensor, nn
@@ -54,16 +62,22 @@ def make_text_encoder_outputs_fn(text_encoder1, text_encoder2, max_token_length=
             super().__init__(auto_prefix=False)
             self.text_encoder1, self.text_encoder2 = text_encoder1, text_encoder2
 
-        def construct(self, ids1, ids2):
+        def construct(self, ids1, ids2, weights1=None, weights2=None):
             return get_hidden_states_sdxl(max_token_length, ids1, ids2, None, None, self.text_encoder1,
-                                          self.text_encoder2, eos_token_id2=eos_token_id2)
+                                          self.text_encoder2, eos_token_id2=eos_token_id2,
+                                          token_weights1=weights1, token_weights2=weights2)
 
     cell = Encode()
     cell.set_train(False)
 
-    def encode(ids1, ids2):
+    def encode(ids1, ids2, weights1=None, weights2=None):
+        if weighted != (weights1 is not None):
+            raise ValueError("token weights are given if and only if the encoder was made with weighted=True")
+        args = [Tensor(np.asarray(ids1, np.int32)), Tensor(np.asarray(ids2, np.int32))]
+        if weighted:
+            args += [Tensor(np.asarray(weights1, np.float32)), Tensor(np.asarray(weights2, np.float32))]
         with pynative_mode():
-            outs = cell(Tensor(np.asarray(ids1, np.int32)), Tensor(np.asarray(ids2, np.int32)))
+            outs = cell(*args)
             return tuple(o.astype(ms.float32).asnumpy() for o in outs)
 
     return encode
@@ -105,14 +119,17 @@ def _build_sdxl_loss_cell():
             self.eos_token_id2 = eos_token_id2
             self.loss_type = loss_type
 
-        def conditioning(self, latents, noisy_noise, sqrt_ab, sqrt_1mab, input_ids1, input_ids2, size_emb):
+        def conditioning(self, latents, noisy_noise, sqrt_ab, sqrt_1mab, input_ids1, input_ids2, size_emb,
+                         token_weights1=None, token_weights2=None):
             """(noisy latents in the U-Net's dtype, context, y): what the U-Net is called with."""
             if self.cached_text_encoder_outputs:  # input_ids1: context (B, T, 2048), input_ids2: pool2
                 context, pool2 = input_ids1.astype(self.unet_dtype), input_ids2
             else:
                 hidden1, hidden2, pool2 = get_hidden_states_sdxl(self.max_token_length, input_ids1, input_ids2,
                                                                  None, None, self.text_encoder1, self.text_encoder2,
-                                                                 eos_token_id2=self.eos_token_id2)
+                                                                 eos_token_id2=self.eos_token_id2,
+                                                                 token_weights1=token_weights1,
+                                                                 token_weights2=token_weights2)
                 context = ops.concat((hidden1, hidden2), 2)
             y = ops.concat((pool2.astype(ms.float32), size_emb), 1)
             shape = latents.shape
@@ -146,14 +163,36 @@ def _build_sdxl_loss_cell():
             from library.segments import Segment
             from library.unet_segments import unet_segments
 
-            return ([Segment("conditioning", _Conditioning(self), ("latents", "noisy_noise", "sqrt_ab", "sqrt_1mab",
-                                                                   "input_ids1", "input_ids2", "size_emb"),
+            return ([Segment("conditioning", self._conditioning_cell(), self.conditioning_inputs,
                              ("x", "context", "y"),
                              param_cells=[] if self.cached_text_encoder_outputs else [self.text_encoder1,
                                                                                        self.text_encoder2])]
                     + unet_segments(self.unet)
                     + [Segment("loss", _Loss(self), ("pred", "latents", "noise", "sqrt_ab", "sqrt_1mab", "weights",
                                                      "huber_c", "loss_mask"), ("loss",), param_cells=[])])
+
+        conditioning_inputs = ("latents", "noisy_noise", "sqrt_ab", "sqrt_1mab", "input_ids1", "input_ids2",
+                               "size_emb")
+
+        def _conditioning_cell(self):
+            return _Conditioning(self)
+
+    class WeightedSdxlNetworkLoss(SdxlNetworkLoss):
+        """``--weighted_captions`` with the text encoders in the step: ``SdxlNetworkLoss`` with two more
+        inputs, token_weights1/2 (B, T) float32, by which the text encoders' joined hidden states are
+        multiplied (``get_hidden_states_sdxl``)."""
+        input_names = SdxlNetworkLoss.input_names + ("token_weights1", "token_weights2")
+        conditioning_inputs = SdxlNetworkLoss.conditioning_inputs + ("token_weights1", "token_weights2")
+
+        def construct(self, latents, noise, noisy_noise, timesteps, sqrt_ab, sqrt_1mab, weights, input_ids1,
+                      input_ids2, size_emb, huber_c, loss_mask, token_weights1, token_weights2):
+            x, context, y = self.conditioning(latents, noisy_noise, sqrt_ab, sqrt_1mab, input_ids1, input_ids2,
+                                              size_emb, token_weights1, token_weights2)
+            pred = self.unet(x, timesteps, context, y)
+            return self.loss_from_prediction(pred, latents, noise, sqrt_ab, sqrt_1mab, weights, huber_c, loss_mask)
+
+        def _conditioning_cell(self):
+            return _WeightedConditioning(self)
 
     class _Conditioning(nn.Cell):
         def __init__(self, loss_net):
@@ -164,6 +203,16 @@ def _build_sdxl_loss_cell():
             return self.loss_net.conditioning(latents, noisy_noise, sqrt_ab, sqrt_1mab, input_ids1, input_ids2,
                                               size_emb)
 
+    class _WeightedConditioning(nn.Cell):
+        def __init__(self, loss_net):
+            super().__init__(auto_prefix=False)
+            self.loss_net = loss_net
+
+        def construct(self, latents, noisy_noise, sqrt_ab, sqrt_1mab, input_ids1, input_ids2, size_emb,
+                      token_weights1, token_weights2):
+            return self.loss_net.conditioning(latents, noisy_noise, sqrt_ab, sqrt_1mab, input_ids1, input_ids2,
+                                              size_emb, token_weights1, token_weights2)
+
     class _Loss(nn.Cell):
         def __init__(self, loss_net):
             super().__init__(auto_prefix=False)
@@ -173,7 +222,7 @@ def _build_sdxl_loss_cell():
             return self.loss_net.loss_from_prediction(pred, latents, noise, sqrt_ab, sqrt_1mab, weights, huber_c,
                                                       loss_mask)
 
-    return SdxlNetworkLoss
+    return SdxlNetworkLoss, WeightedSdxlNetworkLoss
 
 
 class SdxlNetworkTrainer(train_network.NetworkTrainer):
@@ -213,12 +262,23 @@ class SdxlNetworkTrainer(train_network.NetworkTrainer):
         return SDXL_MODEL_VERSION, [te1, te2], vae, unet
 
     def cache_text_encoder_outputs(self, args, text_encoders, dataset_groups):
+        weighted = bool(args.weighted_captions)  # kohya caches the weighted outputs
         encode = make_text_encoder_outputs_fn(text_encoders[0], text_encoders[1], args.max_token_length,
-                                              self.tokenizers[1].eos_token_id)
+                                              self.tokenizers[1].eos_token_id, weighted=weighted)
+        if not weighted:
+            for group in dataset_groups:
+                group.cache_text_encoder_outputs(encode, self.tokenizers, args.max_token_length,
+                                                 args.cache_text_encoder_outputs_to_disk,
+                                                 skip_cache_check=args.skip_cache_check)
+            return
+        from library.latent_cache import cache_text_encoder_outputs
+
         for group in dataset_groups:
-            group.cache_text_encoder_outputs(encode, self.tokenizers, args.max_token_length,
-                                             args.cache_text_encoder_outputs_to_disk,
-                                             skip_cache_check=args.skip_cache_check)
+            for i, dataset in enumerate(group.datasets):
+                logger.info(f"[Dataset {i}]")
+                cache_text_encoder_outputs(dataset, encode, self.tokenizers, args.max_token_length,
+                                           args.cache_text_encoder_outputs_to_disk,
+                                           skip_cache_check=args.skip_cache_check, weighted=True)
 
     def build_loss_net(self, args, text_encoders, unet):
         if args.cache_text_encoder_outputs:
@@ -226,7 +286,8 @@ class SdxlNetworkTrainer(train_network.NetworkTrainer):
         else:
             distinguish_text_encoder_params(text_encoders[1])
         return make_sdxl_loss_net(text_encoders[0], text_encoders[1], unet, args.max_token_length,
-                                  args.v_parameterization, self.tokenizers[1].eos_token_id, args.loss_type)
+                                  args.v_parameterization, self.tokenizers[1].eos_token_id, args.loss_type,
+                                  weighted_captions=args.weighted_captions)
 
     def step_inputs(self, args, batch, latents, noise, noisy_noise, timesteps, weights, noise_schedule):
         import numpy as np
@@ -241,12 +302,33 @@ class SdxlNetworkTrainer(train_network.NetworkTrainer):
             hidden1, hidden2, pool2 = batch["text_encoder_outputs_list"]
             text = (Tensor(np.concatenate([hidden1, hidden2], 2).astype(np.float32)),
                     Tensor(np.asarray(pool2, np.float32)))
+        elif args.weighted_captions:  # kohya: the batch's (processed) captions tokenised with their weights
+            (ids1, ids2), token_weights = self.weighted_tokens(args, batch["captions"])
+            text = (Tensor(np.asarray(ids1, np.int32)), Tensor(np.asarray(ids2, np.int32)))
         else:
             ids1, ids2 = batch["input_ids_list"]
             text = (Tensor(np.asarray(ids1, np.int32)), Tensor(np.asarray(ids2, np.int32)))
-        return (Tensor(latents), Tensor(noise), Tensor(noisy_noise), Tensor(np.asarray(timesteps, np.float32)),
-                Tensor(sqrt_ab), Tensor(sqrt_1mab), Tensor(weights)) + text + (
-                Tensor(size_embeddings_for_batch(batch)), Tensor(huber_c), Tensor(loss_mask))
+        inputs = (Tensor(latents), Tensor(noise), Tensor(noisy_noise), Tensor(np.asarray(timesteps, np.float32)),
+                  Tensor(sqrt_ab), Tensor(sqrt_1mab), Tensor(weights)) + text + (
+                  Tensor(size_embeddings_for_batch(batch)), Tensor(huber_c), Tensor(loss_mask))
+        if args.weighted_captions and batch.get("text_encoder_outputs_list") is None:
+            inputs += tuple(Tensor(w) for w in token_weights)
+        return inputs
+
+    def weighted_tokens(self, args, captions):
+        """--weighted_captions: captions -> ((ids1, ids2), (weights1, weights2)); the first caption that
+        carries weights is logged once, with what it was parsed to."""
+        from library.prompt_weighting import parse_prompt_attention, tokenize_sdxl_weighted
+
+        if not getattr(self, "_logged_weighted_caption", False):
+            for caption in captions:
+                pieces = parse_prompt_attention(caption)
+                if any(w != 1.0 for _, w in pieces):
+                    logger.info("weighted caption: %r -> %s", caption,
+                                ", ".join(f"{t!r}: {w:.4g}" for t, w in pieces))
+                    self._logged_weighted_caption = True
+                    break
+        return tokenize_sdxl_weighted(captions, self.tokenizers, args.max_token_length)
 
 
 def setup_parser():

@@ -63,8 +63,10 @@ def file_sha1(path: str) -> str:
     return h.hexdigest()
 
 
-def text_sha1(text: str, max_token_length=None) -> str:
-    return hashlib.sha1(f"{max_token_length}\n{text}".encode("utf-8")).hexdigest()
+def text_sha1(text: str, max_token_length=None, weighted: bool = False) -> str:
+    # weighted (--weighted_captions) outputs differ from plain ones: a file of the other kind is stale
+    key = f"{max_token_length}\nweighted\n{text}" if weighted else f"{max_token_length}\n{text}"
+    return hashlib.sha1(key.encode("utf-8")).hexdigest()
 
 
 def is_disk_cached_latents_expected(bucket_reso: Tuple[int, int], npz_path: str, flip_aug: bool, alpha_mask: bool,
@@ -269,7 +271,7 @@ def load_text_encoder_outputs_from_disk(npz_path: str) -> List[np.ndarray]:
 
 
 def text_encoder_outputs_to_compute(dataset, max_token_length=None, cache_to_disk: bool = False,
-                                    skip_cache_check: bool = False) -> list:
+                                    skip_cache_check: bool = False, weighted: bool = False) -> list:
     """The images whose captions must be encoded: all of them in memory; on disk those without a valid
     cache file (``info.text_encoder_outputs_npz`` is set for every image)."""
     todo = []
@@ -277,7 +279,7 @@ def text_encoder_outputs_to_compute(dataset, max_token_length=None, cache_to_dis
         if cache_to_disk:
             info.text_encoder_outputs_npz = text_encoder_outputs_npz_path(info.absolute_path)
             if is_disk_cached_text_encoder_outputs_expected(info.text_encoder_outputs_npz,
-                                                            text_sha1(info.caption, max_token_length),
+                                                            text_sha1(info.caption, max_token_length, weighted),
                                                             skip_cache_check):
                 continue
         todo.append(info)
@@ -286,16 +288,18 @@ def text_encoder_outputs_to_compute(dataset, max_token_length=None, cache_to_dis
 
 def cache_text_encoder_outputs(dataset, encode_fn, tokenizers, max_token_length=None, cache_to_disk: bool = False,
                                batch_size: Optional[int] = None, skip_cache_check: bool = False,
-                               todo: Optional[list] = None):
+                               todo: Optional[list] = None, weighted: bool = False):
     """Cache the text encoders' outputs for every image's (unprocessed) caption.
-    ``todo``: ``text_encoder_outputs_to_compute``'s answer when the caller already has it."""
+    ``todo``: ``text_encoder_outputs_to_compute``'s answer when the caller already has it.
+    ``weighted`` (``--weighted_captions``): captions tokenised with their ``(word:1.2)`` weights and
+    ``encode_fn`` called as (ids1, ids2, weights1, weights2)."""
     from tqdm import tqdm
 
     from library.token_chunking import tokenize_sdxl
 
     batch_size = batch_size or dataset.batch_size
     if todo is None:
-        todo = text_encoder_outputs_to_compute(dataset, max_token_length, cache_to_disk, skip_cache_check)
+        todo = text_encoder_outputs_to_compute(dataset, max_token_length, cache_to_disk, skip_cache_check, weighted)
     if cache_to_disk:
         logger.info(f"text encoder outputs cache: {len(dataset.image_data) - len(todo)} valid file(s) reused, "
                     f"{len(todo)} to compute")
@@ -303,13 +307,20 @@ def cache_text_encoder_outputs(dataset, encode_fn, tokenizers, max_token_length=
               dynamic_ncols=True) as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
-            ids1, ids2 = tokenize_sdxl([info.caption for info in batch], tokenizers, max_token_length)
-            hidden1, hidden2, pool2 = (np.asarray(x, np.float32) for x in encode_fn(ids1, ids2))
+            captions = [info.caption for info in batch]
+            if weighted:
+                from library.prompt_weighting import tokenize_sdxl_weighted
+
+                ids, token_weights = tokenize_sdxl_weighted(captions, tokenizers, max_token_length)
+                outputs = encode_fn(*ids, *token_weights)
+            else:
+                outputs = encode_fn(*tokenize_sdxl(captions, tokenizers, max_token_length))
+            hidden1, hidden2, pool2 = (np.asarray(x, np.float32) for x in outputs)
             for i, info in enumerate(batch):
                 if cache_to_disk:
                     _save_npz_atomic(info.text_encoder_outputs_npz, hidden_state1=hidden1[i],
                                      hidden_state2=hidden2[i], pool2=pool2[i],
-                                     caption_sha1=np.array(text_sha1(info.caption, max_token_length)))
+                                     caption_sha1=np.array(text_sha1(info.caption, max_token_length, weighted)))
                 else:
                     info.text_encoder_outputs = [hidden1[i], hidden2[i], pool2[i]]
             bar.update(len(batch))

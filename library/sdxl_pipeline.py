@@ -118,10 +118,15 @@ class Generator:
     ``prepare_models`` (inference): put the models in eval mode and let the text encoders return only
     the penultimate hidden state. The trainer's samples pass False: the models stay as training set them
     (it switches their train/eval mode itself around sampling) and all hidden states are returned.
+
+    ``prompt_weighting`` (the trainer's samples, as kohya's SDXL sample pipeline always weights):
+    ``(word:1.2)`` weights applied to the hidden states (``library.prompt_weighting``) and prompts of up to
+    ``max_token_length`` (None: 75, 150 or 225) tokens, encoded in 77-token chunks as training captions.
     """
 
     def __init__(self, te1, te2, vae, unet, dtype_name="fp32", vae_dtype_name="fp32", prepare_models=True,
-                 sequential_guidance=False, one_shot=False, segmented=True):
+                 sequential_guidance=False, one_shot=False, segmented=True, prompt_weighting=False,
+                 max_token_length=None):
         from library.vae_segments import SegmentedDecode
         from library.clip_tokenizer import load_tokenizers
 
@@ -135,6 +140,8 @@ class Generator:
             if unet.attention_impl == "plain":  # same results; 1024x1024 needs it (4096-token attention)
                 unet.set_attention_impl("chunked")
         self.tokenizer1, self.tokenizer2 = load_tokenizers()
+        self.prompt_weighting = prompt_weighting
+        self.max_token_length = max_token_length
         self.dtype = ms_dtype(dtype_name)
         if self.dtype != ms.float32:
             unet.to_dtype(self.dtype)
@@ -186,12 +193,44 @@ class Generator:
 
         if self.te1 is None:
             raise RuntimeError("the text encoders were released (one_shot Generator)")
+        if self.prompt_weighting:
+            return self._encode_weighted(prompts1, prompts2)
         with pynative_mode():
             _, _, hidden1 = self.te1(self._tokens(self.tokenizer1, prompts1))
             _, _, pooled2, hidden2 = self.te2(self._tokens(self.tokenizer2, prompts2))
             context = np.concatenate([penultimate_hidden_state(self.te1, hidden1).asnumpy(),
                                       penultimate_hidden_state(self.te2, hidden2).asnumpy()], -1).astype(np.float32)
             return context, pooled2.asnumpy().astype(np.float32)
+
+    def _encode_weighted(self, prompts1, prompts2):
+        """``encode`` with kohya's prompt weighting and ``max_token_length`` chunks (kohya's
+        ``tokenize_with_weights`` + ``encode_tokens_with_weights``): the joined penultimate states times
+        the token weights; pooled: text encoder 2's of the first chunk, unweighted."""
+        import numpy as np
+
+        from library.device_utils import pynative_mode
+        from library.prompt_weighting import weighted_input_ids
+        from library.sdxl_train_util import _join_chunks, apply_token_weights
+
+        def tokens(tokenizer, texts):
+            pairs = [weighted_input_ids(t, tokenizer, self.max_token_length) for t in texts]
+            return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+        (ids1, w1), (ids2, w2) = tokens(self.tokenizer1, prompts1), tokens(self.tokenizer2, prompts2)
+        b, n, width = ids1.shape
+        with pynative_mode():
+            _, _, hidden1 = self.te1(self.ms.Tensor(ids1.reshape(-1, width).astype(np.int32)))
+            _, _, pooled2, hidden2 = self.te2(self.ms.Tensor(ids2.reshape(-1, width).astype(np.int32)))
+            states = []
+            for te, hidden, w in ((self.te1, hidden1, w1), (self.te2, hidden2, w2)):
+                h = penultimate_hidden_state(te, hidden)
+                h = h.reshape(b, n * width, h.shape[-1])
+                if self.max_token_length is not None:
+                    h = _join_chunks(h, self.max_token_length, width)
+                states.append(apply_token_weights(h, self.ms.Tensor(w)).asnumpy())
+            context = np.concatenate(states, -1).astype(np.float32)
+            pooled = pooled2.asnumpy().reshape(b, n, -1)[:, 0]
+            return context, pooled.astype(np.float32)
 
     def release_text_encoders(self):
         """Drop the text encoders (3.3 GB in fp32 for SDXL): one-shot generation encodes its prompts once,

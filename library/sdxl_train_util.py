@@ -43,10 +43,21 @@ def _join_chunks(hidden, max_token_length, width=TOKENIZER_MAX_LENGTH):
     return ops.concat(parts, 1)
 
 
+def apply_token_weights(hidden, weights):
+    """hidden (B, T, D) times weights (B, T) token by token, in float32, returned in hidden's dtype
+    (kohya multiplies the autocast states by float32 weights)."""
+    return (hidden.astype(ms.float32) * weights.astype(ms.float32).expand_dims(-1)).astype(hidden.dtype)
+
+
 def get_hidden_states_sdxl(max_token_length, input_ids1, input_ids2, tokenizer1, tokenizer2, text_encoder1,
-                           text_encoder2, weight_dtype=None, eos_token_id2=None):
+                           text_encoder2, weight_dtype=None, eos_token_id2=None, token_weights1=None,
+                           token_weights2=None):
     """kohya's ``get_hidden_states_sdxl``: ids (B, n, 77) each -> (hidden1 (B, T, D1),
     hidden2 (B, T, D2), pool2 (B, P)), T = 77 or n*75+2.
+
+    ``token_weights1``/``token_weights2`` (B, T) (``--weighted_captions``, sample prompts): the joined
+    hidden states multiplied by them token by token, as kohya's ``encode_tokens_with_weights`` (see
+    ``library.prompt_weighting``); pool2 is not weighted.
 
     ``tokenizer1``/``tokenizer2`` may be None (then 77-wide chunks and id 49407 as
     tokenizer 2's EOS are used), so the function can run inside a compiled cell.
@@ -72,6 +83,9 @@ def get_hidden_states_sdxl(max_token_length, input_ids1, input_ids2, tokenizer1,
         hidden1 = _join_chunks(hidden1, max_token_length, width1)
         hidden2 = _join_chunks(hidden2, max_token_length, width2)
         pool2 = pool2.reshape(b_size, n_size, -1)[:, 0]  # kohya: pool2[::n_size]
+    if token_weights1 is not None:
+        hidden1 = apply_token_weights(hidden1, token_weights1)
+        hidden2 = apply_token_weights(hidden2, token_weights2)
     if weight_dtype is not None:
         hidden1 = hidden1.astype(weight_dtype)
         hidden2 = hidden2.astype(weight_dtype)
@@ -86,5 +100,5 @@ def size_embeddings_for_batch(batch, dim=256) -> np.ndarray:
                                np.asarray(batch["target_sizes_hw"], np.float32), dim).astype(np.float32)
 
 
-__all__ = ["VAE_SCALE_FACTOR", "get_hidden_states_sdxl", "get_size_embeddings", "size_embeddings_for_batch",
+__all__ = ["VAE_SCALE_FACTOR", "apply_token_weights", "get_hidden_states_sdxl", "get_size_embeddings", "size_embeddings_for_batch",
            "te1_hidden_index", "ms"]

@@ -58,6 +58,15 @@ def get_input_ids(caption: str, tokenizer, max_token_length: Optional[int] = Non
         tokenizer(caption, padding="max_length", truncation=True, max_length=total, return_tensors="np")["input_ids"],
         dtype=np.int64,
     )
+    return chunk_input_ids(ids, tokenizer)
+
+
+def chunk_input_ids(ids, tokenizer) -> np.ndarray:
+    """One caption's padded ids (``tokenizer_max_length`` of them: bos, text, eos, padding) -> the
+    (n_chunks, 77) windows described above (used by ``--weighted_captions`` too, whose ids are built
+    piece by piece)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    total = ids.size
     width = tokenizer.model_max_length
     if total <= width:
         return ids.reshape(1, width)

@@ -70,8 +70,6 @@ NOT_IMPLEMENTED = [
      "kohya loads the models straight to the GPU (Colab-like machines): no equivalent here"),
     ("--highvram", dict(action="store_true"),
      "kohya skips clearing the CUDA cache: no equivalent here"),
-    ("--weighted_captions", dict(action="store_true"),
-     "not implemented yet: (word:1.2) prompt weighting"),
     ("--fused_backward_pass", dict(action="store_true"),
      "kohya's per-parameter optimizer step in the backward pass (torch hooks): not implemented"),
     ("--cpu_offload_checkpointing", dict(action="store_true"),
@@ -208,6 +206,10 @@ def setup_parser() -> argparse.ArgumentParser:
         help="scale v-prediction loss like noise prediction loss")
     add("--v_pred_like_loss", type=float, default=None, help="add v-prediction like loss multiplied by this value")
     add("--debiased_estimation_loss", action="store_true", help="debiased estimation loss")
+    add("--weighted_captions", action="store_true",
+        help="captions' (word:1.2), (word) = x1.1, [word] = /1.1 weight the text encoders' hidden states of those "
+             "tokens (kohya's syntax; \\( for a literal bracket). Keep commas out of the brackets when captions are "
+             "shuffled or dropped by tag")
     add("--multires_noise_iterations", type=int, default=None,
         help="enable multires (pyramid) noise with this number of iterations (6-10 recommended)")
     add("--multires_noise_discount", type=float, default=0.3,

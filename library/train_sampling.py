@@ -29,9 +29,12 @@ model cannot take stops the run at start with the file and line (kohya logs and 
 DDIM for an unknown ``--ss``); the prompt text before
 the first `` --`` is never read as an option (kohya parses ``w 512 ...`` at the start of a prompt as a
 width); comment lines may be indented; a ``.toml`` subset may override a ``[prompt]`` default (kohya
-raises). Not implemented: kohya's prompt weighting syntax ``(word:1.2)`` (the text goes to the tokenizers
-as written) and prompts longer than 75 tokens (truncated with a warning, as ``sdxl_minimal_inference.py``);
-the initial noise is numpy's, so a seed gives a different image than kohya's torch noise.
+raises); the initial noise is numpy's, so a seed gives a different image than kohya's torch noise.
+
+Prompts are weighted as kohya's SDXL sample pipeline weights them, whether or not ``--weighted_captions``
+is given: ``(word:1.2)``, ``(word)`` = x1.1, ``[word]`` = /1.1 multiply the text encoders' hidden states of
+those tokens (``library.prompt_weighting``; ``\\(`` is a literal bracket), and a prompt may be as long as
+``--max_token_length`` allows (75 tokens by default; cut with a warning beyond).
 """
 from __future__ import annotations
 
@@ -301,7 +304,10 @@ class TrainingSampler:
             from library.sdxl_pipeline import Generator
 
             te1, te2 = self.text_encoders
-            self.gen = Generator(te1, te2, self.vae, self.unet, "fp32", "fp32", prepare_models=False)
+            # kohya's SDXL sample pipeline always weights its prompts ((word:1.2), with or without
+            # --weighted_captions) and tokenises them to --max_token_length
+            self.gen = Generator(te1, te2, self.vae, self.unet, "fp32", "fp32", prepare_models=False,
+                                 prompt_weighting=True, max_token_length=self.args.max_token_length)
         return self.gen
 
     def sample(self, epoch: Optional[int], steps: int) -> List[str]:

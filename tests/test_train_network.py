@@ -119,8 +119,7 @@ def test_bad_output_dir_stops_before_loading(tmp_path, sub):
 
 @pytest.mark.parametrize("extra,name", [(["--deepspeed"], "--deepspeed"),
                                         (["--fp8_base"], "--fp8_base"),
-                                        (["--v2"], "--v2"),
-                                        (["--weighted_captions"], "--weighted_captions")])
+                                        (["--v2"], "--v2")])
 def test_not_implemented_argument_stops_with_one_line(tmp_path, extra, name):
     proc = _run(["--pretrained_model_name_or_path", tmp_path / "missing.safetensors", "--output_dir", tmp_path,
                  "--network_module", "networks.lora", "--train_data_dir", tmp_path] + extra)
@@ -377,7 +376,8 @@ def test_dreambooth_class_tokens_buckets_accumulation(tmp_path, tiny_ckpt):
     flags (--xformers before --sdpa: the chunked attention on the CPU),
     gradient accumulation 2 with gradient checkpointing (the segmented step), epochs and epoch saves
     with kohya's names, max-norm regularisation (--scale_weight_norms) after every update, kohya's
-    dataset metadata."""
+    dataset metadata; --weighted_captions with a weighted class token (the weights go into the compiled,
+    segmented step with the text encoders)."""
     import make_tiny_train_demo as demo
 
     images = tmp_path / "img"
@@ -395,7 +395,7 @@ batch_size = 2
 
   [[datasets.subsets]]
   image_dir = '{images}'
-  class_tokens = 'shq shape'
+  class_tokens = 'shq (shape:1.3)'
   num_repeats = 1
 """)
     out = tmp_path / "out"
@@ -405,9 +405,10 @@ batch_size = 2
                  "--gradient_accumulation_steps", 2, "--max_train_epochs", 2, "--save_every_n_epochs", 1,
                  "--seed", 1, "--max_data_loader_n_workers", 0, "--lr_scheduler", "cosine",
                  "--lr_warmup_steps", 1, "--save_precision", "fp32", "--scale_weight_norms", MAX_NORM,
-                 "--gradient_checkpointing", "--xformers", "--sdpa"])
+                 "--gradient_checkpointing", "--xformers", "--sdpa", "--weighted_captions"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "U-Net attention: chunked" in proc.stderr, proc.stderr[-3000:]  # kohya: xformers before sdpa
+    assert "weighted caption: 'shq (shape:1.3)' -> 'shq ': 1, 'shape': 1.3" in proc.stderr, proc.stderr[-3000:]
     files = sorted(os.listdir(out))
     assert "db.safetensors" in files and "db-000001.safetensors" in files, files
     assert "db_loss.png" in files and "db_loss.csv" in files
@@ -435,10 +436,10 @@ batch_size = 2
     assert ds["is_dreambooth"] and ds["batch_size_per_device"] == 2 and ds["resolution"] == [96, 96]
     assert ds["enable_bucket"] and ds["min_bucket_reso"] == 64 and ds["max_bucket_reso"] == 128
     (sub,) = ds["subsets"]
-    assert sub["image_dir"] == "img" and sub["class_tokens"] == "shq shape" and sub["is_reg"] is False
+    assert sub["image_dir"] == "img" and sub["class_tokens"] == "shq (shape:1.3)" and sub["is_reg"] is False
     assert sub["img_count"] == 4 and sub["num_repeats"] == 1
     assert json.loads(md["ss_dataset_dirs"]) == {"img": {"n_repeats": 1, "img_count": 4}}
-    assert json.loads(md["ss_tag_frequency"]) == {"img": {"shq shape": 4}} == ds["tag_frequency"]
+    assert json.loads(md["ss_tag_frequency"]) == {"img": {"shq (shape:1.3)": 4}} == ds["tag_frequency"]
     assert sum(b["count"] for b in ds["bucket_info"]["buckets"].values()) == 4
     with open(out / "db_loss.csv") as f:
         rows = list(csv.DictReader(f))

@@ -10,7 +10,8 @@ It takes the trainer's arguments (``sdxl_train_network.py``'s parser; the traini
 trainer's own caching code (``SdxlNetworkTrainer.cache_text_encoder_outputs``): the files are the
 trainer's (``<image stem>_te_outputs.npz`` next to each image: ``hidden_state1``, ``hidden_state2``,
 ``pool2`` and the caption's hash), so a training run with the same dataset and ``--max_token_length``
-finds them valid and encodes nothing. Resumable: captions whose cache file is already valid are
+finds them valid and encodes nothing (``--weighted_captions`` as in the trainer: the weighted outputs,
+as kohya's tool writes them with it). Resumable: captions whose cache file is already valid are
 skipped; when all are valid, the text encoders are not even loaded. Captions are encoded in batches
 of the dataset's batch size (``--train_batch_size`` or the config's ``batch_size``).
 
@@ -34,7 +35,7 @@ import cache_latents  # noqa: E402  (kohya's tool imports its sibling too)
 logger = logging.getLogger(__name__)
 
 TEXT_ENCODER_USED = {"max_token_length", "mixed_precision", "train_batch_size", "network_train_unet_only",
-                     "tokenizer_cache_dir"}
+                     "tokenizer_cache_dir", "weighted_captions"}
 
 
 def cache_to_disk(args, parser):
@@ -51,7 +52,7 @@ def cache_to_disk(args, parser):
     datasets = [dataset for group in groups for dataset in group.datasets]
     total = sum(len(dataset.image_data) for dataset in datasets)
     pending = [info for dataset in datasets for info in latent_cache.text_encoder_outputs_to_compute(
-        dataset, args.max_token_length, True, args.skip_cache_check)]
+        dataset, args.max_token_length, True, args.skip_cache_check, bool(args.weighted_captions))]
     summary = {"images": total, "computed": len(pending), "reused": total - len(pending)}
     if not pending:
         print(f"all {total} text encoder outputs cache files are valid: nothing to compute")
