@@ -235,12 +235,15 @@ class SdxlNetworkTrainer(train_network.NetworkTrainer):
 
     def assert_extra_args(self, args, train_dataset_group):
         from library.custom_train_functions import check_loss_args
+        from library.dataset_check import check_weighted_captions
 
         train_dataset_group.verify_bucket_reso_steps(32)
         check_loss_args(args, train_dataset_group)
         for d in train_dataset_group.datasets:
             if getattr(d, "network_multiplier", 1.0) != 1.0:
                 raise UserError("network_multiplier in the dataset config is not implemented yet in this port")
+        if args.weighted_captions:  # a bad "(x:1.2.3)" stops the run now, not at the batch that draws it
+            check_weighted_captions(train_dataset_group)
 
     def load_tokenizers(self, args):
         from library.clip_tokenizer import load_tokenizers

@@ -115,3 +115,19 @@ def scan_dataset_group(dataset_group, latents_cached: bool = False):
     if problems:
         raise_bad_data(problems)
     logger.info(f"pre-flight check passed: {sum(len(d.image_data) for d in dataset_group.datasets)} images")
+
+
+def check_weighted_captions(dataset_group):
+    """``--weighted_captions``: every caption parses as kohya's attention syntax (a bad weight such as
+    ``(x:1.2.3)`` would otherwise stop the run at the batch that draws it); BadDataError naming each image."""
+    from library.prompt_weighting import parse_prompt_attention
+
+    problems = []
+    for dataset in dataset_group.datasets:
+        for info in dataset.image_data.values():
+            try:
+                parse_prompt_attention(info.caption or "")
+            except ValueError as e:
+                problems.append(f"{info.absolute_path}: caption: {e}")
+    if problems:
+        raise_bad_data(problems)

@@ -47,6 +47,7 @@ import time
 from typing import Dict, List, Optional
 
 from library.device_utils import UserError
+from library.prompt_weighting import parse_prompt_attention
 
 logger = logging.getLogger(__name__)
 
@@ -176,6 +177,12 @@ def _check_prompt_dict(d: dict, where: str, default_sampler: str) -> dict:
                 raise UserError(f"{where}: {key} must be an integer {rng}, got {v!r}")
     if "scale" in d and (isinstance(d["scale"], bool) or not isinstance(d["scale"], (int, float))):
         raise UserError(f"{where}: scale must be a number, got {d['scale']!r}")
+    for key in ("prompt", "negative_prompt"):  # sample prompts are always weighted: a bad "(x:1.2.3)" now
+        if d.get(key):
+            try:
+                parse_prompt_attention(d[key])
+            except ValueError as e:
+                raise UserError(f"{where}: {key}: {e}") from None
     sampler = check_sampler_name(d.get("sample_sampler", default_sampler).strip(),
                                  f"{where}: sampler" if "sample_sampler" in d else "--sample_sampler")
     try:  # the sampler's own limits on the step count (pndm's Runge-Kutta warm-up needs 4), now, not mid-run

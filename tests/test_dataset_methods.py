@@ -8,7 +8,7 @@ import pytest
 
 from dataset_helpers import parse_args, write_image, write_text, write_toml
 from library import config_util, image_utils, train_util
-from library.dataset_check import BadDataError
+from library.dataset_check import BadDataError, check_weighted_captions
 from library.device_utils import UserError
 
 
@@ -118,6 +118,15 @@ def test_missing_metadata_image_and_pixel_limit(tmp_path, monkeypatch):
     monkeypatch.setattr(image_utils, "MAX_IMAGE_PIXELS", 100 * 100)
     with pytest.raises(BadDataError, match="huge.png: 128x128 = 16384 pixels exceeds the limit"):
         train_util.scan_dataset_group(group)
+    # --weighted_captions: a caption whose weight does not parse is named before training
+    write_text(str(d / "img0.txt"), "a (cat:1.2.3) photo")
+    group = _build(tmp_path, f"[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n  image_dir = '{d}'\n"
+                             f"  caption_extension = '.txt'\n")
+    with pytest.raises(BadDataError, match=r"img0.png: caption: bad attention weight ':1.2.3\)'"):
+        check_weighted_captions(group)
+    write_text(str(d / "img0.txt"), "a (cat:1.2) photo")
+    check_weighted_captions(_build(tmp_path, f"[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n"
+                                             f"  image_dir = '{d}'\n  caption_extension = '.txt'\n"))
 
 
 def test_cache_restrictions_are_errors(tmp_path):

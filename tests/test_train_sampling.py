@@ -78,6 +78,8 @@ def test_load_prompts_txt_toml_json(tmp_path):
     ("p.txt", "a --ss pndm --s 3\n", "p.txt:1: pndm needs at least 4 steps"),
     ("p.txt", "a --g 3.5\n", "p.txt:1: --g / 'guidance_scale' is not used by SDXL sampling"),
     ("p.txt", "# nothing\n\n", "p.txt: no prompts"),
+    ("p.txt", "a\nb (c:1.2.3) --n d\n", "p.txt:2: prompt: bad attention weight ':1.2.3)'"),
+    ("p.txt", "a --n (c:1.2.3)\n", "p.txt:1: negative_prompt: bad attention weight"),
     ("p.toml", '[prompt]\nwidth = 64\n[[prompt.subset]]\nprompt = "a"\nsteps = 3\n',
      "p.toml: prompt.subset 1: unknown key 'steps'"),
     ("p.toml", '[prompt]\nprompt = "a"\n', "p.toml: needs a [prompt] table with [[prompt.subset]]"),
