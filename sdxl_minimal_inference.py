@@ -161,8 +161,9 @@ def load_models(ckpt_path, vae_path=None, dtype_name="fp32", vae_dtype_name="fp3
 
 
 def merge_loras(loras, te1, te2, vae, unet):
-    """Merge each (path, multiplier) into the fp32 weights, in order."""
-    from networks.lora import create_network_from_weights
+    """Merge each (path, multiplier) into the fp32 weights, in order (LoRA or LoHa: the file's keys say which
+    network module reads it)."""
+    from networks.network_base import create_network_from_weights_file as create_network_from_weights
 
     for path, multiplier in loras:
         logger.info("merging LoRA %s (multiplier %s)", path, multiplier)

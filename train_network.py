@@ -150,17 +150,16 @@ class NetworkTrainer:
         check_base_weights(args)  # the files read now, not after the checkpoint load
         if args.scale_weight_norms is not None and args.scale_weight_norms <= 0:
             raise UserError(f"--scale_weight_norms must be positive, got {args.scale_weight_norms}")
-        if args.network_module is None:
-            raise UserError("--network_module is required (networks.lora)")
-        if args.network_module != "networks.lora":
-            raise UserError(f"--network_module {args.network_module} is not implemented yet in this port "
-                            "(networks.lora only)")
-        from networks import lora as network_module
+        from networks.network_base import import_network_module, parse_network_args
 
+        # kohya's plugin point: the module is imported by name, now, so that a typo stops before the checkpoint
+        self.network_module = import_network_module(args.network_module)
         # network_args checked now, not after the checkpoint load and latent caching that precede the network
-        self.net_kwargs = network_module.parse_network_args(args.network_args)
-        network_module.check_network_args(self.net_kwargs, self.is_sdxl, args.network_dim, args.network_alpha,
-                                          args.network_dropout, args.dim_from_weights)
+        self.net_kwargs = parse_network_args(args.network_args)
+        check = getattr(self.network_module, "check_network_args", None)  # optional: kohya's modules lack it
+        if check is not None:
+            check(self.net_kwargs, self.is_sdxl, args.network_dim, args.network_alpha, args.network_dropout,
+                  args.dim_from_weights)
         if args.full_fp16 and args.mixed_precision != "fp16":
             raise UserError("full_fp16 requires mixed precision='fp16'")
         if args.full_bf16 and args.mixed_precision != "bf16":
@@ -262,7 +261,8 @@ class NetworkTrainer:
         from library.latent_cache import make_vae_encode_fn
         from library.train_optimizers import create_lr_schedule, create_optimizer, get_optimizer_train_eval_fn
         from library.train_sampling import should_sample
-        from networks import lora as network_module
+
+        network_module = self.network_module  # imported in verify_args
 
         session_id = random.randint(0, 2 ** 32)
         training_started_at = time.time()
@@ -786,10 +786,10 @@ def check_base_weights(args):
 
 def merge_base_weights(files, multipliers, text_encoders, vae, unet):
     """kohya's --base_weights: each LoRA file merged into the models' weights (W += multiplier * up@down *
-    alpha/dim, the inference merge of ``networks.lora``), with ``multipliers[i]``, or 1 where the list does not
-    reach. Every file is checked against the models before the first is merged, so a file that does not fit
-    stops the run with the models untouched."""
-    from networks.lora import create_network_from_weights
+    alpha/dim, the inference merge of ``networks.lora``; a LoHa file through ``networks.loha``), with
+    ``multipliers[i]``, or 1 where the list does not reach. Every file is checked against the models before
+    the first is merged, so a file that does not fit stops the run with the models untouched."""
+    from networks.network_base import create_network_from_weights_file as create_network_from_weights
 
     multipliers = list(multipliers or [])
     todo = []

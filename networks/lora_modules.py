@@ -12,6 +12,9 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from library import layers
+from networks.network_base import (  # noqa: F401  (the names the tools import from here)
+    is_conv as _is_conv, is_linear as _is_linear, kernel as _kernel, param_numpy as _param_numpy,
+    set_param as _set_param)
 
 
 def _kaiming_uniform(shape, fan_in):
@@ -19,19 +22,6 @@ def _kaiming_uniform(shape, fan_in):
     (also inside ``layers.skip_init()``: a zero lora_down would never train)."""
     bound = 1.0 / math.sqrt(fan_in)
     return layers._state["rng"].uniform(-bound, bound, size=shape).astype(np.float32)
-
-
-def _is_linear(cell):
-    return isinstance(cell, layers.Linear)
-
-
-def _is_conv(cell):
-    return isinstance(cell, layers.Conv2d)
-
-
-def _kernel(cell):
-    k = cell.kernel_size
-    return tuple(k) if isinstance(k, (tuple, list)) else (k, k)
 
 
 # ---------------------------------------------------------------------------
@@ -141,6 +131,37 @@ class LoRAModule(nn.Cell):
     def set_multiplier(self, multiplier):
         self.multiplier.set_data(Tensor(np.float32(multiplier)))
 
+    # -- what networks.network_base asks of a module --------------------------------
+
+    PLUS_LEAVES = ("lora_up.weight",)  # LoRA+ (kohya): lora_up trains with lr * ratio
+
+    def trainable_weights(self):
+        return {"lora_down.weight": self.lora_down.weight, "lora_up.weight": self.lora_up.weight}
+
+    @staticmethod
+    def merged_shape(sd):
+        up, down = np.shape(sd["lora_up.weight"]), np.shape(sd["lora_down.weight"])
+        return (up[0], down[1]) + tuple(down[2:])
+
+    @staticmethod
+    def delta_from(sd, multiplier):
+        alpha = float(np.asarray(sd["alpha"], np.float32).reshape(-1)[0]) if "alpha" in sd else None
+        return lora_delta(sd["lora_up.weight"], sd["lora_down.weight"], alpha, multiplier)
+
+    def max_norm_scale(self, max_norm_value):
+        """kohya's max-norm step on ``up@down*scale``: up and down each scaled by sqrt(ratio)."""
+        down = _param_numpy(self.lora_down.weight).astype(np.float32)
+        up = _param_numpy(self.lora_up.weight).astype(np.float32)
+        updown = lora_delta(up, down, float(self.alpha.asnumpy()), 1.0)
+        norm = max(float(np.linalg.norm(updown)), max_norm_value / 2)
+        desired = min(norm, max_norm_value)
+        ratio = desired / norm
+        if ratio != 1:
+            s = np.float32(ratio ** 0.5)
+            _set_param(self.lora_up.weight, up * s)
+            _set_param(self.lora_down.weight, down * s)
+        return ratio != 1, float(np.linalg.norm(updown)) * ratio
+
 
 class LoRAInfModule(LoRAModule):
     """Inference variant (kohya): no dropout; used by ``create_network_from_weights(for_inference=True)``."""
@@ -176,17 +197,3 @@ def lora_delta(up, down, alpha, multiplier=1.0):
         # conv2d(down.permute(1,0,2,3), up).permute(1,0,2,3) in kohya: sum over the rank
         w = np.einsum("or,rikl->oikl", up[:, :, 0, 0], down)
     return (np.float32(multiplier) * w * scale).astype(np.float32)
-
-
-def _param_numpy(p):
-    if p.dtype == ms.bfloat16:
-        return p.astype(ms.float32).asnumpy()
-    return p.asnumpy()
-
-
-def _set_param(p, value, dtype=None):
-    dtype = p.dtype if dtype is None else dtype
-    if dtype == ms.bfloat16:
-        p.set_data(Tensor(np.asarray(value, np.float32), dtype=ms.bfloat16))
-    else:
-        p.set_data(Tensor(np.asarray(value).astype(ms.dtype_to_nptype(dtype))))

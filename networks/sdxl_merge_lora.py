@@ -101,8 +101,8 @@ def _dtype_name(precision):
 
 
 def merge_to_sd_model(text_encoder1, text_encoder2, unet, models, ratios, merge_dtype=None):
-    """Add each LoRA (ratio as multiplier) to the models' weights, in order (kohya's function name)."""
-    from networks.lora import create_network_from_weights
+    """Add each LoRA or LoHa (ratio as multiplier) to the models' weights, in order (kohya's function name)."""
+    from networks.network_base import create_network_from_weights_file as create_network_from_weights
 
     for model, ratio in zip(models, ratios):
         logger.info("merging %s (ratio %s)", model, ratio)

@@ -175,6 +175,9 @@ def _verify(tmp_path, extra):
 @pytest.mark.parametrize("extra,match", [
     (["--network_args", "foo=1"], "unknown network_args for networks.lora: foo"),
     (["--network_args", "dropout=0.1"], "network_args dropout is LyCORIS's key"),
+    # the plugin point: a module that does not import, or has no create_network
+    (["--network_module", "networks.no_such"], "--network_module networks.no_such: cannot import it"),
+    (["--network_module", "library.layers"], "library.layers is not a network module: it has no create_network"),
     (["--network_args", "conv_dim=x"], "conv_dim must be an integer"),
     (["--network_args", "rank_dropout=1.5"], r"rank_dropout must be in \[0, 1\)"),
     (["--dim_from_weights", "--network_weights", "w.safetensors", "--network_args", "rank_dropout=0.1"],
@@ -216,15 +219,19 @@ def test_dim_from_weights_keeps_the_block_lr_keys(tmp_path):
     assert trainer.net_kwargs == {"down_lr_weight": "sine", "mid_lr_weight": "0.5", "block_lr_zero_threshold": "0.1"}
 
 
-def test_unknown_network_arg_stops_before_the_checkpoint(tmp_path):
+@pytest.mark.parametrize("module,extra,match", [
+    ("networks.lora", ["--network_args", "foo=1"], "unknown network_args for networks.lora: foo"),
+    ("networks.lorra", [], "--network_module networks.lorra: cannot import it"),
+])
+def test_unknown_network_arg_stops_before_the_checkpoint(tmp_path, module, extra, match):
     """The whole script: one line, exit 2, and the (junk) checkpoint is never opened."""
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a checkpoint")
     proc = _run(["--pretrained_model_name_or_path", junk, "--output_dir", tmp_path / "out", "--network_module",
-                 "networks.lora", "--train_data_dir", tmp_path, "--network_args", "foo=1"])
+                 module, "--train_data_dir", tmp_path] + extra)
     assert proc.returncode == 2, proc.stderr
     lines = _error_lines(proc)
-    assert len(lines) == 1 and "unknown network_args for networks.lora: foo" in lines[0], proc.stderr
+    assert len(lines) == 1 and match in lines[0], proc.stderr
 
 
 def test_debug_dataset_prints_and_stops(tmp_path):
