@@ -8,7 +8,6 @@ mode and a multiplier change does not recompile (see ``networks/lora.py``).
 import math
 
 import numpy as np
-import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from library import layers

@@ -633,3 +633,29 @@ def lora_file_sd(path):
     from safetensors.numpy import load_file
 
     return load_file(path)
+
+
+def test_loha_trains_two_steps(tmp_path, tiny_ckpt):
+    """--network_module networks.loha through the whole trainer (tiny checkpoint, 2 steps): the saved file has
+    LyCORIS's LoHa keys with the conv modules of conv_dim, the metadata names the module, and the factor that
+    starts at zero (hada_w2_a) has moved."""
+    import make_tiny_train_demo as demo
+    from library.lora_file import load_state_dict_file
+
+    images = tmp_path / "img"
+    demo.write_images(str(images / "2_shq"), 2, [(64, 64)], seed=2, captions=False)
+    out = tmp_path / "out"
+    proc = _run(["--pretrained_model_name_or_path", tiny_ckpt, "--train_data_dir", images, "--resolution", 64,
+                 "--output_dir", out, "--output_name", "lh", "--network_module", "networks.loha", "--network_dim", 2,
+                 "--network_alpha", 1, "--network_args", "conv_dim=2", "conv_alpha=1", "--network_train_unet_only",
+                 "--learning_rate", 1e-2, "--max_train_steps", 2, "--max_data_loader_n_workers", 0,
+                 "--save_precision", "fp32"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sd, md, _ = load_state_dict_file(str(out / "lh.safetensors"))
+    assert md["ss_network_module"] == "networks.loha" and md["ss_network_dim"] == "2"
+    leaves = {k.split(".", 1)[1] for k in sd}
+    assert leaves == {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"}, leaves
+    assert all(k.startswith("lora_unet_") for k in sd)
+    assert any(np.asarray(v).ndim == 2 and np.asarray(v).shape[1] % 9 == 0 and "in_layers" in k
+               for k, v in sd.items() if k.endswith("hada_w1_b"))  # a 3x3 conv: (dim, in*3*3)
+    assert any(np.abs(np.asarray(v)).max() > 0 for k, v in sd.items() if k.endswith("hada_w2_a"))
