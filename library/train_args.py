@@ -284,7 +284,8 @@ def setup_parser() -> argparse.ArgumentParser:
         help="multiplier for each --base_weights file, in order (1 for the files it does not reach)")
     add("--dim_from_weights", action="store_true",
         help="take each module's dim and alpha from --network_weights (kohya's option)")
-    add("--network_module", type=str, default=None, help="network module to train (networks.lora)")
+    add("--network_module", type=str, default=None,
+        help="network module to train, imported by name: networks.lora (LoRA) or networks.loha (LyCORIS LoHa)")
     add("--network_dim", type=int, default=None, help="network dimensions (depends on each network)")
     add("--network_alpha", type=float, default=1, help="alpha for LoRA weight scaling")
     add("--network_dropout", type=float, default=None, help="drops neurons out of training every step")
