@@ -475,7 +475,8 @@ def test_demo_trains_with_falling_loss(tmp_path):
     assert sorted(s.split("_")[2] for s in samples) == ["000040", "e000000"], samples
     written = [out / f for f in files if os.path.isfile(out / f)] + [out / "sample" / f for f in samples]
     assert {oct(p.stat().st_mode & 0o777) for p in written} == {oct(0o644)}, written
-    assert "denoising: 100%" in proc.stderr and "sample images" in proc.stderr  # the samples' progress bars
+    # the samples' progress bars (leave=False: tqdm may skip printing a fast last step, so no "100%")
+    assert "denoising: " in proc.stderr and "sample images" in proc.stderr
 
     # the saved LoRA loads in sdxl_minimal_inference.py and changes its image (PyNative: no compile)
     import sdxl_minimal_inference as smi
