@@ -31,7 +31,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from library import layers
 from library.device_utils import UserError
 from networks.network_base import (
-    NetworkBase, float_arg, is_conv, is_linear, is_sdxl_unet, kernel, param_numpy, parse_network_args, set_param)
+    NetworkBase, WrapsLayer, float_arg, is_conv, is_linear, is_sdxl_unet, kernel, param_numpy, parse_network_args, set_param)
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def hada_delta(w1a, w1b, w2a, w2b, alpha, multiplier=1.0):
     return ((w1a @ w1b) * (w2a @ w2b) * np.float32(alpha / dim * multiplier)).astype(np.float32)
 
 
-class LoHaModule(nn.Cell):
+class LoHaModule(WrapsLayer, nn.Cell):
     """``y = org(x) + op(x, multiplier * ΔW)`` (op: the layer's dense or conv, its stride and padding)."""
 
     PLUS_LEAVES = ()  # LoRA+ is not offered for LoHa
@@ -86,24 +86,10 @@ class LoHaModule(nn.Cell):
         self.hada_w2_a = Parameter(Tensor(np.zeros((self.out_dim, r), np.float32)), name="hada_w2_a")
         self.hada_w2_b = Parameter(normal((r, flat_in), 1.0), name="hada_w2_b")
 
-        if isinstance(alpha, (Tensor, np.ndarray, np.generic)):
-            alpha = float(np.asarray(alpha.asnumpy() if isinstance(alpha, Tensor) else alpha, np.float32))
-        alpha = self.lora_dim if alpha is None or alpha == 0 else alpha
-        self.alpha = Parameter(Tensor(np.float32(alpha)), name="alpha", requires_grad=False)
-        self.multiplier = Parameter(Tensor(np.float32(multiplier)), name="multiplier", requires_grad=False)
-
-        self.weight = org_module.weight
-        self.bias = org_module.bias
-        object.__setattr__(self, "org_module_ref", [org_module])
-        object.__setattr__(self, "applied", False)
-        object.__setattr__(self, "enabled", True)
+        self.wrap_layer(org_module, alpha, multiplier)
         self.dropout = None  # LyCORIS's LoHa has none; create_network refuses it
         self.rank_dropout = None if not rank_dropout else float(rank_dropout)
         self.module_dropout = None if not module_dropout else float(module_dropout)
-
-    @property
-    def org_module(self):
-        return self.org_module_ref[0]
 
     def delta_weight(self):
         """ΔW * multiplier in the layer weight's shape (a graph expression: the hada factors get gradients)."""

@@ -8,11 +8,11 @@ mode and a multiplier change does not recompile (see ``networks/lora.py``).
 import math
 
 import numpy as np
-from mindspore import Parameter, Tensor, nn, ops
+from mindspore import Tensor, nn, ops
 
 from library import layers
 from networks.network_base import (  # noqa: F401  (the names the tools import from here)
-    is_conv as _is_conv, is_linear as _is_linear, kernel as _kernel, param_numpy as _param_numpy,
+    WrapsLayer, is_conv as _is_conv, is_linear as _is_linear, kernel as _kernel, param_numpy as _param_numpy,
     set_param as _set_param)
 
 
@@ -27,7 +27,7 @@ def _kaiming_uniform(shape, fan_in):
 # module
 
 
-class LoRAModule(nn.Cell):
+class LoRAModule(WrapsLayer, nn.Cell):
     """``y = org(x) + up(dropout(down(x))) * multiplier * alpha / dim``.
 
     Replaces ``org_module`` (a ``layers.Linear`` or ``layers.Conv2d``) in the
@@ -69,26 +69,10 @@ class LoRAModule(nn.Cell):
         self.lora_down.weight.set_data(Tensor(_kaiming_uniform(self.lora_down.weight.shape, fan_in)))
         self.lora_up.weight.set_data(Tensor(np.zeros(self.lora_up.weight.shape, np.float32)))
 
-        if isinstance(alpha, (Tensor, np.ndarray, np.generic)):
-            alpha = float(np.asarray(alpha.asnumpy() if isinstance(alpha, Tensor) else alpha, np.float32))
-        alpha = self.lora_dim if alpha is None or alpha == 0 else alpha
-        self.scale = float(alpha) / self.lora_dim
-        self.alpha = Parameter(Tensor(np.float32(alpha)), name="alpha", requires_grad=False)
-        self.multiplier = Parameter(Tensor(np.float32(multiplier)), name="multiplier", requires_grad=False)
-
-        # the original layer's parameters, owned here once applied (names unchanged)
-        self.weight = org_module.weight
-        self.bias = org_module.bias
-        object.__setattr__(self, "org_module_ref", [org_module])
-        object.__setattr__(self, "applied", False)
-        object.__setattr__(self, "enabled", True)
+        self.scale = float(self.wrap_layer(org_module, alpha, multiplier)) / self.lora_dim
         self.dropout = None if dropout is None else float(dropout)
         self.rank_dropout = None if rank_dropout is None else float(rank_dropout)
         self.module_dropout = None if module_dropout is None else float(module_dropout)
-
-    @property
-    def org_module(self):
-        return self.org_module_ref[0]
 
     def construct(self, x):
         if self.is_conv:

@@ -26,7 +26,7 @@ from typing import List, Optional
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, nn
+from mindspore import Parameter, Tensor, nn
 
 from library import layers
 from library.device_utils import UserError
@@ -158,6 +158,29 @@ def set_param(p, value, dtype=None):
         p.set_data(Tensor(np.asarray(value, np.float32), dtype=ms.bfloat16))
     else:
         p.set_data(Tensor(np.asarray(value).astype(ms.dtype_to_nptype(dtype))))
+
+
+class WrapsLayer:
+    """What every network module shares with the layer it wraps: kohya's ``alpha`` (0 or None: the
+    module's dim) and the multiplier as non-trained parameters, the layer's weight and bias owned (names
+    unchanged), and the layer itself kept out of the cell tree."""
+
+    def wrap_layer(self, org_module, alpha, multiplier):
+        if isinstance(alpha, (Tensor, np.ndarray, np.generic)):
+            alpha = float(np.asarray(alpha.asnumpy() if isinstance(alpha, Tensor) else alpha, np.float32))
+        alpha = self.lora_dim if alpha is None or alpha == 0 else alpha
+        self.alpha = Parameter(Tensor(np.float32(alpha)), name="alpha", requires_grad=False)
+        self.multiplier = Parameter(Tensor(np.float32(multiplier)), name="multiplier", requires_grad=False)
+        self.weight = org_module.weight
+        self.bias = org_module.bias
+        object.__setattr__(self, "org_module_ref", [org_module])
+        object.__setattr__(self, "applied", False)
+        object.__setattr__(self, "enabled", True)
+        return alpha
+
+    @property
+    def org_module(self):
+        return self.org_module_ref[0]
 
 
 def _resolve(root, path):
