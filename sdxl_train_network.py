@@ -268,20 +268,10 @@ class SdxlNetworkTrainer(train_network.NetworkTrainer):
         weighted = bool(args.weighted_captions)  # kohya caches the weighted outputs
         encode = make_text_encoder_outputs_fn(text_encoders[0], text_encoders[1], args.max_token_length,
                                               self.tokenizers[1].eos_token_id, weighted=weighted)
-        if not weighted:
-            for group in dataset_groups:
-                group.cache_text_encoder_outputs(encode, self.tokenizers, args.max_token_length,
-                                                 args.cache_text_encoder_outputs_to_disk,
-                                                 skip_cache_check=args.skip_cache_check)
-            return
-        from library.latent_cache import cache_text_encoder_outputs
-
         for group in dataset_groups:
-            for i, dataset in enumerate(group.datasets):
-                logger.info(f"[Dataset {i}]")
-                cache_text_encoder_outputs(dataset, encode, self.tokenizers, args.max_token_length,
-                                           args.cache_text_encoder_outputs_to_disk,
-                                           skip_cache_check=args.skip_cache_check, weighted=True)
+            group.cache_text_encoder_outputs(encode, self.tokenizers, args.max_token_length,
+                                             args.cache_text_encoder_outputs_to_disk,
+                                             skip_cache_check=args.skip_cache_check, weighted=weighted)
 
     def build_loss_net(self, args, text_encoders, unet):
         if args.cache_text_encoder_outputs:

@@ -85,12 +85,12 @@ class DatasetGroup:
             cache_latents(dataset, encode_fn, vae_batch_size, cache_to_disk, skip_cache_check)
 
     def cache_text_encoder_outputs(self, encode_fn, tokenizers, max_token_length=None, cache_to_disk=False,
-                                   batch_size=None, skip_cache_check=False):
+                                   batch_size=None, skip_cache_check=False, weighted=False):
         from library.latent_cache import cache_text_encoder_outputs
         for i, dataset in enumerate(self.datasets):
             logger.info(f"[Dataset {i}]")
             cache_text_encoder_outputs(dataset, encode_fn, tokenizers, max_token_length, cache_to_disk,
-                                       batch_size, skip_cache_check)
+                                       batch_size, skip_cache_check, weighted=weighted)
 
 
 def format_example_lines(dataset, example) -> List[str]:

@@ -154,6 +154,28 @@ def test_text_encoder_output_cache(tmp_path):
     group.cache_text_encoder_outputs(te_fn, tokenizers, cache_to_disk=True)
     assert calls[1:] == [(1, 1, 77)]
 
+    # --weighted_captions: plain files are stale, the captions go in with their token weights
+    from library.prompt_weighting import tokenize_sdxl_weighted
+    write_text(str(d / "a.caption"), "a (blue:1.5) cat")
+    seen = []
+
+    def weighted_fn(ids1, ids2, w1, w2):
+        seen.append((ids1.shape, w1.shape))
+        h1, h2, pool = te_fn(ids1, ids2)
+        return h1 * w1[:, :, None], h2 * w2[:, :, None], pool
+
+    random.seed(0)
+    group, _ = config_util.build_dataset_groups(args, tokenizers)
+    group.cache_text_encoder_outputs(weighted_fn, tokenizers, cache_to_disk=True, weighted=True)
+    assert seen == [((2, 1, 77), (2, 77))]  # both recomputed
+    ex = group[0]
+    keys = ex["image_keys"]
+    (ids1, _), (w1, _) = tokenize_sdxl_weighted([group.image_data[k].caption for k in keys], tokenizers)
+    assert sorted(np.unique(w1).tolist()) == [1.0, 1.5]
+    np.testing.assert_array_equal(ex["text_encoder_outputs_list"][0][:, :, 0], ids1[:, 0, :] * w1)
+    group.cache_text_encoder_outputs(weighted_fn, tokenizers, cache_to_disk=True, weighted=True)
+    assert len(seen) == 1  # the weighted files are reused by a weighted run
+
 
 def test_tokenized_batches_without_cache(tmp_path):
     from library.clip_tokenizer import load_tokenizers
