@@ -55,3 +55,16 @@ def assert_close(actual, expected, rtol_scale=1e-4, what="output"):
     bound = rtol_scale * max(1.0, np.abs(expected).max())
     assert err <= bound, f"{what}: max abs error {err:.3g} > bound {bound:.3g}"
     return err
+
+
+def optimizer_args(**kw):
+    """The trainer's optimizer/scheduler arguments at their defaults (a Namespace), overridden by ``kw``."""
+    import argparse
+
+    base = dict(optimizer_type="", optimizer_args=None, use_8bit_adam=False, use_lion_optimizer=False,
+                learning_rate=1e-2, unet_lr=None, text_encoder_lr=None, max_grad_norm=1.0,
+                lr_scheduler="constant", lr_warmup_steps="0", lr_scheduler_num_cycles=1, lr_scheduler_power=1.0,
+                lr_scheduler_type="", lr_scheduler_args=None, lr_decay_steps="0", lr_scheduler_timescale=None,
+                lr_scheduler_min_lr_ratio=None, max_train_steps=100, max_train_epochs=None)
+    base.update(kw)
+    return argparse.Namespace(**base)

@@ -3,7 +3,6 @@ each optimizer cell, compiled in graph mode, over 4 updates of a matrix, a vecto
 weight in 2 groups at different (changing) lrs equals torch.optim.SGD(nesterov) / lion-pytorch's
 formula / transformers' Adafactor; each schedule's lrs equal kohya's torch LambdaLR at every step;
 the argument errors; one end-to-end run with AdaFactor."""
-import argparse
 import csv
 import json
 import os
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_close, ROOT  # noqa: F401  (conftest imports library before mindspore)
+from conftest import assert_close, optimizer_args, ROOT  # noqa: F401  (conftest imports library before mindspore)
 
 import mindspore as ms  # noqa: E402
 from mindspore import Parameter, Tensor  # noqa: E402
@@ -28,14 +27,7 @@ BASE_LRS = [1e-2, 3e-3]
 STEPS = 4
 
 
-def _args(**kw):
-    base = dict(optimizer_type="", optimizer_args=None, use_8bit_adam=False, use_lion_optimizer=False,
-                learning_rate=1e-2, unet_lr=None, text_encoder_lr=None, max_grad_norm=1.0,
-                lr_scheduler="constant", lr_warmup_steps="0", lr_scheduler_num_cycles=1, lr_scheduler_power=1.0,
-                lr_scheduler_type="", lr_scheduler_args=None, lr_decay_steps="0", lr_scheduler_timescale=None,
-                lr_scheduler_min_lr_ratio=None, max_train_steps=100, max_train_epochs=None)
-    base.update(kw)
-    return argparse.Namespace(**base)
+_args = optimizer_args
 
 
 def _data(seed=0):

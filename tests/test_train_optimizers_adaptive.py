@@ -7,13 +7,12 @@ weight) in 2 groups, with weight decay and the package's default betas, from the
 gradients as the reference; every weight must match to 1e-5 of its tensor's scale. The segmented
 trainer's update path (ParameterwiseUpdate: chunk graphs, the two-phase sums) must equal the one-graph
 update; bad --optimizer_args stop with one line."""
-import argparse
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT  # noqa: F401  (conftest imports library before mindspore)
+from conftest import optimizer_args, ROOT  # noqa: F401  (conftest imports library before mindspore)
 
 import mindspore as ms  # noqa: E402
 from mindspore import Parameter, Tensor  # noqa: E402
@@ -28,14 +27,7 @@ STEPS = 5
 TOL = 1e-5
 
 
-def _args(**kw):
-    base = dict(optimizer_type="", optimizer_args=None, use_8bit_adam=False, use_lion_optimizer=False,
-                learning_rate=1e-2, unet_lr=None, text_encoder_lr=None, max_grad_norm=1.0,
-                lr_scheduler="constant", lr_warmup_steps="0", lr_scheduler_num_cycles=1, lr_scheduler_power=1.0,
-                lr_scheduler_type="", lr_scheduler_args=None, lr_decay_steps="0", lr_scheduler_timescale=None,
-                lr_scheduler_min_lr_ratio=None, max_train_steps=100, max_train_epochs=None)
-    base.update(kw)
-    return argparse.Namespace(**base)
+_args = optimizer_args
 
 
 def _data(seed=0):
