@@ -36,6 +36,7 @@ from library.clip_text_model import CLIPTextConfig, CLIPTextModel, CLIPTextModel
 from library.device_utils import UserError
 from library.dtypes import DTYPE_ALIASES, SAFETENSORS_DTYPES
 from library.sdxl_original_unet import SdxlUNet2DConditionModel, SdxlUNetConfig
+from library.sdxl_unet_keys import convert_diffusers_unet_state_dict_to_sdxl
 
 logger = logging.getLogger(__name__)
 
@@ -499,8 +500,6 @@ def _load_diffusers_folder(folder, dtype, vae_path, head_dim, norm_num_groups, u
         if not os.path.isdir(os.path.join(folder, part)):
             raise UserError(f"{folder}: not a diffusers SDXL folder (no {part}/ subfolder)")
     # U-Net: convert names to the SGM layout, then the same path as single files
-    from library.sdxl_model_util import convert_diffusers_unet_state_dict_to_sdxl
-
     ucfg = _read_json(os.path.join(folder, "unet", "config.json"))
     with _open_diffusers_weights(os.path.join(folder, "unet")) as reader:
         try:
