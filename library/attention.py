@@ -76,8 +76,8 @@ class SoftmaxAttend(nn.Cell):
     only q, k and v per attention, not the (B, H, N, M) scores. With the
     primitives' own backward the CPU graph backend kept about five score-sized
     buffers per attention until the end of the step (the softmax backward's
-    implicitly broadcast row sum is never freed there): 391 MB per 20-head
-    1024-token self-attention, 15 MB this way. The price is one more q k^T and
+    implicitly broadcast row sum is never freed there; Limitations.md has the
+    figures). The price is one more q k^T and
     softmax per attention backward.
     """
 

@@ -3,9 +3,9 @@
 ``prepare_environment`` must run before ``mindspore`` is imported (the
 ``library`` package calls it on import): oneDNN reads ``ONEDNN_MAX_CPU_ISA``
 once, at load. On AVX-512 CPUs oneDNN falls back to a reference kernel for
-3x3 convolutions (~100x slower, measured 3.5 s vs 36 ms for a 320->320 3x3
-conv on 1x320x32x32); capping the ISA at AVX2 restores the fast kernel at
-the price of about half the fp32 matmul throughput. A value the user set is
+3x3 convolutions (two orders of magnitude slower; Limitations.md, "CPU ISA
+cap"); capping the ISA at AVX2 restores the fast kernel at the price of part
+of the fp32 matmul throughput. A value the user set is
 kept. It only affects oneDNN, i.e. CPU kernels, so it is harmless on Ascend.
 """
 import argparse
@@ -104,8 +104,8 @@ def resolve_device_target(device_target: str) -> str:
 def setup_device(device_target="auto", pynative=False, jit_level=None, device_id=None):
     """Configure MindSpore's context; returns the resolved device target.
 
-    Graph mode is the default (about 4x faster than PyNative on CPU for UNet
-    blocks); ``pynative=True`` is for debugging.
+    Graph mode is the default (faster than PyNative on CPU; README benchmarks);
+    ``pynative=True`` is for debugging.
     """
     prepare_environment()
     import mindspore as ms
@@ -128,8 +128,7 @@ def release_host_memory():
     """Collect garbage and hand freed heap memory back to the system (glibc ``malloc_trim``).
 
     Model weights are many mid-sized host allocations that glibc keeps in its heap after they are
-    freed: deleting freshly loaded SDXL text encoders gave back 0.4 GB of their 3.1 GB, the trim
-    2.7 GB more.
+    freed; the trim gives most of a deleted model's memory back (Limitations.md).
     """
     import ctypes
     import gc
@@ -180,7 +179,7 @@ def pynative_mode():
 
     For one-off passes over models that are freed afterwards (text encoder output caching): what a
     graph-mode call of a model compiles keeps the model's weights in the backend after the model is
-    deleted (SDXL's text encoders: 3.4 GB stayed resident, 0.5 GB after a PyNative pass).
+    deleted (Limitations.md: "A model run once in graph mode keeps its memory").
     """
     import mindspore as ms
 

@@ -80,7 +80,7 @@ def linear(x, weight, bias, bias_add, stored_dense=None):
 
     The bias goes through BiasAdd on the 2-D view, not dense's broadcast add:
     the CPU graph backend does not reuse the memory of implicitly broadcasting
-    binary ops (40 biased Linear layers on 65536x64 tokens: 3.0 GB vs 0.5 GB).
+    binary ops (Limitations.md, "broadcasting binary ops").
     A weight stored in another dtype than x goes through ``stored_dense`` when given.
     """
     if weight.dtype != x.dtype and stored_dense is not None:
@@ -232,9 +232,8 @@ class GroupNorm(nn.Cell):
 
     Every broadcast is explicit (``ops.broadcast_to``) and the bias goes through
     ``BiasAdd``: in graph mode the CPU backend does not reuse the memory of
-    binary ops that broadcast implicitly, which made a stack of 20 GroupNorms
-    at 1x64x256x256 peak at 14.9 GB in forward+backward (2.5 GB this way) and
-    run about 2x slower.
+    binary ops that broadcast implicitly, which multiplies a stack of
+    GroupNorms' peak memory and slows it down (Limitations.md).
     """
 
     def __init__(self, num_groups, num_channels, eps=1e-5, affine=True):

@@ -233,7 +233,7 @@ class Generator:
             return context, pooled.astype(np.float32)
 
     def release_text_encoders(self):
-        """Drop the text encoders (3.3 GB in fp32 for SDXL): one-shot generation encodes its prompts once,
+        """Drop the text encoders (gigabytes in fp32 for SDXL): one-shot generation encodes its prompts once,
         and at 1024x1024 the VAE decode needs that memory."""
         from library.device_utils import release_host_memory
 
@@ -242,8 +242,7 @@ class Generator:
 
     def release_denoisers(self):
         """Drop the compiled denoising steps: a compiled graph holds its activation memory until its cell is
-        deleted (full SDXL at 1024x1024: 5 GB given back, 15.0 -> 9.9 GB). The next ``sample`` compiles
-        again."""
+        deleted (Limitations.md has the 1024x1024 figures). The next ``sample`` compiles again."""
         from library.device_utils import release_host_memory
 
         self._denoisers.clear()

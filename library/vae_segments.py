@@ -1,8 +1,8 @@
 """The VAE's encode and decode as forward-only chains of compiled segments (``library.segments``).
 
 One graph for the whole encoder or decoder keeps every kernel's buffer until it ends, and the memory
-pool it grew stays with the process: caching 512x512 latents left 1.8 GB behind for the rest of a
-training run, and the 1024x1024 decode needs several GB. As chains, one graph per ResBlock, sampler,
+pool it grew stays with the process for the rest of a training run (Limitations.md), and the
+1024x1024 decode needs several GB. As chains, one graph per ResBlock, sampler,
 attention and head (equal ResBlocks share one compiled graph), with each boundary dropped after its
 last reader, the pool only grows to the largest layer's need. Same results as ``VAEEncode`` /
 ``VAEDecode``.

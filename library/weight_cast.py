@@ -4,8 +4,8 @@ from mindspore import ops
 
 def cast_weight(weight, x, per_use=True):
     """``weight`` in x's dtype. The graph backend computes a cast of a parameter alone once, ahead of the
-    layers, and keeps it for the whole graph (in a one-graph step, every fp16 weight's fp32 copy at once:
-    24 frozen 4096x4096 fp16 layers, forward+backward, 2.75 GB; 1.32 GB this way); ``per_use`` makes it
+    layers, and keeps it for the whole graph (in a one-graph step, every fp16 weight's fp32 copy at once;
+    Limitations.md has the measurement); ``per_use`` makes it
     depend on x, a cast per use. Graphs that hold a few layers (``short_graph_forms``) cast once."""
     if weight.dtype == x.dtype:
         return weight

@@ -157,7 +157,7 @@ SAMPLE_PROMPTS = "a red circle, simple shape on a plain background --w 64 --h 64
 
 def make_demo(work, steps=40, seed=0, small=False):
     """Write the demo files under ``work``; returns the train .toml path. ``small``: the 2-level
-    test topology (the pipeline is the same, it compiles ~2x faster)."""
+    test topology (the pipeline is the same, it compiles faster)."""
     work = os.path.abspath(work)
     os.makedirs(work, exist_ok=True)
     ckpt = os.path.join(work, "tiny_sdxl.safetensors")
