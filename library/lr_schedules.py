@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import importlib
 import math
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 from library.device_utils import UserError
@@ -108,6 +109,166 @@ def piecewise_constant_lambda(step_rules: str) -> Callable[[int], float]:
     return rule
 
 
+@dataclass
+class _ScheduleArgs:
+    """What a schedule's multiplier is built from: warmup and training steps, kohya's ``--lr_scheduler_*``
+    values and the ``--lr_scheduler_args`` (``kwargs``)."""
+    w: int
+    n: int
+    num_cycles: float
+    power: float
+    lr_end_ratio: Optional[float]
+    num_decay_steps: int
+    timescale: Optional[int]
+    min_lr_ratio: Optional[float]
+    lr_init: Optional[float]
+    kwargs: Dict
+
+
+def _constant(a):
+    if a.w:
+        raise UserError("constant does not require `num_warmup_steps`. Set None or 0 "
+                        "(use --lr_scheduler constant_with_warmup)")
+    return lambda step: 1.0
+
+
+def _piecewise_constant(a):
+    if a.w:
+        raise UserError("--lr_scheduler piecewise_constant does not use --lr_warmup_steps "
+                        "(kohya ignores it): put the steps in step_rules")
+    if "step_rules" not in a.kwargs:
+        raise UserError("--lr_scheduler piecewise_constant needs --lr_scheduler_args "
+                        "step_rules=multiplier:step,...,multiplier (e.g. step_rules=1:10,0.1:20,0.01)")
+    return piecewise_constant_lambda(a.kwargs["step_rules"])
+
+
+def _constant_with_warmup(a):
+    w = a.w
+    return lambda step: _warm(step, w) if step < w else 1.0
+
+
+def _inverse_sqrt(a):
+    w = a.w
+    ts = a.timescale if a.timescale is not None else (w or 10_000)
+    if ts <= 0:
+        raise UserError(f"--lr_scheduler_timescale must be positive, got {ts}")
+    shift = ts - w
+    return lambda step: _warm(step, w) if step < w else 1.0 / math.sqrt((step + shift) / ts)
+
+
+def _linear(a):
+    w, n = a.w, a.n
+    return lambda step: _warm(step, w) if step < w else max(0.0, float(n - step) / float(max(1, n - w)))
+
+
+def _cosine_lambda(w, n, cycles, min_rate):
+    def cosine(step):
+        if step < w:
+            return _warm(step, w)
+        progress = float(step - w) / float(max(1, n - w))
+        factor = 0.5 * (1.0 + math.cos(math.pi * cycles * 2.0 * progress))
+        return max(0.0, factor) if min_rate is None else max(0.0, factor * (1 - min_rate) + min_rate)
+    return cosine
+
+
+def _cosine(a):
+    return _cosine_lambda(a.w, a.n, float(a.kwargs.get("num_cycles", 0.5)), None)
+
+
+def _cosine_with_min_lr(a):
+    # kohya: num_cycles=lr_scheduler_num_cycles / 2, min_lr_rate=lr_scheduler_min_lr_ratio
+    min_lr = a.kwargs.get("min_lr")
+    if a.min_lr_ratio is not None and min_lr is not None:
+        raise UserError("cosine_with_min_lr: only one of --lr_scheduler_min_lr_ratio and "
+                        "--lr_scheduler_args min_lr may be set")
+    if a.min_lr_ratio is None and min_lr is None:
+        raise UserError("--lr_scheduler cosine_with_min_lr needs --lr_scheduler_min_lr_ratio "
+                        "(or --lr_scheduler_args min_lr=...)")
+    if a.min_lr_ratio is not None:
+        min_rate = float(a.min_lr_ratio)
+    else:  # transformers: min_lr / optimizer.defaults["lr"]
+        if not a.lr_init:
+            raise UserError("cosine_with_min_lr: min_lr needs a non-zero --learning_rate")
+        min_rate = float(min_lr) / a.lr_init
+    return _cosine_lambda(a.w, a.n, a.num_cycles / 2, min_rate)
+
+
+def _cosine_with_restarts(a):
+    w, n, num_cycles = a.w, a.n, float(a.num_cycles)
+
+    def restarts(step):
+        if step < w:
+            return _warm(step, w)
+        progress = float(step - w) / float(max(1, n - w))
+        if progress >= 1.0:
+            return 0.0
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((num_cycles * progress) % 1.0))))
+    return restarts
+
+
+# warmup_stable_decay's shapes: progress in [0, 1] -> factor (warmup rises with it, decay falls)
+_WSD_WARMUP = {"linear": lambda p: p, "cosine": lambda p: 0.5 * (1.0 - math.cos(math.pi * p)),
+               "1-sqrt": lambda p: 1.0 - math.sqrt(1.0 - p)}
+_WSD_DECAY = {"linear": lambda p, cycles: 1.0 - p,
+              "cosine": lambda p, cycles: 0.5 * (1.0 + math.cos(math.pi * float(cycles) * 2.0 * p)),
+              "1-sqrt": lambda p, cycles: 1.0 - math.sqrt(p)}
+
+
+def _warmup_stable_decay(a):
+    w, n, d = a.w, a.n, int(a.num_decay_steps)
+    stable = n - w - d
+    if stable < 0:
+        raise UserError(f"warmup_stable_decay: --lr_warmup_steps ({w}) + --lr_decay_steps ({d}) exceed the "
+                        f"training steps ({n})")
+    warmup_type = a.kwargs.get("warmup_type", "linear")
+    decay_type = a.kwargs.get("decay_type", "cosine")
+    for what, t in (("warmup_type", warmup_type), ("decay_type", decay_type)):
+        if t not in _WSD_TYPES:
+            raise UserError(f"--lr_scheduler_args {what}={t}: expected one of {', '.join(_WSD_TYPES)}")
+    warmup, decay = _WSD_WARMUP[warmup_type], _WSD_DECAY[decay_type]
+    mr = float(a.min_lr_ratio) if a.min_lr_ratio is not None else 0.0
+    cycles = a.num_cycles / 2  # kohya passes num_cycles=lr_scheduler_num_cycles / 2
+
+    def wsd(step):
+        if step < w:
+            return max(0.0, warmup(float(step) / float(max(1, w))) * (1.0 - mr) + mr)
+        if step < w + stable:
+            return 1.0
+        if step < w + stable + d:
+            return max(0.0, decay(float(step - w - stable) / float(max(1, d)), cycles) * (1.0 - mr) + mr)
+        return mr
+    return wsd
+
+
+def _polynomial(a):
+    # transformers: lr_end absolute, default 1e-7; the multiplier is decay / lr_init
+    w, n, power, lr_end_ratio = a.w, a.n, a.power, a.lr_end_ratio
+    if lr_end_ratio is None:
+        lr_end = float(a.kwargs.get("lr_end", 1e-7))
+        if not (a.lr_init is not None and a.lr_init > lr_end):
+            raise UserError(f"--lr_scheduler polynomial: lr_end ({lr_end}) must be smaller than the initial lr "
+                            f"(--learning_rate {a.lr_init})")
+        lr_end_ratio = lr_end / a.lr_init
+
+    def poly(step):
+        if step < w:
+            return _warm(step, w)
+        if step > n:
+            return lr_end_ratio
+        pct_remaining = 1 - (step - w) / (n - w) if n > w else 0.0
+        return (1 - lr_end_ratio) * pct_remaining ** power + lr_end_ratio
+    return poly
+
+
+# --lr_scheduler name -> builder of its multiplier (adafactor's lr is computed by the optimizer)
+LR_LAMBDAS: Dict[str, Callable[[_ScheduleArgs], Callable[[int], float]]] = {
+    "constant": _constant, "constant_with_warmup": _constant_with_warmup, "linear": _linear,
+    "cosine": _cosine, "cosine_with_restarts": _cosine_with_restarts, "polynomial": _polynomial,
+    "inverse_sqrt": _inverse_sqrt, "cosine_with_min_lr": _cosine_with_min_lr,
+    "warmup_stable_decay": _warmup_stable_decay, "piecewise_constant": _piecewise_constant,
+}
+
+
 def get_lr_lambda(name: str, num_warmup_steps: int, num_training_steps: int, num_cycles: float = 1,
                   power: float = 1.0, lr_end_ratio: float = None, *, num_decay_steps: int = 0,
                   timescale: Optional[int] = None, min_lr_ratio: Optional[float] = None,
@@ -129,120 +290,8 @@ def get_lr_lambda(name: str, num_warmup_steps: int, num_training_steps: int, num
     if unknown:
         takes = ", ".join(SCHEDULER_ARGS[name]) or "no arguments"
         raise UserError(f"--lr_scheduler_args: {name} takes {takes}; not {', '.join(unknown)}")
-    w, n = int(num_warmup_steps), int(num_training_steps)
-
-    if name == "constant":
-        if w:
-            raise UserError("constant does not require `num_warmup_steps`. Set None or 0 "
-                            "(use --lr_scheduler constant_with_warmup)")
-        return lambda step: 1.0
-    if name == "piecewise_constant":
-        if w:
-            raise UserError("--lr_scheduler piecewise_constant does not use --lr_warmup_steps "
-                            "(kohya ignores it): put the steps in step_rules")
-        if "step_rules" not in kwargs:
-            raise UserError("--lr_scheduler piecewise_constant needs --lr_scheduler_args "
-                            "step_rules=multiplier:step,...,multiplier (e.g. step_rules=1:10,0.1:20,0.01)")
-        return piecewise_constant_lambda(kwargs["step_rules"])
-    if name == "constant_with_warmup":
-        return lambda step: _warm(step, w) if step < w else 1.0
-    if name == "inverse_sqrt":
-        ts = timescale if timescale is not None else (w or 10_000)
-        if ts <= 0:
-            raise UserError(f"--lr_scheduler_timescale must be positive, got {ts}")
-        shift = ts - w
-        return lambda step: _warm(step, w) if step < w else 1.0 / math.sqrt((step + shift) / ts)
-    if name == "linear":
-        return lambda step: _warm(step, w) if step < w else max(0.0, float(n - step) / float(max(1, n - w)))
-    if name in ("cosine", "cosine_with_min_lr"):
-        if name == "cosine":
-            cycles, min_rate = float(kwargs.get("num_cycles", 0.5)), 0.0
-        else:  # kohya: num_cycles=lr_scheduler_num_cycles / 2, min_lr_rate=lr_scheduler_min_lr_ratio
-            cycles = num_cycles / 2
-            if min_lr_ratio is not None and kwargs.get("min_lr") is not None:
-                raise UserError("cosine_with_min_lr: only one of --lr_scheduler_min_lr_ratio and "
-                                "--lr_scheduler_args min_lr may be set")
-            if min_lr_ratio is None and kwargs.get("min_lr") is None:
-                raise UserError("--lr_scheduler cosine_with_min_lr needs --lr_scheduler_min_lr_ratio "
-                                "(or --lr_scheduler_args min_lr=...)")
-            min_rate = float(min_lr_ratio) if min_lr_ratio is not None else None
-            if min_rate is None:  # transformers: min_lr / optimizer.defaults["lr"]
-                if not lr_init:
-                    raise UserError("cosine_with_min_lr: min_lr needs a non-zero --learning_rate")
-                min_rate = float(kwargs["min_lr"]) / lr_init
-
-        def cosine(step):
-            if step < w:
-                return _warm(step, w)
-            progress = float(step - w) / float(max(1, n - w))
-            factor = 0.5 * (1.0 + math.cos(math.pi * cycles * 2.0 * progress))
-            if name == "cosine":
-                return max(0.0, factor)
-            return max(0.0, factor * (1 - min_rate) + min_rate)
-        return cosine
-    if name == "cosine_with_restarts":
-        def restarts(step):
-            if step < w:
-                return _warm(step, w)
-            progress = float(step - w) / float(max(1, n - w))
-            if progress >= 1.0:
-                return 0.0
-            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((float(num_cycles) * progress) % 1.0))))
-        return restarts
-    if name == "warmup_stable_decay":
-        d = int(num_decay_steps)
-        stable = n - w - d
-        if stable < 0:
-            raise UserError(f"warmup_stable_decay: --lr_warmup_steps ({w}) + --lr_decay_steps ({d}) exceed the "
-                            f"training steps ({n})")
-        warmup_type = kwargs.get("warmup_type", "linear")
-        decay_type = kwargs.get("decay_type", "cosine")
-        for what, t in (("warmup_type", warmup_type), ("decay_type", decay_type)):
-            if t not in _WSD_TYPES:
-                raise UserError(f"--lr_scheduler_args {what}={t}: expected one of {', '.join(_WSD_TYPES)}")
-        mr = float(min_lr_ratio) if min_lr_ratio is not None else 0.0
-        cycles = num_cycles / 2  # kohya passes num_cycles=lr_scheduler_num_cycles / 2
-
-        def wsd(step):
-            if step < w:
-                progress = float(step) / float(max(1, w))
-                if warmup_type == "linear":
-                    f = progress
-                elif warmup_type == "cosine":
-                    f = 0.5 * (1.0 - math.cos(math.pi * progress))
-                else:
-                    f = 1.0 - math.sqrt(1.0 - progress)
-                return max(0.0, f * (1.0 - mr) + mr)
-            if step < w + stable:
-                return 1.0
-            if step < w + stable + d:
-                progress = float(step - w - stable) / float(max(1, d))
-                if decay_type == "linear":
-                    f = 1.0 - progress
-                elif decay_type == "cosine":
-                    f = 0.5 * (1.0 + math.cos(math.pi * float(cycles) * 2.0 * progress))
-                else:
-                    f = 1.0 - math.sqrt(progress)
-                return max(0.0, f * (1.0 - mr) + mr)
-            return mr
-        return wsd
-
-    # polynomial (transformers: lr_end absolute, default 1e-7; the multiplier is decay / lr_init)
-    if lr_end_ratio is None:
-        lr_end = float(kwargs.get("lr_end", 1e-7))
-        if not (lr_init is not None and lr_init > lr_end):
-            raise UserError(f"--lr_scheduler polynomial: lr_end ({lr_end}) must be smaller than the initial lr "
-                            f"(--learning_rate {lr_init})")
-        lr_end_ratio = lr_end / lr_init
-
-    def poly(step):
-        if step < w:
-            return _warm(step, w)
-        if step > n:
-            return lr_end_ratio
-        pct_remaining = 1 - (step - w) / (n - w) if n > w else 0.0
-        return (1 - lr_end_ratio) * pct_remaining ** power + lr_end_ratio
-    return poly
+    return LR_LAMBDAS[name](_ScheduleArgs(int(num_warmup_steps), int(num_training_steps), num_cycles, power,
+                                          lr_end_ratio, num_decay_steps, timescale, min_lr_ratio, lr_init, kwargs))
 
 
 # -- schedule objects -------------------------------------------------------------------------------
