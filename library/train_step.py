@@ -20,29 +20,10 @@ def _build_step_cells():
 
 
 @functools.lru_cache(maxsize=None)
-def _step_cells():
-    """Cells are defined lazily so that importing this module does not import mindspore."""
+def _grad_fns():
+    """The per-tensor graph functions the step cells map over gradient tuples (defined lazily, as the cells)."""
     import mindspore as ms
-    from mindspore import ParameterTuple, nn, ops
-
-    class LossAndGrads(nn.Cell):
-        """(loss, grads of the loss w.r.t. ``params``) of ``loss_net(*inputs)``."""
-
-        def __init__(self, loss_net, params, loss_scale=None):
-            super().__init__(auto_prefix=False)
-            self.loss_net = loss_net
-            self.weights = ParameterTuple(params)
-            self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
-            self.scaled = loss_scale is not None  # fp16: the backward starts from loss_scale (GradScaler)
-            self.loss_scale = loss_scale
-
-        def construct(self, *inputs):
-            loss = self.loss_net(*inputs)
-            sens = ops.ones_like(loss)
-            if self.scaled:
-                sens = sens * self.loss_scale.astype(loss.dtype)
-            grads = self.grad(self.loss_net, self.weights)(*inputs, sens)
-            return loss, grads
+    from mindspore import ops
 
     square_sum = ops.MultitypeFuncGraph("square_sum")
 
@@ -81,6 +62,36 @@ def _step_cells():
         total = ops.sqrt(ops.addn(hyper_map(square_sum, grads)))
         coef = ops.minimum(max_norm / (total + 1e-6), ops.ones((), ms.float32))
         return hyper_map(ops.partial(scale_grad, coef), grads)
+
+    return square_sum, accumulate, zero, copy, hyper_map, clip_grads
+
+
+@functools.lru_cache(maxsize=None)
+def _step_cells():
+    """Cells are defined lazily so that importing this module does not import mindspore."""
+    import mindspore as ms
+    from mindspore import ParameterTuple, nn, ops
+
+    square_sum, accumulate, zero, copy, hyper_map, clip_grads = _grad_fns()
+
+    class LossAndGrads(nn.Cell):
+        """(loss, grads of the loss w.r.t. ``params``) of ``loss_net(*inputs)``."""
+
+        def __init__(self, loss_net, params, loss_scale=None):
+            super().__init__(auto_prefix=False)
+            self.loss_net = loss_net
+            self.weights = ParameterTuple(params)
+            self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
+            self.scaled = loss_scale is not None  # fp16: the backward starts from loss_scale (GradScaler)
+            self.loss_scale = loss_scale
+
+        def construct(self, *inputs):
+            loss = self.loss_net(*inputs)
+            sens = ops.ones_like(loss)
+            if self.scaled:
+                sens = sens * self.loss_scale.astype(loss.dtype)
+            grads = self.grad(self.loss_net, self.weights)(*inputs, sens)
+            return loss, grads
 
     class ApplyGrads(nn.Cell):
         """``TrainStep`` after its backward: data-parallel mean, clip, optimizer update; returns the loss."""
