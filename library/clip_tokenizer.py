@@ -237,9 +237,6 @@ class CLIPTokenizer:
     def __len__(self) -> int:
         return len(self.encoder)
 
-    def get_vocab(self) -> Dict[str, int]:
-        return dict(self.encoder)
-
     def __repr__(self) -> str:
         return (
             f"CLIPTokenizer(vocab_size={self.vocab_size}, model_max_length={self.model_max_length}, "
@@ -308,11 +305,6 @@ class CLIPTokenizer:
         if isinstance(tokens, str):
             return self.special_tokens.get(tokens, self.encoder.get(tokens, self.unk_token_id))
         return [self.convert_tokens_to_ids(t) for t in tokens]
-
-    def convert_ids_to_tokens(self, ids: Union[int, Iterable[int]]) -> Union[str, List[str]]:
-        if isinstance(ids, (int, np.integer)):
-            return self.decoder[int(ids)]
-        return [self.decoder[int(i)] for i in ids]
 
     def _encode_one(self, text: str, add_special_tokens: bool, max_length: Optional[int], truncation: bool) -> List[int]:
         if not isinstance(text, str):

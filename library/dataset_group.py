@@ -69,9 +69,6 @@ class DatasetGroup:
     def verify_bucket_reso_steps(self, min_steps: int):
         self._each("verify_bucket_reso_steps", min_steps)
 
-    def get_resolutions(self):
-        return [(d.width, d.height) for d in self.datasets]
-
     def is_latent_cacheable(self) -> bool:
         return all(d.is_latent_cacheable() for d in self.datasets)
 

@@ -95,11 +95,6 @@ def parse_prompt_attention(text: str) -> List[list]:
     return merged
 
 
-def has_attention_syntax(text: str) -> bool:
-    """Whether weighting changes anything for this prompt (a weight other than 1, or an escape)."""
-    return any(w != 1.0 for _, w in parse_prompt_attention(text)) or "\\" in text
-
-
 def weighted_input_ids(text: str, tokenizer, max_token_length: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
     """One prompt -> (ids int64 (n_chunks, 77), weights float32 (T,)), T = 77 or max_token_length + 2:
     the weight of every token of the joined hidden states (1 for bos, eos and padding)."""

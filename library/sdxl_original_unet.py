@@ -427,15 +427,6 @@ class SdxlUNet2DConditionModel(nn.Cell):
         """
         self.gradient_checkpointing = bool(value)
 
-    def enable_gradient_checkpointing(self):
-        self.set_gradient_checkpointing(True)
-
-    def disable_gradient_checkpointing(self):
-        self.set_gradient_checkpointing(False)
-
-    def is_gradient_checkpointing(self):
-        return self.gradient_checkpointing
-
     def to_dtype(self, dtype, compute_dtype=None):
         """Cast Linear/Conv parameters to ``dtype`` (norm parameters stay fp32); returns self.
 

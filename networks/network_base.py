@@ -6,7 +6,7 @@ A network type provides a module class (an ``nn.Cell`` that replaces a Linear/Co
 ``weight``/``bias``) with:
 
 * ``lora_name``, ``org_module``, ``is_conv``, ``in_dim``, ``out_dim``, the Parameters ``alpha`` and
-  ``multiplier``, ``set_multiplier``, and the plain attributes ``applied`` / ``enabled``;
+  ``multiplier``, ``set_multiplier``, and the plain attribute ``applied``;
 * ``trainable_weights()``: ``{file leaf: Parameter}`` in file order (``alpha`` is written besides);
 * ``PLUS_LEAVES``: the leaves LoRA+ trains with ``lr * ratio`` (empty: LoRA+ is not offered);
 * ``delta_from(sd, multiplier)`` (a classmethod): the merged delta of one module's file arrays, fp32
@@ -175,7 +175,6 @@ class WrapsLayer:
         self.bias = org_module.bias
         object.__setattr__(self, "org_module_ref", [org_module])
         object.__setattr__(self, "applied", False)
-        object.__setattr__(self, "enabled", True)
         return alpha
 
     @property
@@ -282,11 +281,6 @@ class NetworkBase:
                     found.append((name + "." + child_name if name else child_name, child))
         return found
 
-    @classmethod
-    def lora_names(cls, root, target_replace_modules, prefix):
-        """kohya's module names ``<prefix>_<path with _>`` for a model (no module is created)."""
-        return [(prefix + "." + path).replace(".", "_") for path, _ in cls.target_modules(root, target_replace_modules)]
-
     def _create_modules(self, is_unet, text_encoder_idx, root, target_replace_modules, module_for):
         if is_unet:
             prefix = self.LORA_PREFIX_UNET
@@ -319,11 +313,6 @@ class NetworkBase:
         for lora in self.loras:
             lora.set_multiplier(multiplier)
 
-    def set_enabled(self, is_enabled):
-        for lora in self.loras:
-            lora.enabled = bool(is_enabled)
-            lora.set_multiplier(self.multiplier if is_enabled else 0.0)
-
     def set_train(self, mode=True):
         self.training = bool(mode)
         for lora in self.loras:
@@ -334,9 +323,6 @@ class NetworkBase:
 
     def eval(self):
         self.set_train(False)
-
-    def is_mergeable(self):
-        return True
 
     # -- apply / merge -----------------------------------------------------------
 
@@ -606,12 +592,6 @@ class NetworkBase:
         for lora in self.loras:
             for p in lora.trainable_weights().values():
                 p.requires_grad = value
-
-    def enable_gradient_checkpointing(self):
-        pass  # not supported, as kohya
-
-    def prepare_grad_etc(self, text_encoder, unet):
-        self.requires_grad_(True)
 
     def on_epoch_start(self, text_encoder, unet):
         self.train()
