@@ -203,6 +203,20 @@ def build_training_metadata(args, *, session_id, training_started_at, text_encod
     return {k: str(v) for k, v in md.items()}
 
 
+def run_metadata(args, train_group, val_group, num_batches, num_epochs, world_size):
+    """The training metadata's keys that come from the run rather than an argument (those are
+    ``_ARG_KEYS``): image counts, batches per epoch, epochs, batch sizes, and ``dataset_metadata``'s keys;
+    the ``dataset_metadata`` argument of ``build_training_metadata``."""
+    total_batch_size = args.train_batch_size * world_size * args.gradient_accumulation_steps
+    md = {"ss_num_train_images": sum(d.num_train_images for d in train_group.datasets),
+          "ss_num_reg_images": sum(d.num_reg_images for d in train_group.datasets),
+          "ss_num_batches_per_epoch": num_batches, "ss_num_epochs": num_epochs,
+          "ss_batch_size_per_device": args.train_batch_size, "ss_total_batch_size": total_batch_size,
+          "ss_num_validation_images": sum(d.num_train_images for d in val_group.datasets) if val_group else 0}
+    md.update(dataset_metadata(args, train_group, total_batch_size))
+    return md
+
+
 def dataset_metadata(args, group, total_batch_size):
     """kohya's dataset keys of the training metadata: with a dataset ``.toml`` ``ss_datasets`` (each
     dataset and its subsets), ``ss_tag_frequency`` and ``ss_dataset_dirs`` (JSON); from command-line

@@ -380,26 +380,8 @@ class SetupStages:
 
         args = run.args
         make_output_folder(args.output_dir, "--output_dir")
-        train_group, val_group = run.train_group, run.val_group
-        num_train_images = sum(d.num_train_images for d in train_group.datasets)
-        num_reg_images = sum(d.num_reg_images for d in train_group.datasets)
-        dataset_md = {
-            "ss_num_train_images": num_train_images, "ss_num_reg_images": num_reg_images,
-            "ss_num_batches_per_epoch": run.num_batches, "ss_num_epochs": run.num_train_epochs,
-            "ss_batch_size_per_device": args.train_batch_size,
-            "ss_total_batch_size": args.train_batch_size * self.dp.world_size * run.accum,
-            "ss_network_module": args.network_module, "ss_network_dim": args.network_dim,
-            "ss_network_alpha": args.network_alpha, "ss_network_dropout": args.network_dropout,
-            "ss_lr_warmup_steps": args.lr_warmup_steps, "ss_lr_scheduler": args.lr_scheduler,
-            "ss_max_train_steps": args.max_train_steps, "ss_seed": args.seed,
-            "ss_training_comment": args.training_comment, "ss_mixed_precision": args.mixed_precision,
-            "ss_num_validation_images": sum(d.num_train_images for d in val_group.datasets) if val_group else 0,
-            "ss_validation_seed": args.validation_seed, "ss_validation_split": args.validation_split,
-            "ss_max_validation_steps": args.max_validation_steps,
-            "ss_validate_every_n_epochs": args.validate_every_n_epochs,
-            "ss_validate_every_n_steps": args.validate_every_n_steps,
-        }
-        dataset_md.update(lora_metadata.dataset_metadata(args, train_group, dataset_md["ss_total_batch_size"]))
+        dataset_md = lora_metadata.run_metadata(args, run.train_group, run.val_group, run.num_batches,
+                                                run.num_train_epochs, self.dp.world_size)
         run.metadata = lora_metadata.build_training_metadata(
             args, session_id=run.session_id, training_started_at=run.training_started_at,
             text_encoder_lr=lora_metadata.text_encoder_lr_value(args.text_encoder_lr),
@@ -407,8 +389,8 @@ class SetupStages:
             network_kwargs=self.net_kwargs, dataset_metadata=dataset_md)
         run.ext = "." + (args.save_model_as or "safetensors")
         logger.info("running training: %d images (%d reg), %d batches/epoch, %d epochs, %d steps, accumulation %d",
-                    num_train_images, num_reg_images, run.num_batches, run.num_train_epochs, args.max_train_steps,
-                    run.accum)
+                    dataset_md["ss_num_train_images"], dataset_md["ss_num_reg_images"], run.num_batches,
+                    run.num_train_epochs, args.max_train_steps, run.accum)
         logger.info("lr groups: %s", ", ".join(f"{d or 'all'}={lr}" for d, lr in zip(run.lr_descriptions,
                                                                                        run.base_lrs)))
         run.tracker = train_logging.TrainLogger(args, self.log_with)
