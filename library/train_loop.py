@@ -10,7 +10,8 @@ import os
 import time
 
 from library.device_utils import UserError, peak_rss_gb, reset_peak_rss, rss_gb
-from library.train_outputs import get_epoch_ckpt_name, get_last_ckpt_name, get_step_ckpt_name, write_loss_curve_png
+from library.train_outputs import (get_epoch_ckpt_name, get_last_ckpt_name, get_step_ckpt_name, stale_number,
+                                   write_loss_curve_png)
 from library.train_step import SegmentedStep
 
 # the trainer's messages keep the logger name users see on the console ("INFO train_network: ...")
@@ -132,7 +133,7 @@ class LoopStages:
     def after_update(self, run, loss_value, step_seconds):
         """The step counted and logged, max-norm regularisation, then what --sample_every_n_steps,
         --validate_every_n_steps and --save_every_n_steps ask for at this step."""
-        from library import train_logging, train_state, train_validation
+        from library import train_logging, train_validation
 
         args = run.args
         run.global_step += 1
@@ -163,26 +164,12 @@ class LoopStages:
             run.tracker.log({"loss/validation/step_average": val_loss,
                              "loss/validation/step_divergence": val_loss - avr}, global_step)
         if save:
-            self.save_model(run, get_step_ckpt_name(args, run.ext, global_step), global_step, run.epoch + 1)
-            if args.save_last_n_steps is not None:  # kohya's get_remove_step_no
-                remove_no = global_step - args.save_last_n_steps - 1
-                remove_no -= remove_no % args.save_every_n_steps
-                if remove_no > 0:
-                    self.remove_model(run, get_step_ckpt_name(args, run.ext, remove_no))
-            if args.save_state:
-                self.save_train_state(run, train_state.STEP_STATE_NAME.format(args.output_name, global_step))
-                last_n = args.save_last_n_steps_state or args.save_last_n_steps
-                if last_n is not None:
-                    remove_no = global_step - last_n - 1
-                    remove_no -= remove_no % args.save_every_n_steps
-                    if remove_no > 0:
-                        train_state.remove_state(os.path.join(
-                            args.output_dir, train_state.STEP_STATE_NAME.format(args.output_name, remove_no)))
+            self.save_at(run, True, global_step)
 
     def end_epoch(self, run):
         """The epoch's average loss; what --validate_every_n_epochs, --save_every_n_epochs and
         --sample_every_n_epochs ask for at its end."""
-        from library import train_state, train_validation
+        from library import train_validation
 
         args, epoch = run.args, run.epoch
         epoch_avr = None
@@ -202,22 +189,35 @@ class LoopStages:
             run.tracker.log({"loss/validation/epoch_average": val_loss,
                              "loss/validation/epoch_divergence": val_loss - epoch_avr}, epoch + 1)
         if save:
-            self.save_model(run, get_epoch_ckpt_name(args, run.ext, epoch + 1), run.global_step, epoch + 1)
-            if args.save_last_n_epochs is not None:
-                remove_epoch_no = epoch + 1 - args.save_every_n_epochs * args.save_last_n_epochs
-                if remove_epoch_no > 0:
-                    self.remove_model(run, get_epoch_ckpt_name(args, run.ext, remove_epoch_no))
-            if args.save_state:
-                self.save_train_state(run, train_state.EPOCH_STATE_NAME.format(args.output_name, epoch + 1))
-                last_n = args.save_last_n_epochs_state or args.save_last_n_epochs
-                if last_n is not None:
-                    remove_epoch_no = epoch + 1 - args.save_every_n_epochs * last_n
-                    if remove_epoch_no > 0:
-                        train_state.remove_state(os.path.join(args.output_dir, train_state.EPOCH_STATE_NAME.format(
-                            args.output_name, remove_epoch_no)))
+            self.save_at(run, False, epoch + 1)
         run.sampler.sample(epoch + 1, run.global_step)  # --sample_every_n_epochs
 
     # -- saving ------------------------------------------------------------------------------
+    def save_at(self, run, by_steps, number):
+        """--save_every_n_steps / --save_every_n_epochs: the LoRA (and with --save_state the state) of this
+        step or epoch ``number``, then "keep the last N": the files that fall out of --save_last_n_steps /
+        --save_last_n_epochs (and their _state forms, which default to them) removed."""
+        from library import train_state
+
+        args = run.args
+        if by_steps:
+            every, last_n = args.save_every_n_steps, args.save_last_n_steps
+            last_n_state = args.save_last_n_steps_state
+            model_name, state_name = get_step_ckpt_name, train_state.STEP_STATE_NAME
+        else:
+            every, last_n = args.save_every_n_epochs, args.save_last_n_epochs
+            last_n_state = args.save_last_n_epochs_state
+            model_name, state_name = get_epoch_ckpt_name, train_state.EPOCH_STATE_NAME
+        self.save_model(run, model_name(args, run.ext, number), run.global_step, run.epoch + 1)
+        stale = stale_number(number, every, last_n, by_steps)
+        if stale is not None:
+            self.remove_model(run, model_name(args, run.ext, stale))
+        if args.save_state:
+            self.save_train_state(run, state_name.format(args.output_name, number))
+            stale = stale_number(number, every, last_n_state or last_n, by_steps)
+            if stale is not None:
+                train_state.remove_state(os.path.join(args.output_dir, state_name.format(args.output_name, stale)))
+
     def save_model(self, run, ckpt_name, steps, epoch_no):
         """The LoRA file with the run's metadata (the step, epoch and time of this save added); refused when
         a weight is not finite."""

@@ -20,6 +20,20 @@ def get_last_ckpt_name(args, ext):
     return args.output_name + ext
 
 
+def stale_number(number, every, last_n, by_steps):
+    """"Keep the last N" (--save_last_n_steps/--save_last_n_epochs and their _state forms): when the file of
+    step or epoch ``number`` is saved (one every ``every``), the number whose file falls out, or None. Steps
+    as kohya's get_remove_step_no (rounded down to a saved step), epochs as its epoch branch."""
+    if last_n is None:
+        return None
+    if by_steps:
+        stale = number - last_n - 1
+        stale -= stale % every
+    else:
+        stale = number - every * last_n
+    return stale if stale > 0 else None
+
+
 def nice_ticks(lo, hi, count=5):
     """Round tick values (1, 2, 2.5 or 5 times a power of ten apart) covering [lo, hi], about ``count`` of them."""
     import math
