@@ -8,6 +8,7 @@ See ``train_network.py`` for the loop and the list of arguments not implemented 
 """
 import os
 import sys
+from typing import Any, NamedTuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -225,6 +226,38 @@ def _build_sdxl_loss_cell():
     return SdxlNetworkLoss, WeightedSdxlNetworkLoss
 
 
+class SdxlStepInputs(NamedTuple):
+    """One SDXL train step's inputs by name (``SdxlNetworkTrainer.step_inputs``), as Tensors; what each holds
+    is in ``SdxlNetworkLoss``'s docstring. With cached text encoder outputs ``input_ids1``/``input_ids2`` hold
+    the context (B, T, 2048) and pool2 (B, 1280); ``token_weights1/2`` only with --weighted_captions and the
+    text encoders in the step (else None)."""
+    latents: Any
+    noise: Any
+    noisy_noise: Any
+    timesteps: Any
+    sqrt_ab: Any
+    sqrt_1mab: Any
+    weights: Any
+    input_ids1: Any
+    input_ids2: Any
+    size_emb: Any
+    huber_c: Any
+    loss_mask: Any
+    token_weights1: Any = None
+    token_weights2: Any = None
+
+    def flat(self, input_names):
+        """The compiled cells' positional arguments, in the loss cell's ``input_names`` order: the one place
+        the named inputs become a tuple. A name the cell takes that is None here, or an input given that the
+        cell does not take, is an error."""
+        values = tuple(getattr(self, name) for name in input_names)
+        unused = [f for f in self._fields if f not in input_names and getattr(self, f) is not None]
+        missing = [name for name, v in zip(input_names, values) if v is None]
+        if missing or unused:
+            raise ValueError(f"step inputs do not fit the loss cell: missing {missing}, not taken {unused}")
+        return values
+
+
 class SdxlNetworkTrainer(train_network.NetworkTrainer):
     def __init__(self):
         super().__init__()
@@ -291,22 +324,24 @@ class SdxlNetworkTrainer(train_network.NetworkTrainer):
 
         sqrt_ab, sqrt_1mab = noise_schedule.coefficients(timesteps)
         huber_c, loss_mask = loss_extra_inputs(args, batch, timesteps, noise_schedule, latents.shape)
+        token_weights = (None, None)
         if batch.get("text_encoder_outputs_list") is not None:  # cached: context and pool2 in the ids' slots
             hidden1, hidden2, pool2 = batch["text_encoder_outputs_list"]
             text = (Tensor(np.concatenate([hidden1, hidden2], 2).astype(np.float32)),
                     Tensor(np.asarray(pool2, np.float32)))
         elif args.weighted_captions:  # kohya: the batch's (processed) captions tokenised with their weights
-            (ids1, ids2), token_weights = self.weighted_tokens(args, batch["captions"])
+            (ids1, ids2), weights12 = self.weighted_tokens(args, batch["captions"])
             text = (Tensor(np.asarray(ids1, np.int32)), Tensor(np.asarray(ids2, np.int32)))
+            token_weights = tuple(Tensor(w) for w in weights12)
         else:
             ids1, ids2 = batch["input_ids_list"]
             text = (Tensor(np.asarray(ids1, np.int32)), Tensor(np.asarray(ids2, np.int32)))
-        inputs = (Tensor(latents), Tensor(noise), Tensor(noisy_noise), Tensor(np.asarray(timesteps, np.float32)),
-                  Tensor(sqrt_ab), Tensor(sqrt_1mab), Tensor(weights)) + text + (
-                  Tensor(size_embeddings_for_batch(batch)), Tensor(huber_c), Tensor(loss_mask))
-        if args.weighted_captions and batch.get("text_encoder_outputs_list") is None:
-            inputs += tuple(Tensor(w) for w in token_weights)
-        return inputs
+        return SdxlStepInputs(
+            latents=Tensor(latents), noise=Tensor(noise), noisy_noise=Tensor(noisy_noise),
+            timesteps=Tensor(np.asarray(timesteps, np.float32)), sqrt_ab=Tensor(sqrt_ab), sqrt_1mab=Tensor(sqrt_1mab),
+            weights=Tensor(weights), input_ids1=text[0], input_ids2=text[1],
+            size_emb=Tensor(size_embeddings_for_batch(batch)), huber_c=Tensor(huber_c), loss_mask=Tensor(loss_mask),
+            token_weights1=token_weights[0], token_weights2=token_weights[1])
 
     def weighted_tokens(self, args, captions):
         """--weighted_captions: captions -> ((ids1, ids2), (weights1, weights2)); the first caption that

@@ -79,7 +79,7 @@ class NetworkTrainer(SetupStages, LoopStages):
         raise NotImplementedError
 
     def build_loss_net(self, args, text_encoders, unet):
-        """-> a Cell taking ``step_inputs(...)`` and returning the scalar loss."""
+        """-> a Cell taking ``step_inputs(...).flat(cell.input_names)`` and returning the scalar loss."""
         raise NotImplementedError
 
     def cache_text_encoder_outputs(self, args, text_encoders, dataset_groups):
@@ -87,9 +87,11 @@ class NetworkTrainer(SetupStages, LoopStages):
         raise UserError("--cache_text_encoder_outputs is not supported by this trainer")
 
     def step_inputs(self, args, batch, latents, noise, noisy_noise, timesteps, weights, noise_schedule):
+        """-> the model family's named step inputs, whose ``flat(input_names)`` gives the loss cell's
+        positional arguments (``sdxl_train_network.SdxlStepInputs``)."""
         raise NotImplementedError
 
-    def make_validator(self, args, val_group, loss_net, vae, noise_schedule, set_train_modes):
+    def make_validator(self, args, val_group, loss_net, vae, noise_schedule, set_train_modes, input_names):
         """The validation-loss runner: inputs built as for a training batch, at the given timesteps."""
         import numpy as np
 
@@ -114,7 +116,8 @@ class NetworkTrainer(SetupStages, LoopStages):
             noise, noisy_noise, _ = ctf.draw_noise(args, latents, rng, lambda r: timesteps)
             weights = (np.asarray(batch["loss_weights"], np.float32)
                        * ctf.post_process_loss_weights(args, timesteps, noise_schedule)).astype(np.float32)
-            return self.step_inputs(args, batch, latents, noise, noisy_noise, timesteps, weights, noise_schedule)
+            return self.step_inputs(args, batch, latents, noise, noisy_noise, timesteps, weights,
+                                    noise_schedule).flat(input_names)
 
         return Validator(args, val_group, loss_net, make_inputs, encode_latents,
                          set_eval=lambda: loss_net.set_train(False), set_train=set_train_modes)

@@ -84,7 +84,8 @@ class LoopStages:
         latents, noise, noisy_noise, timesteps = self.dp.local_rows(batch, latents, noise, noisy_noise, timesteps)
         weights = (np.asarray(batch["loss_weights"], np.float32)
                    * ctf.post_process_loss_weights(args, timesteps, run.noise_schedule)).astype(np.float32)
-        inputs = self.step_inputs(args, batch, latents, noise, noisy_noise, timesteps, weights, run.noise_schedule)
+        inputs = self.step_inputs(args, batch, latents, noise, noisy_noise, timesteps, weights,
+                                  run.noise_schedule).flat(run.loss_net.input_names)
         key = tuple(latents.shape)
         if self.dynamic_shapes and not run.compile_times:
             from mindspore import Tensor as _T

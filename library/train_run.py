@@ -369,7 +369,7 @@ class SetupStages:
         run.set_train_modes()
         eval_net = run.loss_net if chain is None else SegmentedLoss(chain)  # validation: the step's own forward
         run.validator = self.make_validator(args, run.val_group, eval_net, run.vae, run.noise_schedule,
-                                            run.set_train_modes)
+                                            run.set_train_modes, run.loss_net.input_names)
 
     def prepare_outputs(self, run):
         """The output folder, the LoRA metadata, the logger, the loop's generator and progress bar."""
