@@ -291,16 +291,10 @@ class LoopStages:
 
 def write_loss_csvs(args, loss_rows, val_rows):
     """``<output_name>_loss.csv`` (step, loss, avr_loss, lr) and, when validated, ``<output_name>_val_loss.csv``."""
-    csv_path = os.path.join(args.output_dir, f"{args.output_name}_loss.csv")
-    with open(csv_path + ".tmp", "w", encoding="utf-8") as f:
-        f.write("step,loss,avr_loss,lr\n")
-        for row in loss_rows:
-            f.write(f"{row[0]},{row[1]:.8g},{row[2]:.8g},{row[3]:.8g}\n")
-    os.replace(csv_path + ".tmp", csv_path)
+    from library.path_utils import atomic_write_text
+
+    lines = ["step,loss,avr_loss,lr"] + [f"{r[0]},{r[1]:.8g},{r[2]:.8g},{r[3]:.8g}" for r in loss_rows]
+    atomic_write_text(os.path.join(args.output_dir, f"{args.output_name}_loss.csv"), "\n".join(lines) + "\n")
     if val_rows:
-        val_path = os.path.join(args.output_dir, f"{args.output_name}_val_loss.csv")
-        with open(val_path + ".tmp", "w", encoding="utf-8") as f:
-            f.write("step,epoch,val_loss\n")
-            for row in val_rows:
-                f.write(f"{row[0]},{row[1]},{row[2]:.8g}\n")
-        os.replace(val_path + ".tmp", val_path)
+        lines = ["step,epoch,val_loss"] + [f"{r[0]},{r[1]},{r[2]:.8g}" for r in val_rows]
+        atomic_write_text(os.path.join(args.output_dir, f"{args.output_name}_val_loss.csv"), "\n".join(lines) + "\n")
