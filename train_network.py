@@ -22,11 +22,10 @@ Graph mode compiles once per input shape: each (bucket resolution, batch
 size) pair compiles its own graph on first use (MindSpore caches it); the
 smaller last batch of a bucket is another shape. Dynamic shapes
 (``set_inputs`` with None dims) compile once for all buckets, but on the CPU
-backend the dynamic-shape step ran ~8x slower per step (measured on the tiny
-demo model, 2 buckets: static 0.42 s/step + 75-92 s compile per shape,
-dynamic 3.6 s/step + 127 s compile once), so per-shape compilation is the
-default; ``KOHYA_MS_DYNAMIC_SHAPES=1`` switches to one dynamic compile
-(experimental, worth re-measuring on Ascend).
+backend the dynamic-shape step is several times slower per step
+(Limitations.md), so per-shape compilation is the default;
+``KOHYA_MS_DYNAMIC_SHAPES=1`` switches to one dynamic compile (experimental,
+worth re-measuring on Ascend).
 
 Arguments (library/train_args.py): kohya's names and defaults. An argument that
 this port does not implement yet stops the run at start with one line naming it
