@@ -335,10 +335,11 @@ class SetupStages:
         chain = None
         dropouts = [name for name in ("dropout", "rank_dropout", "module_dropout")
                     if any(getattr(lora, name, None) for lora in run.network.loras)]
-        if args.gradient_checkpointing and dropouts:
+        checkpointing = run.unet.gradient_checkpointing  # set from --gradient_checkpointing by prepare_models
+        if checkpointing and dropouts:
             logger.warning("gradient checkpointing: LoRA %s would draw other masks when a segment is recomputed; "
                            "training with the one-graph step instead (no memory saved)", "/".join(dropouts))
-        elif args.gradient_checkpointing:  # the loss as a chain of segments, recomputed one at a time
+        elif checkpointing:  # the loss as a chain of segments, recomputed one at a time
             from library.segments import SegmentChain
 
             chain = SegmentChain(run.loss_net.segments(), run.loss_net.input_names, params)
