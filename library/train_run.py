@@ -285,7 +285,9 @@ class SetupStages:
         self.dp.broadcast_parameters(params)  # the same initial LoRA weights on every rank
         run.loss_net = self.build_loss_net(args, text_encoders, unet)  # may rename parameters: before the optimizer
         if args.cache_text_encoder_outputs and not args.sample_prompts:
-            run.text_encoders = []  # not used again: dropped (the LoRA network keeps no reference to them)
+            # not used again: dropped (the LoRA network keeps no reference to them), this frame's name too,
+            # so that the trim below gives their memory back
+            text_encoders = run.text_encoders = []
             release_host_memory()
         run.network, run.params = network, params
         return param_groups
