@@ -31,7 +31,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from library import layers
 from library.device_utils import UserError
 from networks.network_base import (
-    NetworkBase, WrapsLayer, float_arg, is_conv, is_linear, is_sdxl_unet, kernel, param_numpy, parse_network_args, set_param)
+    NetworkBase, WrapsLayer, float_arg, is_linear, is_sdxl_unet, kernel, param_numpy, parse_network_args, set_param)
 
 logger = logging.getLogger(__name__)
 
@@ -60,16 +60,13 @@ class LoHaModule(WrapsLayer, nn.Cell):
     def __init__(self, lora_name, org_module, multiplier=1.0, lora_dim=4, alpha=1, dropout=None, rank_dropout=None,
                  module_dropout=None):
         super().__init__()
-        self.lora_name = lora_name
-        self.is_conv = is_conv(org_module)
+        self.read_layer(lora_name, org_module)
         if self.is_conv:
             k = kernel(org_module)
-            self.in_dim, self.out_dim = org_module.in_channels, org_module.out_channels
             flat_in = self.in_dim * k[0] * k[1]
             self.delta_shape = (self.out_dim, self.in_dim, k[0], k[1])
             self.conv = org_module.conv
         else:
-            self.in_dim, self.out_dim = org_module.in_features, org_module.out_features
             flat_in = self.in_dim
             self.delta_shape = (self.out_dim, self.in_dim)
             self.stored_dense = getattr(org_module, "stored_dense", None)

@@ -41,13 +41,8 @@ class LoRAModule(WrapsLayer, nn.Cell):
     def __init__(self, lora_name, org_module, multiplier=1.0, lora_dim=4, alpha=1, dropout=None, rank_dropout=None,
                  module_dropout=None):
         super().__init__()
-        self.lora_name = lora_name
-        self.is_conv = _is_conv(org_module)
-        if self.is_conv:
-            in_dim, out_dim = org_module.in_channels, org_module.out_channels
-        else:
-            in_dim, out_dim = org_module.in_features, org_module.out_features
-        self.in_dim, self.out_dim = in_dim, out_dim
+        self.read_layer(lora_name, org_module)
+        in_dim, out_dim = self.in_dim, self.out_dim
         self.lora_dim = int(lora_dim)
 
         if self.is_conv:

@@ -165,6 +165,15 @@ class WrapsLayer:
     module's dim) and the multiplier as non-trained parameters, the layer's weight and bias owned (names
     unchanged), and the layer itself kept out of the cell tree."""
 
+    def read_layer(self, lora_name, org_module):
+        """``lora_name``, and the wrapped layer's kind and sizes: ``is_conv``, ``in_dim``, ``out_dim``."""
+        self.lora_name = lora_name
+        self.is_conv = is_conv(org_module)
+        if self.is_conv:
+            self.in_dim, self.out_dim = org_module.in_channels, org_module.out_channels
+        else:
+            self.in_dim, self.out_dim = org_module.in_features, org_module.out_features
+
     def wrap_layer(self, org_module, alpha, multiplier):
         if isinstance(alpha, (Tensor, np.ndarray, np.generic)):
             alpha = float(np.asarray(alpha.asnumpy() if isinstance(alpha, Tensor) else alpha, np.float32))
