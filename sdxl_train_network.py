@@ -143,18 +143,30 @@ class SdxlNetworkTrainer(train_network.NetworkTrainer):
         self.tokenizers = load_tokenizers(args.tokenizer_cache_dir)
         return self.tokenizers
 
-    def load_target_model(self, args):
+    def load_target_model(self, args, with_unet=True):
         from library.sdxl_model_util import load_models_from_sdxl_checkpoint
 
         te1, te2, vae, unet, _logit_scale, _info = load_models_from_sdxl_checkpoint(
             args.pretrained_model_name_or_path, None, args.vae,
-            unet_dtype="fp16" if args.fp16_unet_weights else None)
+            unet_dtype="fp16" if args.fp16_unet_weights else None, with_unet=with_unet)
         self.text_encoder_widths = (te1.config.hidden_size, te2.config.hidden_size)
-        pooled = te2.config.projection_dim
-        if unet.adm_in_channels != pooled + 6 * 256:
-            raise UserError(f"{args.pretrained_model_name_or_path}: UNet adm_in_channels {unet.adm_in_channels} "
-                            f"!= text encoder 2 projection {pooled} + 6*256")
+        self.pooled_width = te2.config.projection_dim
+        if unet is not None:
+            self.check_unet_fits(args, unet)
         return SDXL_MODEL_VERSION, [te1, te2], vae, unet
+
+    def load_unet(self, args):
+        from library.sdxl_model_util import load_unet_from_sdxl_checkpoint
+
+        unet = load_unet_from_sdxl_checkpoint(args.pretrained_model_name_or_path,
+                                              unet_dtype="fp16" if args.fp16_unet_weights else None)
+        self.check_unet_fits(args, unet)
+        return unet
+
+    def check_unet_fits(self, args, unet):
+        if unet.adm_in_channels != self.pooled_width + 6 * 256:
+            raise UserError(f"{args.pretrained_model_name_or_path}: UNet adm_in_channels {unet.adm_in_channels} "
+                            f"!= text encoder 2 projection {self.pooled_width} + 6*256")
 
     def cache_text_encoder_outputs(self, args, text_encoders, dataset_groups):
         weighted = bool(args.weighted_captions)  # kohya caches the weighted outputs

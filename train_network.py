@@ -73,8 +73,13 @@ class NetworkTrainer(SetupStages, LoopStages):
     def load_tokenizers(self, args):
         raise NotImplementedError
 
-    def load_target_model(self, args):
-        """-> (model_version, text_encoders list, vae, unet)."""
+    def load_target_model(self, args, with_unet=True):
+        """-> (model_version, text_encoders list, vae, unet); ``unet`` is None with ``with_unet=False``
+        (``load_unet`` reads it later)."""
+        raise NotImplementedError
+
+    def load_unet(self, args):
+        """-> the U-Net alone, as ``load_target_model`` loads it."""
         raise NotImplementedError
 
     def build_loss_net(self, args, text_encoders, unet):

@@ -349,8 +349,11 @@ def _scalar(reader, key):
 # public: loading
 
 
+_NO_UNET = object()  # the U-Net dtype that says: do not read the U-Net
+
+
 def load_models_from_sdxl_checkpoint(ckpt_path, dtype=None, vae_path=None, head_dim=K.DEFAULT_HEAD_DIM,
-                                     norm_num_groups=K.DEFAULT_NORM_GROUPS, unet_dtype=None):
+                                     norm_num_groups=K.DEFAULT_NORM_GROUPS, unet_dtype=None, with_unet=True):
     """Load an SDXL checkpoint: returns ``(text_encoder1, text_encoder2, vae, unet, logit_scale, ckpt_info)``.
 
     ``ckpt_path``: SAI single file (``.safetensors`` or MindSpore ``.ckpt``) or a diffusers
@@ -362,10 +365,12 @@ def load_models_from_sdxl_checkpoint(ckpt_path, dtype=None, vae_path=None, head_
     ``logit_scale`` is a numpy scalar array or None; ``ckpt_info`` a ``CheckpointInfo``.
     ``unet_dtype``: the U-Net's Linear/Conv weights only (overrides ``dtype`` there), loaded straight
     into it (fp16-stored weights never exist in fp32 as a whole).
+    ``with_unet=False``: the U-Net's keys are checked but not read (``unet`` is None); read it later with
+    ``load_unet_from_sdxl_checkpoint``, e.g. after the text encoders that were needed only before it are freed.
     """
     start = time.time()
     ms_dtype = _ms_dtype(dtype)
-    unet_ms_dtype = _ms_dtype(unet_dtype) or ms_dtype
+    unet_ms_dtype = (_ms_dtype(unet_dtype) or ms_dtype) if with_unet else _NO_UNET
     if not os.path.exists(ckpt_path):
         raise UserError(f"{ckpt_path}: checkpoint not found")
     if os.path.isdir(ckpt_path):
@@ -374,6 +379,25 @@ def load_models_from_sdxl_checkpoint(ckpt_path, dtype=None, vae_path=None, head_
         result = _load_single_file(ckpt_path, ms_dtype, vae_path, head_dim, norm_num_groups, unet_ms_dtype)
     logger.info("loaded %s in %.1f s", ckpt_path, time.time() - start)
     return result
+
+
+def load_unet_from_sdxl_checkpoint(ckpt_path, dtype=None, head_dim=K.DEFAULT_HEAD_DIM,
+                                   norm_num_groups=K.DEFAULT_NORM_GROUPS, unet_dtype=None):
+    """Only the U-Net of an SDXL checkpoint (SAI single file or diffusers folder), as
+    ``load_models_from_sdxl_checkpoint`` loads it (same ``dtype``/``unet_dtype`` meaning)."""
+    start = time.time()
+    unet_ms_dtype = _ms_dtype(unet_dtype) or _ms_dtype(dtype)
+    if not os.path.exists(ckpt_path):
+        raise UserError(f"{ckpt_path}: checkpoint not found")
+    if os.path.isdir(ckpt_path):
+        unet = _load_diffusers_unet(ckpt_path, head_dim, norm_num_groups, unet_ms_dtype)
+    else:
+        with sio.open_weights(ckpt_path) as reader:
+            if not K.split_by_prefix(reader.keys())[K.UNET_PREFIX]:
+                raise UserError(f"{ckpt_path}: the U-Net is missing (no {K.UNET_PREFIX}* keys)")
+            unet = _build_unet(reader, K.UNET_PREFIX, head_dim, norm_num_groups, unet_ms_dtype)
+    logger.info("loaded the U-Net of %s in %.1f s", ckpt_path, time.time() - start)
+    return unet
 
 
 def _load_single_file(path, dtype, vae_path, head_dim, norm_num_groups, unet_dtype):
@@ -392,8 +416,10 @@ def _load_single_file(path, dtype, vae_path, head_dim, norm_num_groups, unet_dty
         if ignored:
             logger.warning("%s: %d key(s) outside the SDXL parts are ignored: %s", path, len(ignored),
                            _fmt_names(ignored))
-        logger.info("loading U-Net")
-        unet = _build_unet(reader, K.UNET_PREFIX, head_dim, norm_num_groups, unet_dtype)
+        unet = None
+        if unet_dtype is not _NO_UNET:
+            logger.info("loading U-Net")
+            unet = _build_unet(reader, K.UNET_PREFIX, head_dim, norm_num_groups, unet_dtype)
         logger.info("loading text encoders")
         te1 = _build_te1(reader, K.TE1_PREFIX, head_dim)
         te2 = _build_te2_openclip(reader, K.TE2_PREFIX, head_dim)
@@ -499,7 +525,19 @@ def _load_diffusers_folder(folder, dtype, vae_path, head_dim, norm_num_groups, u
     for part in parts:
         if not os.path.isdir(os.path.join(folder, part)):
             raise UserError(f"{folder}: not a diffusers SDXL folder (no {part}/ subfolder)")
-    # U-Net: convert names to the SGM layout, then the same path as single files
+    unet = None if unet_dtype is _NO_UNET else _load_diffusers_unet(folder, head_dim, norm_num_groups, unet_dtype)
+    tes = _load_diffusers_text_encoders(folder, head_dim)
+
+    if vae_path is not None:
+        vae, as_conv = _load_vae_any(vae_path, dtype, norm_num_groups)
+    else:
+        vae, as_conv = _load_vae_any(os.path.join(folder, "vae"), dtype, norm_num_groups)
+    info = CheckpointInfo(None, None, folder, "diffusers", as_conv, None, ())
+    return tes[0], tes[1], vae, unet, None, info
+
+
+def _load_diffusers_unet(folder, head_dim, norm_num_groups, unet_dtype):
+    """U-Net: names converted to the SGM layout, then the same path as single files."""
     ucfg = _read_json(os.path.join(folder, "unet", "config.json"))
     with _open_diffusers_weights(os.path.join(folder, "unet")) as reader:
         try:
@@ -518,15 +556,7 @@ def _load_diffusers_folder(folder, dtype, vae_path, head_dim, norm_num_groups, u
         _cast_compute_params(unet, unet_dtype)
         plan = {sgm: (du, ("copy",)) for sgm, du in to_sgm.items()}
         stream_into(unet, plan, reader, "the U-Net", "", None)
-
-    tes = _load_diffusers_text_encoders(folder, head_dim)
-
-    if vae_path is not None:
-        vae, as_conv = _load_vae_any(vae_path, dtype, norm_num_groups)
-    else:
-        vae, as_conv = _load_vae_any(os.path.join(folder, "vae"), dtype, norm_num_groups)
-    info = CheckpointInfo(None, None, folder, "diffusers", as_conv, None, ())
-    return tes[0], tes[1], vae, unet, None, info
+    return unet
 
 
 # -- VAE ------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """SDXL model utilities (kohya's names): checkpoint loading/saving and state-dict layout conversion.
 
-``load_models_from_sdxl_checkpoint``, ``save_stable_diffusion_checkpoint``,
+``load_models_from_sdxl_checkpoint``, ``load_unet_from_sdxl_checkpoint``, ``save_stable_diffusion_checkpoint``,
 ``load_vae`` and ``CheckpointInfo`` live in ``library.sdxl_checkpoint`` (key
 maps and shape-inferred configs in ``library.sdxl_checkpoint_keys``, file I/O
 in ``library.safetensors_io``), the U-Net key conversion between diffusers'
@@ -10,6 +10,7 @@ from library.autoencoder_kl import VAE_SCALE_FACTOR  # noqa: F401
 from library.sdxl_checkpoint import (  # noqa: F401
     CheckpointInfo,
     load_models_from_sdxl_checkpoint,
+    load_unet_from_sdxl_checkpoint,
     load_vae,
     save_stable_diffusion_checkpoint,
 )

@@ -197,11 +197,15 @@ class SetupStages:
 
     def prepare_models(self, run):
         """The checkpoint loaded (``load_target_model``), --base_weights merged, the frozen models cast to the
-        mixed precision, the U-Net's attention and checkpointing set."""
+        mixed precision, the U-Net's attention and checkpointing set (``prepare_unet``).
+
+        When the text encoders are needed only to fill the text-encoder output cache, the U-Net is read
+        after the caching (``cache_inputs``), once they are freed: the two never share the memory."""
         import mindspore as ms
 
         args = run.args
-        run.model_version, run.text_encoders, run.vae, run.unet = self.load_target_model(args)
+        with_unet = not self.unet_after_caching(args)
+        run.model_version, run.text_encoders, run.vae, run.unet = self.load_target_model(args, with_unet=with_unet)
         text_encoders, unet = run.text_encoders, run.unet
         if args.base_weights:  # computed in fp32 before the models go to half precision (kohya: merged, then cast;
             # a U-Net read in fp16 by --fp16_unet_weights gets the fp32 sum rounded to fp16). kohya merges after
@@ -214,9 +218,27 @@ class SetupStages:
         if run.weight_dtype != ms.float32:  # frozen models in half precision (before LoRA wraps their layers)
             from library.clip_text_model import cast_params
 
-            unet.to_dtype(run.weight_dtype)
             for te in text_encoders:
                 cast_params(te, run.weight_dtype)
+        if unet is not None:
+            self.prepare_unet(run)
+
+    @staticmethod
+    def unet_after_caching(args):
+        """Whether the U-Net is read after the caches are filled: the text encoders are dropped then (their
+        outputs cached, no sample prompts to encode) and nothing before needs the U-Net (--base_weights are
+        merged into all models at once; --network_weights may hold text encoder modules that are checked
+        against the text encoders)."""
+        return bool(args.cache_text_encoder_outputs and not args.sample_prompts and not args.base_weights
+                    and not args.network_weights)
+
+    def prepare_unet(self, run):
+        """The U-Net cast to the mixed precision (or fp16 storage), its attention and checkpointing set."""
+        import mindspore as ms
+
+        args, unet = run.args, run.unet
+        if run.weight_dtype != ms.float32:
+            unet.to_dtype(run.weight_dtype)
         if args.fp16_unet_weights:  # checked in verify_args: --mixed_precision no
             unet.to_dtype(ms.float16, compute_dtype=ms.float32)
             release_host_memory()  # the fp32 weights just freed
@@ -249,8 +271,29 @@ class SetupStages:
             with self.dp.main_process_first(args.cache_text_encoder_outputs_to_disk):
                 self.cache_text_encoder_outputs(args, run.text_encoders,
                                                 [g for g in (train_group, val_group) if g is not None])
+        if args.cache_latents and not args.sample_prompts:  # nothing encodes or decodes images any more
+            run.vae = None
+        if run.unet is None:  # the text encoders' work is done: freed before the U-Net is read
+            self.draw_text_encoder_modules(run)
+            run.text_encoders = []
+            release_host_memory()
+            run.unet = self.load_unet(args)
+            self.prepare_unet(run)
         release_host_memory()  # what loading and caching freed, before the step is compiled
         logger.info("host memory after loading and caching: %.2f GB", rss_gb() or 0.0)
+
+    def draw_text_encoder_modules(self, run):
+        """The network's modules draw their initial values from one generator in creation order, the text
+        encoders' modules first. When the text encoders are gone before ``build_network`` (the U-Net read after
+        the caching), a network over the text encoders alone makes those draws here, so that the U-Net's
+        modules start from the values they get when every model is loaded at once: the seed gives one LoRA."""
+        args = run.args
+        logging.disable(logging.INFO)  # its creation messages would describe a network that is not trained
+        try:
+            self.network_module.create_network(1.0, args.network_dim, args.network_alpha, None, run.text_encoders,
+                                               None, neuron_dropout=args.network_dropout, **self.net_kwargs)
+        finally:
+            logging.disable(logging.NOTSET)
 
     def build_network(self, run):
         """The network (``--network_module``) applied to the models, its parameters the only trainable ones,
@@ -271,7 +314,7 @@ class SetupStages:
         if args.network_weights is not None:
             network.load_weights(args.network_weights)
             logger.info("load network weights from %s", args.network_weights)
-        for model in list(text_encoders) + [unet, vae]:
+        for model in [m for m in list(text_encoders) + [unet, vae] if m is not None]:
             for p in model.get_parameters():
                 p.requires_grad = False
         param_groups, run.lr_descriptions = network.prepare_optimizer_params(args.text_encoder_lr, args.unet_lr,

@@ -302,8 +302,10 @@ class TrainingSampler:
         self.text_encoders, self.vae, self.unet = list(text_encoders), vae, unet
         self.enabled = args.sample_prompts is not None and any(getattr(args, n, None) for n in SAMPLE_ARGS)
         self.gen = None
-        self.pixel_multiple = 2 ** (len(vae.config.block_out_channels) - 1) * 2 ** (len(unet.config.channel_mult) - 1)
+        self.pixel_multiple = None
         if self.enabled:  # sizes against this model, before training starts
+            self.pixel_multiple = (2 ** (len(vae.config.block_out_channels) - 1)
+                                   * 2 ** (len(unet.config.channel_mult) - 1))
             load_prompts(args.sample_prompts, args.sample_sampler, self.pixel_multiple)
 
     def _generator(self):

@@ -1,7 +1,8 @@
 """--cache_text_encoder_outputs(_to_disk) and --fp16_unet_weights in a real sdxl_train_network.py run
 on the tiny SDXL checkpoint saved in fp16 (as SDXL base is): the U-Net-only training with cached text
 encoder outputs and the frozen U-Net weights kept in fp16 (computed in fp32) gives the losses and
-LoRA of the fp32 run that encodes the captions every step. The disk caches of that run are filled
+LoRA of the fp32 run that encodes the captions every step (the cached run reads the U-Net after the
+text encoders are freed, the other run every model at once). The disk caches of that run are filled
 beforehand by tools/cache_latents.py and tools/cache_text_encoder_outputs.py from the trainer's own
 command line: the trainer finds every file valid (none is rewritten) and trains as the run that
 encodes everything itself."""
@@ -33,7 +34,7 @@ def _train(ckpt, dataset, out, extra):
         losses = [float(r["loss"]) for r in csv.DictReader(f)]
     from safetensors.numpy import load_file
 
-    return losses, load_file(os.path.join(out, "te.safetensors"))
+    return losses, load_file(os.path.join(out, "te.safetensors")), proc.stderr
 
 
 def _to_fp16(path):
@@ -54,7 +55,8 @@ def test_cached_text_encoder_outputs_and_fp16_unet_weights_train_like_encoding_f
     _to_fp16(ckpt)
     images, dataset = demo.write_dataset(str(tmp_path), 3, batch_size=2, seed=4)
 
-    losses, lora = _train(ckpt, dataset, tmp_path / "encode", [])
+    losses, lora, log = _train(ckpt, dataset, tmp_path / "encode", [])
+    assert "loading U-Net" in log and "loaded the U-Net" not in log  # every model at once
     import cache_latents
     import cache_text_encoder_outputs
 
@@ -65,9 +67,12 @@ def test_cached_text_encoder_outputs_and_fp16_unet_weights_train_like_encoding_f
     assert cache_text_encoder_outputs.main(tool_argv)["computed"] == 3
     stamps = {n: os.stat(os.path.join(images, n)).st_mtime_ns for n in os.listdir(images) if n.endswith(".npz")}
     assert len(stamps) == 6, sorted(stamps)
-    cached_losses, cached_lora = _train(ckpt, dataset, tmp_path / "cached",
-                                        ["--cache_latents_to_disk", "--cache_text_encoder_outputs_to_disk",
-                                         "--fp16_unet_weights"])
+    cached_losses, cached_lora, log = _train(ckpt, dataset, tmp_path / "cached",
+                                             ["--cache_text_encoder_outputs", "--cache_latents_to_disk",
+                                              "--cache_text_encoder_outputs_to_disk", "--fp16_unet_weights"])
+    # the text encoders were needed for the cache only: the U-Net was read once they were freed, and the
+    # text encoder modules' initial draws were made without them (the LoRA below equals the other run's)
+    assert "loading U-Net" not in log and log.index("host memory after loading") > log.index("loaded the U-Net")
     assert {n: os.stat(os.path.join(images, n)).st_mtime_ns for n in os.listdir(images)
             if n.endswith(".npz")} == stamps  # the trainer encoded nothing
 
