@@ -579,12 +579,25 @@ class _ArgsView:
         return getattr(self._args, name)
 
 
+def relative_step_overrides(args, param_groups):
+    """What kohya's ``get_optimizer`` writes into ``args`` for Adafactor with relative_step (which the
+    schedule and the metadata then read): ``learning_rate`` None, ``lr_scheduler`` ``adafactor:<lr>`` and,
+    when the groups had lrs, ``unet_lr`` / ``text_encoder_lr`` None. {} for every other optimizer."""
+    key = _check_type(_resolve_type(args))
+    if key != "adafactor" or not _optimizer_kwargs(key, parse_optimizer_args(args.optimizer_args),
+                                                   log=False)["relative_step"]:
+        return {}
+    values = dict(learning_rate=None, lr_scheduler=f"adafactor:{args.learning_rate}")
+    if any("lr" in g for g in param_groups):
+        values.update(unet_lr=None, text_encoder_lr=None)
+    return values
+
+
 def create_optimizer(args, param_groups):
     """kohya's ``get_optimizer``: (optimizer cell, name, args string, group lrs).
 
-    ``param_groups``: kohya's ``[{"params": [...], "lr": lr}, ...]``. As kohya, Adafactor with
-    relative_step sets ``args.learning_rate`` to None, ``args.lr_scheduler`` to ``adafactor:<lr>`` and
-    (when the groups had lrs) ``args.unet_lr`` / ``args.text_encoder_lr`` to None."""
+    ``param_groups``: kohya's ``[{"params": [...], "lr": lr}, ...]``. ``args`` is not changed; what kohya
+    changes in it for Adafactor's relative_step is ``relative_step_overrides``."""
     check_optimizer_args(args)
     opt_type = _resolve_type(args)
     key = _check_type(opt_type)
@@ -630,18 +643,14 @@ def create_optimizer(args, param_groups):
     else:
         logger.info("use Adafactor optimizer | %s", kwargs)
         opts = dict(ADAFACTOR_DEFAULTS, **kwargs)
-        if opts["relative_step"]:
+        if opts["relative_step"]:  # the changes kohya makes to args: relative_step_overrides
             logger.info("relative_step is true")
             if lr != 0.0:
                 logger.warning("learning rate is used as initial_lr")
-            args.learning_rate = None
             if any("lr" in g for g in param_groups):
                 logger.warning("unet_lr and text_encoder_lr are ignored")
-                args.unet_lr = None
-                args.text_encoder_lr = None
             if args.lr_scheduler != "adafactor":
                 logger.info("use adafactor_scheduler")
-            args.lr_scheduler = f"adafactor:{lr}"
             lrs = [float(lr)] * len(param_groups)  # AdafactorSchedule's initial lr per group (unused by the update)
         else:
             if args.max_grad_norm != 0.0:

@@ -158,13 +158,16 @@ class SetupStages:
         import numpy as np
         import mindspore as ms
 
-        run = TrainRun(args=args, target=target, session_id=random.randint(0, 2 ** 32),
+        from library.run_args import RunArgs
+
+        run = TrainRun(args=RunArgs(args), target=target, session_id=random.randint(0, 2 ** 32),
                        training_started_at=time.time())
-        if args.seed is None:
-            args.seed = random.randint(0, 2 ** 32 - 1)
-        random.seed(args.seed)
-        np.random.seed(args.seed % (2 ** 32))
-        ms.set_seed(args.seed % (2 ** 31))
+        if args.seed is None:  # kohya draws one (a data-parallel job has drawn it on rank 0 and shared it)
+            run.args.derive(seed=random.randint(0, 2 ** 32 - 1))
+        seed = run.args.seed
+        random.seed(seed)
+        np.random.seed(seed % (2 ** 32))
+        ms.set_seed(seed % (2 ** 31))
         return run
 
     def prepare_datasets(self, run):
@@ -336,9 +339,10 @@ class SetupStages:
         return param_groups
 
     def build_optimizer(self, run, param_groups):
-        from library.train_optimizers import create_optimizer, get_optimizer_train_eval_fn
+        from library.train_optimizers import create_optimizer, get_optimizer_train_eval_fn, relative_step_overrides
 
         run.optimizer, run.optimizer_name, run.optimizer_args, run.base_lrs = create_optimizer(run.args, param_groups)
+        run.args.derive(**relative_step_overrides(run.args, param_groups))
         run.optimizer_train_fn, run.optimizer_eval_fn = get_optimizer_train_eval_fn(run.optimizer, run.args)
 
     def plan_steps(self, run):
@@ -352,7 +356,8 @@ class SetupStages:
         run.num_batches = num_batches = len(run.loader)
         run.accum = accum = args.gradient_accumulation_steps
         if args.max_train_epochs is not None:
-            args.max_train_steps = train_util.max_train_steps_for_epochs(args.max_train_epochs, num_batches, 1, accum)
+            args.derive(max_train_steps=train_util.max_train_steps_for_epochs(args.max_train_epochs, num_batches, 1,
+                                                                              accum))
             logger.info("override steps. steps for %d epochs is: %d", args.max_train_epochs, args.max_train_steps)
         if args.max_train_steps < 1:
             raise UserError(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
@@ -360,7 +365,7 @@ class SetupStages:
         run.num_update_steps_per_epoch = train_util.num_update_steps_per_epoch(num_batches, accum)
         run.num_train_epochs = train_util.num_train_epochs(args.max_train_steps, num_batches, accum)
         if args.save_n_epoch_ratio is not None:  # kohya: at least N files over the run
-            args.save_every_n_epochs = math.floor(run.num_train_epochs / args.save_n_epoch_ratio) or 1
+            args.derive(save_every_n_epochs=math.floor(run.num_train_epochs / args.save_n_epoch_ratio) or 1)
         run.schedule = self.dp.lr_schedule(create_lr_schedule(args, run.base_lrs, args.max_train_steps,
                                                               optimizer=run.optimizer,
                                                               num_processes=self.dp.world_size))

@@ -20,6 +20,7 @@ from mindspore import Parameter, Tensor  # noqa: E402
 
 from library.device_utils import UserError  # noqa: E402
 from library import train_optimizers as to  # noqa: E402
+from library.run_args import RunArgs  # noqa: E402
 
 SHAPES = [(6, 5), (7,), (4, 3, 3, 3)]
 GROUP_OF = [0, 1, 0]
@@ -45,6 +46,8 @@ def _run_ms(args, w0, grads, change_lrs=True):
     params = [Parameter(Tensor(w.copy()), name=f"p{i}") for i, w in enumerate(w0)]
     groups = [{"params": [params[0], params[2]], "lr": BASE_LRS[0]}, {"params": [params[1]], "lr": BASE_LRS[1]}]
     opt, name, opt_args, lrs = to.create_optimizer(args, groups)
+    if isinstance(args, RunArgs):  # as the trainer: kohya's changes to args derived on the run's view
+        args.derive(**to.relative_step_overrides(args, groups))
     # create_optimizer orders params by group: p0, p2 | p1
     order = [0, 2, 1]
     schedule = to.create_lr_schedule(args, lrs, STEPS, optimizer=opt)
@@ -155,8 +158,9 @@ def test_adafactor_matches_transformers(case):
     w0, grads = _data(2)
     if case == "warmup_init":  # lr 1e-6 x step: small weights, so that fp32 resolves the updates
         w0 = [w * np.float32(1e-3) for w in w0]
-    args = _args(optimizer_type="AdaFactor", optimizer_args=spec["optimizer_args"], learning_rate=1e-3,
-                 lr_scheduler="constant_with_warmup" if not relative else "constant", unet_lr=1e-2)
+    validated = _args(optimizer_type="AdaFactor", optimizer_args=spec["optimizer_args"], learning_rate=1e-3,
+                      lr_scheduler="constant_with_warmup" if not relative else "constant", unet_lr=1e-2)
+    args = RunArgs(validated)
     ours, opt, name, opt_args, reported = _run_ms(args, w0, grads, change_lrs=not relative)
 
     def make(groups):
@@ -169,8 +173,10 @@ def test_adafactor_matches_transformers(case):
     _compare(ours, ref, w0, f"Adafactor {case}")
     assert name == "transformers.optimization.Adafactor"
     if relative:
-        # kohya's side effects and the reported lrs (transformers' AdafactorSchedule.get_last_lr)
+        # kohya's side effects (derived; the validated namespace is untouched) and the reported lrs
+        # (transformers' AdafactorSchedule.get_last_lr)
         assert args.lr_scheduler == "adafactor:0.001" and args.learning_rate is None and args.unet_lr is None
+        assert validated.lr_scheduler == "constant" and validated.learning_rate == 1e-3 and validated.unet_lr == 1e-2
         assert opt_args.startswith("relative_step=True")
         for k, (a, b) in enumerate(zip(reported, ref_reported)):
             np.testing.assert_allclose(a, b, rtol=1e-5, err_msg=f"reported lr at update {k + 1}")
