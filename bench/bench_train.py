@@ -6,8 +6,8 @@ the same step in torch (diffusers' U-Net from the same file) in the same invocat
     python bench/bench_train.py --file sd_xl_base_1.0.safetensors --resolution 256
 
 Default case: U-Net LoRA only, rank 8 (alpha 1), gradient checkpointing (the segmented step),
-512x512 (64x64 latents), batch 1, cached latents and text encoder outputs (the text encoders' 3.1 GB
-are freed before the step is compiled), fp32 compute. ``--fp16_unet_weights`` keeps the frozen U-Net
+512x512 (64x64 latents), batch 1, cached latents and text encoder outputs (the trainer reads the U-Net
+once the caches are filled and the text encoders freed), fp32 compute. ``--fp16_unet_weights`` keeps the frozen U-Net
 weights in fp16 on the MindSpore side (torch keeps fp32 weights). ``--pynative`` runs the step in
 PyNative mode. ``--generate`` writes a random SDXL-shaped SAI file (fp16, ~7 GB) when it is missing.
 
