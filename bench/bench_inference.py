@@ -105,8 +105,12 @@ def worker_prepare(args):
     return {}
 
 
+PHASE_PEAKS = {}  # the process's peak RSS when each timed part ended (which part raised the peak)
+
+
 def _progress(what, seconds):
     """Each timing on stderr as it comes: a worker that runs out of memory later still shows them."""
+    PHASE_PEAKS[what.split(" ")[0]] = peak_rss_gb()
     print(f"{what}: {seconds:.2f} s (peak RSS {peak_rss_gb():.2f} GB)", file=sys.stderr, flush=True)
 
 
@@ -186,7 +190,7 @@ def worker_torch(args):
     _, decode_s = _timed(decode, what="decode")
     np.save(args.out_array, latents.numpy())
     return {"load": load, "encode": encode_s, "encode_first": encode_first, "steps": steps, "decode": decode_s,
-            "decode_first": decode_first, "rss": peak_rss_gb()}
+            "decode_first": decode_first, "rss": peak_rss_gb(), "phase_peaks": dict(PHASE_PEAKS)}
 
 
 def worker_ms(args):
@@ -226,7 +230,7 @@ def worker_ms(args):
     _, decode_s = _timed(gen.decode, latents, what="decode")
     np.save(args.out_array, latents)
     return {"load": load, "encode": encode_s, "encode_first": encode_first, "steps": steps, "decode": decode_s,
-            "decode_first": decode_first, "rss": peak_rss_gb()}
+            "decode_first": decode_first, "rss": peak_rss_gb(), "phase_peaks": dict(PHASE_PEAKS)}
 
 
 def summarize(r, steps):
@@ -315,6 +319,9 @@ def main():
         rows[name] = x = summarize(r, args.steps)
         print(f"{name:<22} {fmt(x['image'], '.1f'):>9} {fmt(x['step']):>8} {fmt(x['encode']):>9} "
               f"{fmt(x['decode']):>9} {fmt(x['first'], '.1f'):>12} {fmt(x['load'], '.1f'):>8} {fmt(x['rss']):>12}")
+    for name, r in rows.items():
+        print(f"{name}: peak RSS GB when each part ended: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in r.get("phase_peaks", {}).items()))
     ms_r, th_r = rows.get(f"MindSpore ({mode})"), rows.get("torch diffusers")
     if ms_r and th_r:
         print(f"ratio MindSpore / torch: s/image {ms_r['image'] / th_r['image']:.2f}, "
