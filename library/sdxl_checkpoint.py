@@ -349,9 +349,6 @@ def _scalar(reader, key):
 # public: loading
 
 
-_NO_UNET = object()  # the U-Net dtype that says: do not read the U-Net
-
-
 def load_models_from_sdxl_checkpoint(ckpt_path, dtype=None, vae_path=None, head_dim=K.DEFAULT_HEAD_DIM,
                                      norm_num_groups=K.DEFAULT_NORM_GROUPS, unet_dtype=None, with_unet=True):
     """Load an SDXL checkpoint: returns ``(text_encoder1, text_encoder2, vae, unet, logit_scale, ckpt_info)``.
@@ -370,13 +367,15 @@ def load_models_from_sdxl_checkpoint(ckpt_path, dtype=None, vae_path=None, head_
     """
     start = time.time()
     ms_dtype = _ms_dtype(dtype)
-    unet_ms_dtype = (_ms_dtype(unet_dtype) or ms_dtype) if with_unet else _NO_UNET
+    unet_ms_dtype = _ms_dtype(unet_dtype) or ms_dtype
     if not os.path.exists(ckpt_path):
         raise UserError(f"{ckpt_path}: checkpoint not found")
     if os.path.isdir(ckpt_path):
-        result = _load_diffusers_folder(ckpt_path, ms_dtype, vae_path, head_dim, norm_num_groups, unet_ms_dtype)
+        result = _load_diffusers_folder(ckpt_path, ms_dtype, vae_path, head_dim, norm_num_groups, unet_ms_dtype,
+                                        with_unet)
     else:
-        result = _load_single_file(ckpt_path, ms_dtype, vae_path, head_dim, norm_num_groups, unet_ms_dtype)
+        result = _load_single_file(ckpt_path, ms_dtype, vae_path, head_dim, norm_num_groups, unet_ms_dtype,
+                                   with_unet)
     logger.info("loaded %s in %.1f s", ckpt_path, time.time() - start)
     return result
 
@@ -400,7 +399,7 @@ def load_unet_from_sdxl_checkpoint(ckpt_path, dtype=None, head_dim=K.DEFAULT_HEA
     return unet
 
 
-def _load_single_file(path, dtype, vae_path, head_dim, norm_num_groups, unet_dtype):
+def _load_single_file(path, dtype, vae_path, head_dim, norm_num_groups, unet_dtype, with_unet=True):
     with sio.open_weights(path) as reader:
         groups = K.split_by_prefix(reader.keys())
         if not groups[K.UNET_PREFIX] and not groups[K.TE1_PREFIX] and not groups[K.TE2_PREFIX]:
@@ -417,7 +416,7 @@ def _load_single_file(path, dtype, vae_path, head_dim, norm_num_groups, unet_dty
             logger.warning("%s: %d key(s) outside the SDXL parts are ignored: %s", path, len(ignored),
                            _fmt_names(ignored))
         unet = None
-        if unet_dtype is not _NO_UNET:
+        if with_unet:
             logger.info("loading U-Net")
             unet = _build_unet(reader, K.UNET_PREFIX, head_dim, norm_num_groups, unet_dtype)
         logger.info("loading text encoders")
@@ -520,12 +519,12 @@ def _load_diffusers_text_encoders(folder, head_dim):
     return tes
 
 
-def _load_diffusers_folder(folder, dtype, vae_path, head_dim, norm_num_groups, unet_dtype):
+def _load_diffusers_folder(folder, dtype, vae_path, head_dim, norm_num_groups, unet_dtype, with_unet=True):
     parts = ("unet", "text_encoder", "text_encoder_2") + (() if vae_path else ("vae",))
     for part in parts:
         if not os.path.isdir(os.path.join(folder, part)):
             raise UserError(f"{folder}: not a diffusers SDXL folder (no {part}/ subfolder)")
-    unet = None if unet_dtype is _NO_UNET else _load_diffusers_unet(folder, head_dim, norm_num_groups, unet_dtype)
+    unet = _load_diffusers_unet(folder, head_dim, norm_num_groups, unet_dtype) if with_unet else None
     tes = _load_diffusers_text_encoders(folder, head_dim)
 
     if vae_path is not None:

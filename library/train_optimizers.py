@@ -46,6 +46,7 @@ from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
 from library.device_utils import UserError
+from library.run_args import RunArgs
 from library.lr_schedules import (SCHEDULERS, AdafactorSchedule, LRSchedule, create_lr_schedule,  # noqa: F401
                                   get_lr_lambda, import_dotted, parse_scheduler_args, resolve_steps,
                                   resolve_warmup_steps)
@@ -534,16 +535,6 @@ def _optimizer_kwargs(key, kwargs, log=False):
     return kwargs
 
 
-def effective_lr_scheduler(args) -> str:
-    """``args.lr_scheduler`` as kohya's get_optimizer leaves it (Adafactor relative_step: ``adafactor:<lr>``)."""
-    key = _check_type(_resolve_type(args))
-    if key == "adafactor":
-        kwargs = _optimizer_kwargs(key, parse_optimizer_args(args.optimizer_args))
-        if kwargs["relative_step"]:
-            return f"adafactor:{args.learning_rate}"
-    return args.lr_scheduler
-
-
 def check_optimizer_args(args):
     """The checks of ``create_optimizer``/``create_lr_schedule``, run at start (nothing is built)."""
     opt_type = _resolve_type(args)
@@ -560,23 +551,13 @@ def check_optimizer_args(args):
     if key == "adafactor" and not kwargs["relative_step"] and args.lr_scheduler.startswith("adafactor"):
         raise UserError("--lr_scheduler adafactor needs --optimizer_type AdaFactor with relative_step=True "
                         "(with relative_step=False use e.g. constant_with_warmup)")
-    # the schedule, built with the steps known now (max_train_epochs may change them later)
-    checked = _ArgsView(args, lr_scheduler=effective_lr_scheduler(args),
-                        learning_rate=args.learning_rate if args.learning_rate is not None else 0.0)
+    # the schedule, built with the steps known now (max_train_epochs may change them later), with the
+    # scheduler kohya's get_optimizer leaves (Adafactor relative_step: adafactor:<lr>)
+    checked = RunArgs(args)
+    checked.derive(lr_scheduler=relative_step_overrides(args, []).get("lr_scheduler", args.lr_scheduler),
+                   learning_rate=args.learning_rate if args.learning_rate is not None else 0.0)
     steps = 10 ** 9 if getattr(args, "max_train_epochs", None) else max(1, args.max_train_steps or 1)
     create_lr_schedule(checked, [1.0], steps)
-
-
-class _ArgsView:
-    """``args`` with a few attributes replaced (no mutation of the caller's namespace)."""
-
-    def __init__(self, args, **override):
-        self._args, self._override = args, override
-
-    def __getattr__(self, name):
-        if name in self._override:
-            return self._override[name]
-        return getattr(self._args, name)
 
 
 def relative_step_overrides(args, param_groups):

@@ -126,6 +126,23 @@ def test_load_diffusers_folder_matches_torch(tiny):
     print("max abs errors (diffusers folder):", {k: f"{v:.2e}" for k, v in errors.items()})
 
 
+@pytest.mark.parametrize("layout", ["sai", "folder"])
+def test_unet_read_after_the_other_models_equals_one_load(tiny, layout):
+    """The trainer's split load (the U-Net read once the text encoders are freed): ``with_unet=False``
+    reads every other model, ``load_unet_from_sdxl_checkpoint`` the U-Net, each as the one load does."""
+    from library.sdxl_checkpoint import load_unet_from_sdxl_checkpoint
+
+    path = tiny[layout]
+    whole = load_models_from_sdxl_checkpoint(path, head_dim=H.HEAD_DIM, unet_dtype="fp16")
+    parts = load_models_from_sdxl_checkpoint(path, head_dim=H.HEAD_DIM, unet_dtype="fp16", with_unet=False)
+    assert parts[3] is None
+    parts = parts[:3] + (load_unet_from_sdxl_checkpoint(path, head_dim=H.HEAD_DIM, unet_dtype="fp16"),)
+    for ours, ref in zip(parts, whole[:4]):
+        a = {p.name: p.asnumpy() for p in ours.get_parameters()}
+        b = {p.name: p.asnumpy() for p in ref.get_parameters()}
+        assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]) for k in a)
+
+
 def test_pooled_output_follows_sgm_not_kohya(tiny):
     """pooled = x_eos @ P with P the stored OpenCLIP matrix (diffusers/SGM); kohya's x_eos @ P.T differs."""
     te1, te2, *_ = load_models_from_sdxl_checkpoint(tiny["sai"], head_dim=H.HEAD_DIM)
