@@ -213,7 +213,7 @@ def generate_images(gen, args, prompt, prompt2, negative_prompt, seed, model_nam
         scheduler = get_scheduler(args.sampler, timestep_spacing=args.timestep_spacing)
         latents = gen.sample(noise, scheduler, args.steps, context, y, args.guidance_scale, rng)
         if gen.one_shot and i == args.num_images - 1:
-            gen.release_denoisers()
+            gen.release_unet()
         pixels = gen.decode(latents)
         info = {"prompt": prompt, "prompt2": prompt2, "negative_prompt": negative_prompt,
                 "seed": image_seed if init_latents is None else f"{image_seed} (initial latents from "
@@ -275,12 +275,11 @@ def main(argv=None):
     merge_loras(loras, te1, te2, vae, unet)
     gen = Generator(te1, te2, vae, unet, dtype_name, vae_dtype_name, sequential_guidance=args.sequential_guidance,
                     one_shot=not args.interactive, segmented=not args.whole_graph_unet)
-    del te1, te2  # the Generator's references are the last ones: released after the prompt is encoded
+    del te1, te2, vae, unet  # the Generator's references are the last ones: one-shot runs release them
     gen.check_size(args.width, args.height)
     init_latents = None
     if args.init_latents is not None:
-        shape = (unet.in_channels, args.height // gen.vae_factor, args.width // gen.vae_factor)
-        init_latents = load_init_latents(args.init_latents, args.num_images, shape)
+        init_latents = load_init_latents(args.init_latents, args.num_images, gen.latent_shape(args.width, args.height))
 
     model_name = os.path.basename(os.path.normpath(args.ckpt_path))
     lora_desc = ", ".join(f"{os.path.basename(p)}:{m:g}" for p, m in loras) or "none"

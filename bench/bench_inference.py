@@ -205,7 +205,7 @@ def worker_ms(args):
     t0 = time.perf_counter()
     te1, te2, vae, unet = smi.load_models(args.model, None, "fp16" if args.fp16_unet_weights else "fp32")
     gen = smi.Generator(te1, te2, vae, unet, sequential_guidance=args.sequential_guidance)
-    del te1, te2  # the Generator holds the last references (released after the prompt encoding)
+    del te1, te2, vae, unet  # the Generator holds the last references (released as one-shot generation does)
     gen.check_size(args.size, args.size)
     load = time.perf_counter() - t0
     _progress("load", load)
@@ -213,7 +213,7 @@ def worker_ms(args):
 
     def encode():
         context, pooled = gen.encode([NEGATIVE, PROMPT], [NEGATIVE, PROMPT])
-        dim = (unet.adm_in_channels - pooled.shape[-1]) // 6
+        dim = (gen.size_embedding_total - pooled.shape[-1]) // 6
         size = size_conditioning(args.size, args.size, dim=dim)
         return context, np.concatenate([pooled, np.repeat(size, 2, 0)], -1).astype(np.float32)
 
@@ -225,7 +225,7 @@ def worker_ms(args):
     last[0] = time.perf_counter()
     latents = gen.sample(noise, get_scheduler("euler"), args.steps, context, y, 7.0,
                          callback=lambda i, _latents: on_step(i))
-    gen.release_denoisers()  # as sdxl_minimal_inference does before the last decode
+    gen.release_unet()  # as sdxl_minimal_inference does before the last decode
     _, decode_first = _timed(gen.decode, latents, what="decode")
     _, decode_s = _timed(gen.decode, latents, what="decode")
     np.save(args.out_array, latents)

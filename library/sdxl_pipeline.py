@@ -111,7 +111,8 @@ class Generator:
     """Text encoding, denoising (graph mode) and decoding for one loaded model.
 
     ``one_shot`` (one ``generate_images`` call, not ``--interactive``): the text encoders are dropped after
-    the prompt encoding and the compiled U-Net step before the last decode (1024x1024 needs the memory).
+    the prompt encoding and the U-Net (weights and compiled step) before the last decode (the 1024x1024
+    decode needs the memory).
     ``segmented`` (default): the U-Net step runs as one compiled graph per layer
     (``SegmentedDenoise``); False compiles it as one graph (``Denoise``).
 
@@ -158,6 +159,8 @@ class Generator:
         self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.unet_factor = 2 ** (len(unet.config.channel_mult) - 1)
         self.pixel_multiple = self.vae_factor * self.unet_factor
+        self.latent_channels = unet.in_channels
+        self.size_embedding_total = unet.adm_in_channels  # pooled text embedding + 6 size embeddings
 
         self.sequential_guidance = sequential_guidance
         self.one_shot = one_shot
@@ -240,12 +243,14 @@ class Generator:
         self.te1 = self.te2 = None
         release_host_memory()
 
-    def release_denoisers(self):
-        """Drop the compiled denoising steps: a compiled graph holds its activation memory until its cell is
-        deleted (Limitations.md has the 1024x1024 figures). The next ``sample`` compiles again."""
+    def release_unet(self):
+        """Drop the U-Net's weights and compiled denoising steps before the last decode of one-shot generation:
+        the 1024x1024 VAE decode needs that memory (Limitations.md has the figures). ``sample`` raises
+        afterwards."""
         from library.device_utils import release_host_memory
 
         self._denoisers.clear()
+        self.unet = None
         release_host_memory()
 
     def conditioning(self, prompt, prompt2, negative_prompt, guidance_scale, width, height, original_size=None,
@@ -262,14 +267,16 @@ class Generator:
             self.release_text_encoders()
         # 256 sinusoids per size value in SDXL; tiny models of the same topology may use fewer
         size_emb = size_conditioning(width, height, original_size, crop, target_size,
-                                     (self.unet.adm_in_channels - pooled.shape[-1]) // 6)
+                                     (self.size_embedding_total - pooled.shape[-1]) // 6)
         y = np.concatenate([pooled, np.repeat(size_emb, pooled.shape[0], 0)], -1).astype(np.float32)
         return context, y
 
     def latent_shape(self, width, height):
-        return (self.unet.in_channels, height // self.vae_factor, width // self.vae_factor)
+        return (self.latent_channels, height // self.vae_factor, width // self.vae_factor)
 
     def denoiser(self, guided):
+        if self.unet is None:
+            raise RuntimeError("the U-Net was released (one_shot Generator)")
         if guided not in self._denoisers:
             if self.segmented:
                 self._denoisers[guided] = SegmentedDenoise(self.unet, guided, self.dtype)

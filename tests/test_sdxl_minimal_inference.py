@@ -293,9 +293,15 @@ def test_sample_step_callback_and_sequential_guidance(setup):
         with pytest.raises(RuntimeError, match="released"):
             one_shot.encode(["a cat"], ["a cat"])
         first = one_shot.sample(noise, get_scheduler("euler"), 2, context, y, 7.0)
-        one_shot.release_denoisers()  # before the last decode; a later sample builds the step again
-        assert not one_shot._denoisers
-        np.testing.assert_array_equal(one_shot.sample(noise, get_scheduler("euler"), 2, context, y, 7.0), first)
+        np.testing.assert_array_equal(first, gen.sample(noise, get_scheduler("euler"), 2, context, y, 7.0))
+        decoded = gen.decode(first)
+        del unet
+        one_shot.release_unet()  # before the last decode: weights and compiled step
+        assert one_shot.unet is None and not one_shot._denoisers and gen.unet is not None
+        with pytest.raises(RuntimeError, match="released"):
+            one_shot.sample(noise, get_scheduler("euler"), 2, context, y, 7.0)
+        assert one_shot.latent_shape(64, 64) == gen.latent_shape(64, 64)
+        np.testing.assert_array_equal(one_shot.decode(first), decoded)
     finally:
         ms.set_context(mode=ms.GRAPH_MODE)
 
