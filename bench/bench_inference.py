@@ -2,7 +2,7 @@
 diffusers' StableDiffusionXLPipeline, same weights, prompt, Euler sampler, steps, size and initial noise.
 
     python bench/bench_inference.py                          # full SDXL, 1024x1024, 30 steps (~20 GB RAM)
-    python bench/bench_inference.py --run_steps 2 --fp16_unet_weights --sequential_guidance   # what fits 24 GB
+    python bench/bench_inference.py --run_steps 2 --fp16_unet_weights    # what fits 24 GB, minutes per step
     python bench/bench_inference.py --config tiny --size 256 --steps 4    # smoke run, seconds
 
 Without ``--model`` a random-weight model of the chosen configuration is written once as a diffusers
@@ -13,12 +13,11 @@ sides), fp32. Each side times its parts: the prompt encoding and the VAE decode 
 MindSpore decode compiles its graph; the prompt encoding runs in PyNative), every denoising step (the
 first MindSpore step compiles the U-Net step); the timings also go to stderr as they come. As
 ``sdxl_minimal_inference.py`` does, the MindSpore side drops the text encoders after the encoding and
-the compiled U-Net step before decoding. s/image = encode + ``--steps`` x s/step + decode, with s/step
-the mean of the steps after the first; "first image" adds the compile overheads. Every step of a
+the U-Net (weights and compiled step) before decoding. s/image = encode + ``--steps`` x s/step + decode,
+with s/step the mean of the steps after the first; "first image" adds the compile overheads. Every step of a
 schedule costs the same, so ``--run_steps K`` (K >= 2) runs only the first K steps of the ``--steps``
-schedule (a full-size 1024x1024 step takes minutes on a small CPU) and the table says so. On a 24 GB
-machine the MindSpore side needs ``--fp16_unet_weights --sequential_guidance`` at 1024x1024 (the U-Net
-forward alone at 128x128 latents, batch 2, fp16 weights: 20.9 GB peak). The last column is the max
+schedule (a full-size 1024x1024 step takes minutes on a small CPU) and the table says so. With
+``--fp16_unet_weights`` the 1024x1024 MindSpore side fits a 24 GB machine (README benchmarks). The last column is the max
 difference of the latents after the steps run (the same initial noise on both sides).
 
 Do not run the full configuration on a shared machine: it needs ~20 GB of RAM per process and minutes
