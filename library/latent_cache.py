@@ -133,10 +133,29 @@ def load_latents_from_disk(npz_path: str):
 
 
 # -- VAE ------------------------------------------------------------------------------
-def make_vae_encode_fn(vae, sample: bool = True, seed: Optional[int] = None) -> Callable[[np.ndarray], np.ndarray]:
+def make_vae_encode_fn(vae, sample: bool = True, seed: Optional[int] = None,
+                       encoder=None) -> Callable[[np.ndarray], np.ndarray]:
     """``encode_fn`` for an ``AutoencoderKL``: posterior sample (kohya) or mean, unscaled.
 
-    The sampling noise comes from a numpy generator seeded with ``seed``."""
+    The sampling noise comes from a numpy generator seeded with ``seed``. ``encoder``: what computes the
+    posterior, float32 images -> float32 (mean, logvar) numpy (e.g. a ``vae_encode_process.EncoderProcess``);
+    default: the VAE's segmented encoder in this process."""
+    rng = np.random.default_rng(seed)
+    encoder = encoder if encoder is not None else in_process_encoder(vae)
+
+    def encode_fn(images: np.ndarray) -> np.ndarray:
+        mean, logvar = encoder(np.ascontiguousarray(images, np.float32))
+        if not sample:
+            return mean
+        noise = rng.standard_normal(mean.shape).astype(np.float32)
+        return (mean + np.exp(0.5 * logvar) * noise).astype(np.float32)
+
+    encode_fn.rng = rng  # its state is part of a saved training state
+    return encode_fn
+
+
+def in_process_encoder(vae):
+    """float32 images -> float32 (mean, logvar) numpy with the VAE's segmented encoder in this process."""
     import mindspore as ms
 
     from library.vae_segments import SegmentedEncode
@@ -144,19 +163,12 @@ def make_vae_encode_fn(vae, sample: bool = True, seed: Optional[int] = None) -> 
     vae.set_train(False)
     encoder = SegmentedEncode(vae)  # one graph per layer: the memory pool stays small (see vae_segments)
     dtype = next(iter(vae.get_parameters())).dtype
-    rng = np.random.default_rng(seed)
 
-    def encode_fn(images: np.ndarray) -> np.ndarray:
-        mean, logvar = encoder(ms.Tensor(np.ascontiguousarray(images, np.float32)).astype(dtype))
-        mean = mean.astype(ms.float32).asnumpy()
-        if not sample:
-            return mean
-        logvar = logvar.astype(ms.float32).asnumpy()
-        noise = rng.standard_normal(mean.shape).astype(np.float32)
-        return (mean + np.exp(0.5 * logvar) * noise).astype(np.float32)
+    def encode(images):
+        mean, logvar = encoder(ms.Tensor(images).astype(dtype))
+        return mean.astype(ms.float32).asnumpy(), logvar.astype(ms.float32).asnumpy()
 
-    encode_fn.rng = rng  # its state is part of a saved training state
-    return encode_fn
+    return encode
 
 
 def _load_for_caching(info, alpha: bool, random_crop: bool):

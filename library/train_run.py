@@ -261,11 +261,10 @@ class SetupStages:
         args, train_group, val_group = run.args, run.train_group, run.val_group
         if args.cache_latents:
             logger.info("caching latents")
-            with self.dp.main_process_first(args.cache_latents_to_disk):  # rank 0 writes the files
-                train_group.cache_latents(make_vae_encode_fn(run.vae, sample=True, seed=args.seed),
-                                          args.vae_batch_size, args.cache_latents_to_disk, args.skip_cache_check)
-                if val_group is not None:
-                    val_group.cache_latents(make_vae_encode_fn(run.vae, sample=True, seed=args.seed),
+            with self.dp.main_process_first(args.cache_latents_to_disk), self.caching_encoder(run) as encoder:
+                for group in (train_group, val_group):  # rank 0 writes the files
+                    if group is not None:
+                        group.cache_latents(make_vae_encode_fn(run.vae, sample=True, seed=args.seed, encoder=encoder),
                                             args.vae_batch_size, args.cache_latents_to_disk, args.skip_cache_check)
         else:
             run.vae_encode = make_vae_encode_fn(run.vae, sample=True, seed=args.seed + self.dp.rank)  # per rank
@@ -284,6 +283,18 @@ class SetupStages:
             self.prepare_unet(run)
         release_host_memory()  # what loading and caching freed, before the step is compiled
         logger.info("host memory after loading and caching: %.2f GB", rss_gb() or 0.0)
+
+    def caching_encoder(self, run):
+        """What encodes the images for latent caching: on CPU a child process (``vae_encode_process``: the
+        encoding's graph memory would stay under the training steps), elsewhere and in distributed runs the
+        VAE in this process."""
+        import contextlib
+
+        from library.vae_encode_process import EncoderProcess
+
+        if run.target == "CPU" and self.dp.world_size == 1:
+            return EncoderProcess(run.vae)
+        return contextlib.nullcontext()
 
     def draw_text_encoder_modules(self, run):
         """The network's modules draw their initial values from one generator in creation order, the text

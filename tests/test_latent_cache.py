@@ -186,3 +186,35 @@ def test_tokenized_batches_without_cache(tmp_path):
     ids1, ids2 = group[0]["input_ids_list"]
     assert ids1.shape == (1, 2, 77) and ids2.shape == (1, 2, 77) and ids1.dtype == np.int64
     assert ids1[0, 0, 0] == 49406 and ids2[0, 0, 0] == 49406
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "float16"])
+def test_encoding_in_a_child_process_equals_this_process(dtype_name):
+    """The trainer's latent caching on CPU encodes in a child process (vae_encode_process); its graphs are the
+    ones this process compiles, so the posterior is the same to the bit, also with half-precision weights.
+    A child that dies is an error that says so."""
+    import mindspore as ms
+
+    from library.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
+    from library.vae_encode_process import EncoderProcess
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    ms.set_seed(1)
+    vae = AutoencoderKL(AutoencoderKLConfig.tiny(block_out_channels=(16, 32)))
+    dtype = getattr(ms, dtype_name)
+    if dtype != ms.float32:  # Linear/Conv weights (norms stay fp32), as the loader does
+        for name, p in vae.parameters_and_names():
+            if p.ndim > 1:
+                p.set_dtype(dtype)
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 32, 48)).astype(np.float32)
+    local = latent_cache.in_process_encoder(vae)(x)
+    with EncoderProcess(vae) as child:
+        for _ in range(2):  # the child serves batch after batch
+            for a, b in zip(child(x), local):
+                np.testing.assert_array_equal(a, b)
+        assert child._process.is_alive()
+        child._process.kill()
+        child._process.join()
+        with pytest.raises(RuntimeError, match="ended unexpectedly"):
+            child(x)
+    assert child._process is None
