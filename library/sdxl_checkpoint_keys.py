@@ -184,6 +184,48 @@ def _swap(rest, pairs, reverse):
     return rest
 
 
+# (LDM form, diffusers form, renames of the tail) inside encoder./decoder. Fields: {tail} the rest of the
+# name, {i} an index written alike, {one} a 1-based LDM index of a 0-based diffusers one, {up} a decoder
+# level, numbered bottom-up in LDM files and top-down in diffusers.
+_VAE_RULES = (
+    ("norm_out.{tail}", "conv_norm_out.{tail}", ()),
+    ("mid.block_{one}.{tail}", "mid_block.resnets.{one}.{tail}", _VAE_RESNET),
+    ("mid.attn_1.{tail}", "mid_block.attentions.0.{tail}", _VAE_ATTN),
+    ("down.{i}.block.{j}.{tail}", "down_blocks.{i}.resnets.{j}.{tail}", _VAE_RESNET),
+    ("up.{up}.block.{j}.{tail}", "up_blocks.{up}.resnets.{j}.{tail}", _VAE_RESNET),
+    ("down.{i}.downsample.{tail}", "down_blocks.{i}.downsamplers.0.{tail}", ()),
+    ("up.{up}.upsample.{tail}", "up_blocks.{up}.upsamplers.0.{tail}", ()),
+)
+
+
+def _form_regex(form):
+    pattern = re.escape(form).replace(r"\{tail\}", "(?P<tail>.+)")
+    return re.compile(re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>\\d+)", pattern) + "$")
+
+
+_VAE_RULE_REGEX = tuple((_form_regex(ldm), _form_regex(diffusers)) for ldm, diffusers, _ in _VAE_RULES)
+
+
+def _vae_rename(rest, to_diffusers, num_levels):
+    """``rest`` (after encoder./decoder.) in the other layout by the first rule that fits, or None."""
+    side = 0 if to_diffusers else 1
+    for rule, regexes in zip(_VAE_RULES, _VAE_RULE_REGEX):
+        m = regexes[side].match(rest)
+        if not m:
+            continue
+        fields = {}
+        for name, value in m.groupdict().items():
+            if name == "tail":
+                value = _swap(value, rule[2], not to_diffusers)
+            elif name == "one":
+                value = int(value) + (-1 if to_diffusers else 1)
+            elif name == "up":
+                value = num_levels - 1 - int(value)
+            fields[name] = value
+        return rule[1 - side].format(**fields)
+    return None
+
+
 def vae_ldm_to_diffusers(key, num_levels):
     """One LDM VAE key (prefix removed) -> diffusers name, or None when it fits nothing."""
     m = re.match(r"(encoder|decoder)\.(.+)$", key)
@@ -192,54 +234,15 @@ def vae_ldm_to_diffusers(key, num_levels):
     part, rest = m.groups()
     if rest.startswith(("conv_in.", "conv_out.")):
         return key
-    if rest.startswith("norm_out."):
-        return f"{part}.{_swap(rest, _VAE_TOP, False)}"
-    m = re.match(r"mid\.block_(\d)\.(.+)$", rest)
-    if m:
-        return f"{part}.mid_block.resnets.{int(m.group(1)) - 1}.{_swap(m.group(2), _VAE_RESNET, False)}"
-    m = re.match(r"mid\.attn_1\.(.+)$", rest)
-    if m:
-        return f"{part}.mid_block.attentions.0.{_swap(m.group(1), _VAE_ATTN, False)}"
-    m = re.match(r"(down|up)\.(\d+)\.block\.(\d+)\.(.+)$", rest)
-    if m:
-        kind, i, j, tail = m.groups()
-        i = int(i) if kind == "down" else num_levels - 1 - int(i)
-        return f"{part}.{kind}_blocks.{i}.resnets.{j}.{_swap(tail, _VAE_RESNET, False)}"
-    m = re.match(r"down\.(\d+)\.downsample\.(.+)$", rest)
-    if m:
-        return f"{part}.down_blocks.{m.group(1)}.downsamplers.0.{m.group(2)}"
-    m = re.match(r"up\.(\d+)\.upsample\.(.+)$", rest)
-    if m:
-        return f"{part}.up_blocks.{num_levels - 1 - int(m.group(1))}.upsamplers.0.{m.group(2)}"
-    return None
+    renamed = _vae_rename(rest, True, num_levels)
+    return None if renamed is None else f"{part}.{renamed}"
 
 
 def vae_diffusers_to_ldm(name, num_levels):
-    """One diffusers VAE name -> LDM key (prefix not added)."""
+    """One diffusers VAE name -> LDM key (prefix not added); names that no rule fits are kept."""
     m = re.match(r"(encoder|decoder)\.(.+)$", name)
-    if not m:
-        return name
-    part, rest = m.groups()
-    if rest.startswith("conv_norm_out."):
-        return f"{part}.{_swap(rest, _VAE_TOP, True)}"
-    m = re.match(r"mid_block\.resnets\.(\d)\.(.+)$", rest)
-    if m:
-        return f"{part}.mid.block_{int(m.group(1)) + 1}.{_swap(m.group(2), _VAE_RESNET, True)}"
-    m = re.match(r"mid_block\.attentions\.0\.(.+)$", rest)
-    if m:
-        return f"{part}.mid.attn_1.{_swap(m.group(1), _VAE_ATTN, True)}"
-    m = re.match(r"(down|up)_blocks\.(\d+)\.resnets\.(\d+)\.(.+)$", rest)
-    if m:
-        kind, i, j, tail = m.groups()
-        i = int(i) if kind == "down" else num_levels - 1 - int(i)
-        return f"{part}.{kind}.{i}.block.{j}.{_swap(tail, _VAE_RESNET, True)}"
-    m = re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.(.+)$", rest)
-    if m:
-        return f"{part}.down.{m.group(1)}.downsample.{m.group(2)}"
-    m = re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.(.+)$", rest)
-    if m:
-        return f"{part}.up.{num_levels - 1 - int(m.group(1))}.upsample.{m.group(2)}"
-    return name
+    renamed = m and _vae_rename(m.group(2), False, num_levels)
+    return f"{m.group(1)}.{renamed}" if renamed else name
 
 
 def is_vae_attention_weight(name):

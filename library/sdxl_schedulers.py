@@ -107,18 +107,8 @@ class DDIMScheduler(_Scheduler):
         self.final_alpha_cumprod = np.float32(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
 
     def set_timesteps(self, num_inference_steps: int):
-        n, n_train = self._check_steps(num_inference_steps), self.num_train_timesteps
-        if self.timestep_spacing == "linspace":
-            timesteps = np.linspace(0, n_train - 1, n).round()[::-1].copy().astype(np.int64)
-        elif self.timestep_spacing == "leading":
-            step_ratio = n_train // n
-            timesteps = (np.arange(0, n) * step_ratio).round()[::-1].copy().astype(np.int64)
-            timesteps += self.steps_offset
-        else:  # trailing
-            step_ratio = n_train / n
-            timesteps = np.round(np.arange(n_train, 0, -step_ratio)).astype(np.int64)
-            timesteps -= 1
-        self.timesteps = timesteps
+        n = self._check_steps(num_inference_steps)
+        self.timesteps = self._spaced_timesteps(n).astype(np.int64)
         self.num_inference_steps = n
         return self.timesteps
 

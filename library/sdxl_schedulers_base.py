@@ -59,6 +59,18 @@ class _Scheduler:
             raise UserError(f"number of steps {n} must be between 1 and {self.num_train_timesteps}")
         return n
 
+    def _spaced_timesteps(self, n, spaced_over=None, linspace_dtype=np.float64, round_linspace=True):
+        """The first ``n`` of diffusers' descending timesteps in ``timestep_spacing`` (float64, integral but
+        for an unrounded linspace). ``spaced_over``: how many points linspace and leading spread over (the
+        multistep solvers space ``n + 1`` and drop the last); trailing always spaces ``n``."""
+        m, n_train = spaced_over or n, self.num_train_timesteps
+        if self.timestep_spacing == "linspace":
+            timesteps = np.linspace(0, n_train - 1, m, dtype=linspace_dtype)
+            return (timesteps.round() if round_linspace else timesteps)[::-1][:n].copy()
+        if self.timestep_spacing == "leading":
+            return (np.arange(0, m) * (n_train // m)).round()[::-1][:n] + self.steps_offset
+        return np.arange(n_train, 0, -n_train / n).round() - 1  # trailing
+
     @property
     def init_noise_sigma(self):
         return np.float32(1.0)
@@ -90,16 +102,7 @@ class _SigmaScheduler(_Scheduler):
     def _sigma_timesteps(self, num_inference_steps: int):
         """-> (timesteps float32, sigmas float32 with the final 0 appended), as diffusers' ``set_timesteps``."""
         n, n_train = self._check_steps(num_inference_steps), self.num_train_timesteps
-        if self.timestep_spacing == "linspace":
-            timesteps = np.linspace(0, n_train - 1, n, dtype=self._linspace_dtype)[::-1].copy()
-        elif self.timestep_spacing == "leading":
-            step_ratio = n_train // n
-            timesteps = (np.arange(0, n) * step_ratio).round()[::-1].copy().astype(np.float32)
-            timesteps += self.steps_offset
-        else:  # trailing
-            step_ratio = n_train / n
-            timesteps = np.arange(n_train, 0, -step_ratio).round().copy().astype(np.float32)
-            timesteps -= 1
+        timesteps = self._spaced_timesteps(n, linspace_dtype=self._linspace_dtype, round_linspace=False)
         sigmas = np.interp(timesteps, np.arange(0, n_train), self.train_sigmas)
         self.num_inference_steps = n
         return np.asarray(timesteps, np.float32), np.concatenate([sigmas, [0.0]]).astype(np.float32)

@@ -113,16 +113,8 @@ class DPMSolverMultistepScheduler(_DPMSolverBase):
 
     def set_timesteps(self, num_inference_steps: int):
         n, n_train = self._check_steps(num_inference_steps), self.num_train_timesteps
-        if self.timestep_spacing == "linspace":  # lambda_min_clipped -inf: the last timestep is n_train
-            timesteps = np.linspace(0, n_train - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
-        elif self.timestep_spacing == "leading":
-            step_ratio = n_train // (n + 1)
-            timesteps = (np.arange(0, n + 1) * step_ratio).round()[::-1][:-1].copy().astype(np.int64)
-            timesteps += self.steps_offset
-        else:  # trailing
-            step_ratio = n_train / n
-            timesteps = np.arange(n_train, 0, -step_ratio).round().copy().astype(np.int64)
-            timesteps -= 1
+        # lambda_min_clipped -inf: linspace and leading space n + 1 points and drop the last
+        timesteps = self._spaced_timesteps(n, spaced_over=n + 1).astype(np.int64)
         sigmas = np.interp(timesteps, np.arange(0, n_train), self.train_sigmas)
         sigma_last = self.train_sigmas[0] if self.final_sigmas_type == "sigma_min" else 0.0
         self.sigmas = np.concatenate([sigmas, [sigma_last]]).astype(np.float32)

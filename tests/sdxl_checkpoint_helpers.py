@@ -38,7 +38,9 @@ VAE_KWARGS = dict(in_channels=3, out_channels=3, block_out_channels=(32, 64), la
                   latent_channels=4, norm_num_groups=32, scaling_factor=0.13025)
 
 
-def _randomize(model, seed):
+def randomize(model, seed):
+    """Random weights everywhere, norms and biases included, at scales that keep activations O(1) so that
+    errors anywhere show up."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -66,7 +68,7 @@ def build_torch_models(seed=0):
     te2 = transformers.CLIPTextModelWithProjection(
         transformers.CLIPTextConfig(**TE2, attn_implementation="eager")).eval()
     for i, m in enumerate((unet, vae, te1, te2)):
-        _randomize(m, seed + i)
+        randomize(m, seed + i)
     return dict(unet=unet, vae=vae, text_encoder=te1, text_encoder_2=te2)
 
 

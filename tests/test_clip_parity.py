@@ -13,6 +13,7 @@ from library import layers
 
 import torch  # noqa: E402  (test-only reference)
 import transformers  # noqa: E402
+from sdxl_checkpoint_helpers import randomize  # noqa: E402
 
 SEQ = 77
 
@@ -28,28 +29,11 @@ def _hf_config(cfg: ctm.CLIPTextConfig):
     return c
 
 
-def _randomize(model, seed):
-    """Random weights everywhere, layer norms and biases included, at scales that
-    keep activations O(1) so errors anywhere show up."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            n = torch.randn(p.shape, generator=gen)
-            if "layer_norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.2 * n)
-            elif name.endswith("bias"):
-                p.copy_(0.1 * n)
-            elif "embedding" in name:
-                p.copy_(0.5 * n)
-            else:
-                p.copy_(n / np.sqrt(p.shape[1]))
-
-
 def _pair(cfg, projection, seed):
     hf_cls = transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel
     torch.manual_seed(seed)
     ref = hf_cls(_hf_config(cfg)).eval()
-    _randomize(ref, seed)
+    randomize(ref, seed)
     ours_cls = ctm.CLIPTextModelWithProjection if projection else ctm.CLIPTextModel
     with layers.skip_init():
         ours = ours_cls(cfg)

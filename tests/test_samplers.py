@@ -204,3 +204,23 @@ def test_report_worst_errors():
     """Runs last in this file: prints the largest per-step error of each sampler seen above (pytest -s)."""
     for key in sorted(WORST):
         print(f"{key}: {WORST[key]:.3g}")
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize("name", ["ddim", "euler", "lms", "heun", "dpm_2", "dpm_2_a", "dpmsolver++", "dpmsingle"])
+def test_timesteps_match_diffusers_in_every_spacing(name, spacing):
+    """Each scheduler family's timesteps (and sigmas where it keeps them) equal diffusers' for the three
+    timestep spacings and step counts that do and do not divide 1000."""
+    if name == "dpmsingle" and spacing != "linspace":
+        pytest.skip("diffusers' DPMSolverSinglestepScheduler spaces linspace only")
+    cls_name, extra = KOHYA_MAP[name]
+    for n in (1, 7, 30):
+        offset = 1 if spacing == "leading" else 0
+        ref = getattr(diffusers, cls_name).from_config(dict(SDXL_CONFIG, **extra, timestep_spacing=spacing,
+                                                            steps_offset=offset))
+        ref.set_timesteps(n)
+        ours = get_scheduler(name, timestep_spacing=spacing, steps_offset=offset)
+        ours.set_timesteps(n)
+        np.testing.assert_allclose(np.asarray(ours.timesteps, np.float64), ref.timesteps.numpy(), rtol=0, atol=1e-3)
+        if hasattr(ours, "sigmas"):
+            np.testing.assert_allclose(ours.sigmas, ref.sigmas.numpy(), rtol=1e-6, atol=0)

@@ -22,7 +22,7 @@ diffusers = pytest.importorskip("diffusers")
 import sdxl_minimal_inference as smi  # noqa: E402
 from library.device_utils import UserError  # noqa: E402
 from library.sdxl_schedulers import get_scheduler  # noqa: E402
-from sdxl_checkpoint_helpers import _randomize, te2_to_sai, unet_kwargs, unet_to_sai, vae_to_sai  # noqa: E402
+from sdxl_checkpoint_helpers import randomize, te2_to_sai, unet_kwargs, unet_to_sai, vae_to_sai  # noqa: E402
 
 VOCAB = 49408
 HEAD = 64
@@ -48,7 +48,7 @@ def _torch_models():
     te1 = transformers.CLIPTextModel(transformers.CLIPTextConfig(**TE1, attn_implementation="eager"))
     te2 = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**TE2, attn_implementation="eager"))
     for i, m in enumerate((unet, vae, te1, te2)):
-        _randomize(m, 10 + i)
+        randomize(m, 10 + i)
         m.eval()
     with torch.no_grad():  # keep activations tame over 4 denoising steps
         unet.conv_out.weight.mul_(0.3)
