@@ -156,6 +156,16 @@ class BaseDataset:
         return caption_utils.process_caption(subset, caption, self.current_epoch, self.current_step,
                                              self.max_train_steps, self.replacements)
 
+    def _usable_subset(self, subset: BaseSubset, num_repeats: int, source: str) -> bool:
+        """kohya skips, with a warning, a subset without repeats or one given twice (the first one is used)."""
+        if num_repeats < 1:
+            logger.warning(f"ignore subset with {source}: num_repeats is less than 1: {num_repeats}")
+            return False
+        if subset in self.subsets:
+            logger.warning(f"ignore duplicated subset with {source}: use the first one")
+            return False
+        return True
+
     def register_image(self, info: ImageInfo, subset: BaseSubset):
         self.image_data[info.image_key] = info
         self.image_to_subset[info.image_key] = subset

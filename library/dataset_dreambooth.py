@@ -82,12 +82,7 @@ class DreamBoothDataset(BaseDataset):
         reg_infos: List[Tuple[ImageInfo, DreamBoothSubset]] = []
         for subset in subsets:
             num_repeats = subset.num_repeats if self.is_training_dataset else 1
-            if num_repeats < 1:
-                logger.warning(f"ignore subset with image_dir='{subset.image_dir}': num_repeats is less than 1: "
-                               f"{num_repeats}")
-                continue
-            if subset in self.subsets:
-                logger.warning(f"ignore duplicated subset with image_dir='{subset.image_dir}': use the first one")
+            if not self._usable_subset(subset, num_repeats, f"image_dir='{subset.image_dir}'"):
                 continue
             img_paths, captions, sizes = self._load_dir(subset, mask_problems)
             if len(img_paths) < 1:

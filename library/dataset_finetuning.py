@@ -88,12 +88,7 @@ class FineTuningDataset(BaseDataset):
         missing = []
 
         for subset in subsets:
-            if subset.num_repeats < 1:
-                logger.warning(f"ignore subset with metadata_file='{subset.metadata_file}': num_repeats is less "
-                               f"than 1: {subset.num_repeats}")
-                continue
-            if subset in self.subsets:
-                logger.warning(f"ignore duplicated subset with metadata_file='{subset.metadata_file}'")
+            if not self._usable_subset(subset, subset.num_repeats, f"metadata_file='{subset.metadata_file}'"):
                 continue
             metadata = load_metadata(subset.metadata_file)
             if len(metadata) < 1:

@@ -36,6 +36,7 @@ import numpy as np
 
 from library.device_utils import UserError
 from library.dtypes import canonical
+from library.path_utils import check_input_file
 from library.safetensors_io import (_ST_TO_NP, atomic_write as _atomic_write, bf16_bits_to_float32,  # noqa: F401
                                     decode_header, encode_header, float32_to_bf16_bits, sniff_format)
 
@@ -432,10 +433,7 @@ def file_kind(path):
 
 def load_state_dict_file(path):
     """-> (tensors, metadata, dtypes) from a .safetensors, MindSpore .ckpt or torch .ckpt/.pt file."""
-    if not os.path.exists(path):
-        raise UserError(f"{path}: file not found")
-    if os.path.isdir(path):
-        raise UserError(f"{path}: is a directory, not a weights file")
+    check_input_file(path, "a weights file")
     kind = file_kind(path)
     if kind == "safetensors":
         with open(path, "rb") as f:

@@ -186,20 +186,14 @@ def build_training_metadata(args, *, session_id, training_started_at, text_encod
         md.update(dataset_metadata)
     if getattr(args, "network_args", None):
         md[SS_METADATA_KEY_NETWORK_ARGS] = json.dumps(network_kwargs or {})
-    name = getattr(args, "pretrained_model_name_or_path", None)
-    if name is not None:
-        if os.path.exists(name):
-            md["ss_sd_model_hash"] = model_hash(name)
-            md["ss_new_sd_model_hash"] = calculate_sha256(name)
-            name = os.path.basename(name)
-        md["ss_sd_model_name"] = name
-    vae = getattr(args, "vae", None)
-    if vae is not None:
-        if os.path.exists(vae):
-            md["ss_vae_hash"] = model_hash(vae)
-            md["ss_new_vae_hash"] = calculate_sha256(vae)
-            vae = os.path.basename(vae)
-        md["ss_vae_name"] = vae
+    for option, kind in (("pretrained_model_name_or_path", "sd_model"), ("vae", "vae")):
+        name = getattr(args, option, None)
+        if name is not None:  # a local file: its hashes and its base name (kohya)
+            if os.path.exists(name):
+                md[f"ss_{kind}_hash"] = model_hash(name)
+                md[f"ss_new_{kind}_hash"] = calculate_sha256(name)
+                name = os.path.basename(name)
+            md[f"ss_{kind}_name"] = name
     return {k: str(v) for k, v in md.items()}
 
 

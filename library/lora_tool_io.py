@@ -7,7 +7,8 @@ import os
 
 from library.device_utils import UserError
 from library.lora_file import normalize_dtype, save_state_dict_file
-from library.path_utils import check_output_folder, make_output_folder, remove_empty_folders
+from library.path_utils import (check_input_file as check_file, check_output_folder, make_output_folder,
+                                remove_empty_folders)
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +31,7 @@ def check_device(value, option="--device"):
 def check_input_file(path, option):
     if not path:
         raise UserError(f"{option} is required")
-    if not os.path.exists(path):
-        raise UserError(f"{option} {path}: file not found")
-    if os.path.isdir(path):
-        raise UserError(f"{option} {path}: is a folder, expected a file")
+    check_file(path, label=option)
 
 
 def check_models_and_ratios(args):
@@ -87,3 +85,12 @@ def save_lora(path, state_dict, metadata, dtypes=None):
         remove_empty_folders(created)
         raise
     logger.info("saved %s", path)
+
+
+def run_tool(setup_parser, check_args, work, argv=None):
+    """A LoRA tool's ``main``: parse, log to the console, check every argument before any file is read,
+    then ``work(args)``."""
+    args = setup_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    check_args(args)
+    return work(args)

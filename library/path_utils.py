@@ -6,6 +6,15 @@ import tempfile
 from library.device_utils import UserError
 
 
+def check_input_file(path: str, expected: str = "a file", label: str = ""):
+    """One line for a file to read that is missing or a folder; ``label`` (e.g. the option) leads it."""
+    where = f"{label} {path}" if label else path
+    if not os.path.exists(path):
+        raise UserError(f"{where}: file not found")
+    if os.path.isdir(path):
+        raise UserError(f"{where}: is a folder, expected {expected}")
+
+
 def check_writable_folder(folder: str, label: str):
     """Raise ``UserError`` unless files can be created in ``folder`` (probed with a temp file,
     which also catches read-only mounts that permission bits do not show)."""

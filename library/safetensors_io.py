@@ -34,7 +34,7 @@ import struct
 import numpy as np
 
 from library.device_utils import UserError
-from library.path_utils import atomic_write  # noqa: F401  (shared with library.lora_file)
+from library.path_utils import atomic_write, check_input_file  # noqa: F401  (atomic_write: for library.lora_file)
 
 # safetensors dtype name -> numpy dtype (BF16 is read as float32, see module doc)
 _ST_TO_NP = {
@@ -378,10 +378,7 @@ class MsCheckpointReader(_Reader):
 
 def open_weights(path):
     """Reader for a safetensors file or a MindSpore checkpoint, chosen by content."""
-    if not os.path.exists(path):
-        raise UserError(f"{path}: file not found")
-    if os.path.isdir(path):
-        raise UserError(f"{path}: is a folder, expected a weights file")
+    check_input_file(path, "a weights file")
     kind = sniff_format(path)
     if kind == "safetensors":
         return SafetensorsReader(path)

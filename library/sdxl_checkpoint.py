@@ -227,17 +227,24 @@ def stream_into(model, plan, reader, what, file_prefix="", save_entries=None):
 # building the parts
 
 
-def _build_unet(reader, prefix, head_dim, norm_num_groups, dtype, unet_kwargs=None):
-    shapes = {k: reader.shape(prefix + k) for k in _keys_under(reader, prefix)}
+def _empty_model(reader, infer_config, model_cls, config_cls, dtype, overrides=None):
+    """The model (not initialised) of the configuration ``infer_config()`` reads off the file's shapes, with
+    ``overrides`` applied, its compute weights in ``dtype``; a layout that fits no SDXL part names the file."""
     try:
-        kwargs = K.infer_unet_config(shapes, head_dim, norm_num_groups)
+        fields = infer_config()
     except K.LayoutError as e:
         raise UserError(f"{reader.path}: {e}") from None
-    if unet_kwargs:
-        kwargs.update(unet_kwargs)
+    fields.update(overrides or {})
     with layers.skip_init():
-        unet = SdxlUNet2DConditionModel(SdxlUNetConfig(**kwargs))
-    _cast_compute_params(unet, dtype)
+        model = model_cls(config_cls(**fields))
+    _cast_compute_params(model, dtype)
+    return model
+
+
+def _build_unet(reader, prefix, head_dim, norm_num_groups, dtype, unet_kwargs=None):
+    shapes = {k: reader.shape(prefix + k) for k in _keys_under(reader, prefix)}
+    unet = _empty_model(reader, lambda: K.infer_unet_config(shapes, head_dim, norm_num_groups),
+                        SdxlUNet2DConditionModel, SdxlUNetConfig, dtype, unet_kwargs)
     plan = {k: (k, ("copy",)) for k in shapes}
     return stream_into(unet, plan, _Prefixed(reader, prefix), "the U-Net", prefix,
                        lambda names: [(n, [n], ("copy",)) for n in names])
@@ -324,15 +331,8 @@ def _build_vae(reader, prefix, norm_num_groups, dtype, config_overrides=None):
     if unknown:
         raise UserError(f"{reader.path}: the VAE has {len(unknown)} unexpected key(s): {_fmt_names(unknown, prefix)}")
     shapes = {name: tuple(reader.shape(prefix + key)) for name, (key, _) in plan.items()}
-    try:
-        fields = K.infer_vae_config(shapes, norm_num_groups)
-    except K.LayoutError as e:
-        raise UserError(f"{reader.path}: {e}") from None
-    if config_overrides:
-        fields.update(config_overrides)
-    with layers.skip_init():
-        vae = AutoencoderKL(AutoencoderKLConfig(**fields))
-    _cast_compute_params(vae, dtype)
+    vae = _empty_model(reader, lambda: K.infer_vae_config(shapes, norm_num_groups),
+                       AutoencoderKL, AutoencoderKLConfig, dtype, config_overrides)
     # an LDM file is written back as it was; diffusers weights are written in the SAI layout (1x1 convs)
     as_conv = layout == "diffusers" or any(len(s) == 4 for n, s in shapes.items() if K.is_vae_attention_weight(n))
     stream_into(vae, plan, _Prefixed(reader, prefix), "the VAE", prefix, save_entries)
@@ -546,13 +546,8 @@ def _load_diffusers_unet(folder, head_dim, norm_num_groups, unet_dtype):
         shapes = {sgm: reader.shape(du) for sgm, du in to_sgm.items()}
         hd = _diffusers_unet_head_dim(ucfg, head_dim)
         groups = ucfg.get("norm_num_groups", norm_num_groups)
-        try:
-            kwargs = K.infer_unet_config(shapes, hd, groups)
-        except K.LayoutError as e:
-            raise UserError(f"{reader.path}: {e}") from None
-        with layers.skip_init():
-            unet = SdxlUNet2DConditionModel(SdxlUNetConfig(**kwargs))
-        _cast_compute_params(unet, unet_dtype)
+        unet = _empty_model(reader, lambda: K.infer_unet_config(shapes, hd, groups),
+                            SdxlUNet2DConditionModel, SdxlUNetConfig, unet_dtype)
         plan = {sgm: (du, ("copy",)) for sgm, du in to_sgm.items()}
         stream_into(unet, plan, reader, "the U-Net", "", None)
     return unet

@@ -176,12 +176,18 @@ def vae_num_levels_diffusers(keys):
     return max(levels) + 1
 
 
-def _swap(rest, pairs, reverse):
+def rename_prefix(name, pairs, reverse=False):
+    """``name`` with the first prefix of ``pairs`` ((a, b): a -> b, or b -> a when ``reverse``) that it starts
+    with replaced; None when it starts with none."""
     for a, b in pairs:
         src, dst = (b, a) if reverse else (a, b)
-        if rest.startswith(src):
-            return dst + rest[len(src):]
-    return rest
+        if name.startswith(src):
+            return dst + name[len(src):]
+    return None
+
+
+def _swap(rest, pairs, reverse):
+    return rename_prefix(rest, pairs, reverse) or rest
 
 
 # (LDM form, diffusers form, renames of the tail) inside encoder./decoder. Fields: {tail} the rest of the

@@ -6,6 +6,8 @@ base. Values are passed through unchanged (same shapes in both layouts when ``us
 on). ``library.sdxl_model_util`` re-exports the two conversions under kohya's names."""
 import re
 
+from library.sdxl_checkpoint_keys import rename_prefix
+
 # diffusers resnet sub-module -> SGM ResBlock sub-module
 _RESNET_RENAMES = (
     ("norm1.", "in_layers.0."),
@@ -59,28 +61,16 @@ def _convert(sd, pairs, to_sgm):
     out = {}
     unmapped = []
     for key, value in sd.items():
-        new_key = None
-        for src, dst in _TOP_LEVEL:
-            if not to_sgm:
-                src, dst = dst, src
-            if key.startswith(src):
-                new_key = dst + key[len(src):]
-                break
+        new_key = rename_prefix(key, _TOP_LEVEL, reverse=not to_sgm)
         if new_key is None:
             for du, sgm, is_resnet in pairs:
                 src, dst = (du, sgm) if to_sgm else (sgm, du)
-                if not key.startswith(src):
-                    continue
-                rest = key[len(src):]
-                if is_resnet:
-                    for a, b in _RESNET_RENAMES:
-                        if not to_sgm:
-                            a, b = b, a
-                        if rest.startswith(a):
-                            rest = b + rest[len(a):]
-                            break
-                new_key = dst + rest
-                break
+                if key.startswith(src):
+                    rest = key[len(src):]
+                    if is_resnet:
+                        rest = rename_prefix(rest, _RESNET_RENAMES, reverse=not to_sgm) or rest
+                    new_key = dst + rest
+                    break
         if new_key is None:
             unmapped.append(key)
             continue

@@ -98,14 +98,23 @@ class GroupedOptimizer(nn.Cell):
 
     def _zeros(self, prefix, params=None, shape_fn=None):
         """fp32 zeros per parameter, named ``<prefix>.<param name>``."""
+        return self._per_param(lambda s: (prefix, s if shape_fn is None else shape_fn(s)), params)
+
+    def _per_param(self, choose, params=None):
+        """One fp32 zero tensor per parameter: ``choose(shape) -> (prefix, shape)`` is a state tensor named
+        ``<prefix>.<param name>``; ``(prefix, None)`` a 1-element placeholder outside the state (a statistic
+        that this kind of parameter does not have)."""
         out = []
         for p in (self.params if params is None else params):
-            shape = tuple(p.shape) if shape_fn is None else shape_fn(tuple(p.shape))
+            prefix, shape = choose(tuple(p.shape))
+            if shape is None:
+                out.append(Parameter(initializer("zeros", (1,), ms.float32), name=f"{prefix}_unused.{p.name}",
+                                     requires_grad=False))
+                continue
             out.append(Parameter(initializer("zeros", shape, ms.float32), name=f"{prefix}.{p.name}",
                                  requires_grad=False))
-        tup = ParameterTuple(out)
-        self._state.extend(out)
-        return tup
+            self._state.append(out[-1])
+        return ParameterTuple(out)
 
     def set_lrs(self, lrs):
         self.lrs.set_data(Tensor(np.asarray(lrs, np.float32)))
@@ -307,17 +316,7 @@ class Adafactor(GroupedOptimizer):
 
     def _moments(self, prefix, factored, shape_fn):
         """The moment for parameters of this kind (factored: 2+ dims), a placeholder for the others."""
-        out = []
-        for p in self.params:
-            if (len(p.shape) >= 2) == factored:
-                t = Parameter(initializer("zeros", shape_fn(tuple(p.shape)), ms.float32), name=f"{prefix}.{p.name}",
-                              requires_grad=False)
-                self._state.append(t)
-            else:
-                t = Parameter(initializer("zeros", (1,), ms.float32), name=f"{prefix}_unused.{p.name}",
-                              requires_grad=False)
-            out.append(t)
-        return ParameterTuple(out)
+        return self._per_param(lambda s: (prefix, shape_fn(s) if (len(s) >= 2) == factored else None))
 
     def step_scalars(self, step):
         """Also records ``last_lrs`` (a side effect of the step, as the update itself)."""

@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 import mindspore as ms
-from mindspore import Parameter, ParameterTuple, Tensor, ops
-from mindspore.common.initializer import initializer
+from mindspore import Parameter, Tensor, ops
 
 from library.device_utils import UserError
 from library.train_optimizers import GroupedOptimizer
@@ -135,18 +134,12 @@ class CAME(GroupedOptimizer):
     def _factored(self, prefix, shape_fn, full_name=None):
         """A factored statistic for 2+-dim parameters; for the others the full one (``full_name``) or a
         1-element placeholder outside the state."""
-        out = []
-        for p in self.params:
-            shape = tuple(p.shape)
-            if len(shape) >= 2 or full_name is not None:
-                name, shape = (prefix, shape_fn(shape)) if len(shape) >= 2 else (full_name, shape)
-                t = Parameter(initializer("zeros", shape, ms.float32), name=f"{name}.{p.name}", requires_grad=False)
-                self._state.append(t)
-            else:
-                t = Parameter(initializer("zeros", (1,), ms.float32), name=f"{prefix}_unused.{p.name}",
-                              requires_grad=False)
-            out.append(t)
-        return ParameterTuple(out)
+        def choose(shape):
+            if len(shape) >= 2:
+                return prefix, shape_fn(shape)
+            return (full_name, shape) if full_name is not None else (prefix, None)
+
+        return self._per_param(choose)
 
     def step_scalars(self, step):
         return (self.betas[0], self.betas[1], self.betas[2], self.one_minus[0], self.one_minus[1], self.one_minus[2],

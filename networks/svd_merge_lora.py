@@ -28,7 +28,7 @@ import library  # noqa: E402,F401  (CPU runtime env before mindspore loads)
 from library.arg_utils import ArgumentParser  # noqa: E402
 from library.device_utils import UserError, run_main  # noqa: E402
 from library.lora_tool_io import (PRECISIONS, add_device_argument, check_device, check_input_file,  # noqa: E402
-                                  check_models_and_ratios, check_save_to, dtype_name, save_lora)
+                                  run_tool, check_models_and_ratios, check_save_to, dtype_name, save_lora)
 
 logger = logging.getLogger(__name__)
 
@@ -190,10 +190,7 @@ def merge(args):
 
 
 def main(argv=None):
-    args = setup_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    check_args(args)
-    merge(args)
+    run_tool(setup_parser, check_args, merge, argv)
 
 
 if __name__ == "__main__":

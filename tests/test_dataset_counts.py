@@ -133,3 +133,45 @@ def test_zero_repeats_subset_ignored(tmp_path):
     random.seed(0)
     group, _ = config_util.build_dataset_groups(args)
     assert group.num_train_images == 2 and len(group) == 2
+
+
+def test_subsets_without_repeats_or_given_twice_are_skipped_with_a_warning(tmp_path, caplog):
+    """kohya: a subset with num_repeats 0, or the same image_dir / metadata_file a second time, is left out
+    with a warning (the first one counts), in both dataset methods."""
+    import json
+
+    _images(tmp_path / "a", 2)
+    _images(tmp_path / "b", 3, start=10)
+    (tmp_path / "meta.json").write_text(json.dumps({"10": {"caption": "x"}, "11": {"caption": "y"}}))
+    with caplog.at_level("WARNING"):
+        dreambooth = _group(tmp_path, f"""
+[[datasets]]
+resolution = 64
+  [[datasets.subsets]]
+  image_dir = '{tmp_path / "a"}'
+  class_tokens = 'sks'
+  num_repeats = 2
+  [[datasets.subsets]]
+  image_dir = '{tmp_path / "a"}'
+  class_tokens = 'other'
+  [[datasets.subsets]]
+  image_dir = '{tmp_path / "b"}'
+  class_tokens = 'zero'
+  num_repeats = 0
+""")
+        fine_tuning = _group(tmp_path, f"""
+[[datasets]]
+resolution = 64
+  [[datasets.subsets]]
+  image_dir = '{tmp_path / "b"}'
+  metadata_file = '{tmp_path / "meta.json"}'
+  [[datasets.subsets]]
+  image_dir = '{tmp_path / "b"}'
+  metadata_file = '{tmp_path / "meta.json"}'
+  num_repeats = 3
+""")
+    assert dreambooth.num_train_images == 4 and len(dreambooth.datasets[0].subsets) == 1
+    assert fine_tuning.num_train_images == 2 and len(fine_tuning.datasets[0].subsets) == 1
+    for source in (f"image_dir='{tmp_path / 'a'}'", f"metadata_file='{tmp_path / 'meta.json'}'"):
+        assert f"ignore duplicated subset with {source}: use the first one" in caplog.text
+    assert f"ignore subset with image_dir='{tmp_path / 'b'}': num_repeats is less than 1: 0" in caplog.text

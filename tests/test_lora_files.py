@@ -272,7 +272,7 @@ def test_bad_files_give_one_clear_error(te_net, tmp_path):
     load = lora_file.load_state_dict_file
 
     _expect("file not found", load, str(tmp_path / "missing.safetensors"))
-    _expect("is a directory", load, str(tmp_path))
+    _expect("is a folder", load, str(tmp_path))
     p = tmp_path / "short.safetensors"
     p.write_bytes(b"abc")
     _expect("too short", load, str(p))
@@ -378,3 +378,24 @@ def test_all_kohya_metadata_arguments_become_modelspec_keys(tmp_path):
     args = parse_args(setup_parser(), ["--metadata_thumbnail", str(tmp_path / "missing.png")])
     with pytest.raises(UserError, match="--metadata_thumbnail .*missing.png: file not found"):
         lora_metadata.check_metadata_args(args)
+
+
+def test_training_metadata_names_and_hashes_the_model_and_vae_files(tmp_path):
+    """kohya: a local checkpoint or VAE file is named by its base name with its two hashes; a name that is
+    not a local file (a hub id) is written as given, without hashes."""
+    import hashlib
+
+    model, vae = tmp_path / "base.safetensors", tmp_path / "vae.safetensors"
+    model.write_bytes(bytes(range(256)) * 5000)
+    vae.write_bytes(b"vae" * 100)
+    md = lora_metadata.build_training_metadata(_args(pretrained_model_name_or_path=str(model), vae=str(vae)),
+                                               session_id=1, training_started_at=0.0)
+    for kind, path in (("sd_model", model), ("vae", vae)):
+        assert md[f"ss_{kind}_name"] == path.name
+        assert md[f"ss_new_{kind}_hash"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert md[f"ss_{kind}_hash"] == lora_metadata.model_hash(str(path))
+    assert md["ss_sd_model_hash"] != md["ss_vae_hash"]
+    md = lora_metadata.build_training_metadata(_args(pretrained_model_name_or_path="org/sdxl", vae="org/vae"),
+                                               session_id=1, training_started_at=0.0)
+    assert (md["ss_sd_model_name"], md["ss_vae_name"]) == ("org/sdxl", "org/vae")
+    assert not any(k.endswith("_hash") and ("model" in k or "vae" in k) for k in md)

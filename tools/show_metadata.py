@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import library  # noqa: E402,F401  (CPU runtime env before mindspore loads)
 from library.arg_utils import ArgumentParser  # noqa: E402
-from library.device_utils import UserError, run_main  # noqa: E402
+from library.device_utils import run_main  # noqa: E402
 
 
 def setup_parser():
@@ -25,11 +25,9 @@ def setup_parser():
 
 def read_metadata(path):
     from library.lora_file import file_kind, load_state_dict_file, read_safetensors_metadata
+    from library.path_utils import check_input_file
 
-    if not os.path.exists(path):
-        raise UserError(f"{path}: file not found")
-    if os.path.isdir(path):
-        raise UserError(f"{path}: is a folder, expected a .safetensors file")
+    check_input_file(path, "a .safetensors file")
     if file_kind(path) == "safetensors":
         return read_safetensors_metadata(path)
     return load_state_dict_file(path)[1]
