@@ -17,8 +17,8 @@ the U-Net (weights and compiled step) before decoding. s/image = encode + ``--st
 with s/step the mean of the steps after the first; "first image" adds the compile overheads. Every step of a
 schedule costs the same, so ``--run_steps K`` (K >= 2) runs only the first K steps of the ``--steps``
 schedule (a full-size 1024x1024 step takes minutes on a small CPU) and the table says so. With
-``--fp16_unet_weights`` the 1024x1024 MindSpore side fits a 24 GB machine (README benchmarks). The last column is the max
-difference of the latents after the steps run (the same initial noise on both sides).
+``--fp16_unet_weights`` the 1024x1024 MindSpore side fits a 24 GB machine (README benchmarks). The last column is the
+max difference of the latents after the steps run (the same initial noise on both sides).
 
 Do not run the full configuration on a shared machine: it needs ~20 GB of RAM per process and minutes
 per step on CPU.

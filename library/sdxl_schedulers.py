@@ -50,10 +50,8 @@ class EulerDiscreteScheduler(_SigmaScheduler):
 
     name = "euler"
 
-    def step(self, model_output, step_index: int, sample, rng: Optional[np.random.Generator] = None):
+    def _step(self, model_output, step_index: int, sample, rng: Optional[np.random.Generator] = None):
         """One Euler step from ``sigmas[i]`` to ``sigmas[i+1]`` (float32)."""
-        sample = np.asarray(sample, np.float32)
-        model_output = np.asarray(model_output, np.float32)
         sigma = self.sigmas[step_index]
         pred_original_sample = self._pred_original_sample(model_output, sample, sigma)
         derivative = (sample - pred_original_sample) / sigma
@@ -70,11 +68,9 @@ class EulerAncestralDiscreteScheduler(EulerDiscreteScheduler):
 
     name = "euler_a"
 
-    def step(self, model_output, step_index: int, sample, rng: Optional[np.random.Generator] = None):
+    def _step(self, model_output, step_index: int, sample, rng: Optional[np.random.Generator] = None):
         if rng is None:
             raise ValueError("euler_a needs a random generator for its noise")
-        sample = np.asarray(sample, np.float32)
-        model_output = np.asarray(model_output, np.float32)
         sigma = self.sigmas[step_index]
         pred_original_sample = self._pred_original_sample(model_output, sample, sigma)
         sigma_from, sigma_to = sigma, self.sigmas[step_index + 1]
@@ -112,9 +108,7 @@ class DDIMScheduler(_Scheduler):
         self.num_inference_steps = n
         return self.timesteps
 
-    def step(self, model_output, step_index: int, sample, rng: Optional[np.random.Generator] = None):
-        sample = np.asarray(sample, np.float32)
-        model_output = np.asarray(model_output, np.float32)
+    def _step(self, model_output, step_index: int, sample, rng: Optional[np.random.Generator] = None):
         timestep = int(self.timesteps[step_index])
         prev_timestep = timestep - self.num_train_timesteps // self.num_inference_steps
         alpha_prod_t = self.alphas_cumprod[timestep]

@@ -6,6 +6,8 @@ A module of its own so that the scheduler modules (``sdxl_schedulers``, ``sdxl_s
 ``sdxl_schedulers_multistep``) import their bases from here, not from each other: ``sdxl_schedulers``
 holds the registry of all of them, and a base there would make the imports circular.
 """
+from typing import Optional
+
 import numpy as np
 
 from library.device_utils import UserError
@@ -81,6 +83,11 @@ class _Scheduler:
 
     def scale_model_input(self, sample, step_index: int):
         return (np.asarray(sample, np.float32) / self.input_scale(step_index)).astype(np.float32)
+
+    def step(self, model_output, step_index: int, sample, rng: Optional[np.random.Generator] = None):
+        """The sample after the model evaluation ``step_index`` of the schedule (float32); ``rng`` draws the
+        noise of the ancestral samplers."""
+        return self._step(np.asarray(model_output, np.float32), step_index, np.asarray(sample, np.float32), rng)
 
 
 class _SigmaScheduler(_Scheduler):

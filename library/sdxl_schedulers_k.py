@@ -80,9 +80,7 @@ class LMSDiscreteScheduler(_SigmaScheduler):
         antiderivative = poly.integ()
         return float((antiderivative(s[t + 1]) - antiderivative(s[t])) / denom)
 
-    def step(self, model_output, step_index: int, sample, rng: Optional[np.random.Generator] = None):
-        sample = np.asarray(sample, np.float32)
-        model_output = np.asarray(model_output, np.float32)
+    def _step(self, model_output, step_index: int, sample, rng: Optional[np.random.Generator] = None):
         if step_index == 0:
             self._derivatives = []
         sigma = self.sigmas[step_index]
@@ -121,9 +119,7 @@ class HeunDiscreteScheduler(_SigmaScheduler):
         self._kept = None
         return self.timesteps
 
-    def step(self, model_output, step_index: int, sample, rng: Optional[np.random.Generator] = None):
-        sample = np.asarray(sample, np.float32)
-        model_output = np.asarray(model_output, np.float32)
+    def _step(self, model_output, step_index: int, sample, rng: Optional[np.random.Generator] = None):
         i = step_index
         first = i % 2 == 0
         sigma, sigma_next = (self.sigmas[i], self.sigmas[i + 1]) if first else (self.sigmas[i - 1], self.sigmas[i])
@@ -173,9 +169,7 @@ class KDPM2DiscreteScheduler(_SigmaScheduler):
         sigma = self.sigmas[i] if i % 2 == 0 else self.sigmas_interpol[i]
         return np.float32((sigma ** 2 + 1) ** 0.5)
 
-    def step(self, model_output, step_index: int, sample, rng: Optional[np.random.Generator] = None):
-        sample = np.asarray(sample, np.float32)
-        model_output = np.asarray(model_output, np.float32)
+    def _step(self, model_output, step_index: int, sample, rng: Optional[np.random.Generator] = None):
         i = step_index
         if i % 2 == 0:
             sigma, sigma_interpol = self.sigmas[i], self.sigmas_interpol[i + 1]
@@ -223,9 +217,7 @@ class KDPM2AncestralDiscreteScheduler(KDPM2DiscreteScheduler):
         sigma = self.sigmas[i] if i % 2 == 0 else self.sigmas_interpol[i - 1]
         return np.float32((sigma ** 2 + 1) ** 0.5)
 
-    def step(self, model_output, step_index: int, sample, rng: Optional[np.random.Generator] = None):
-        sample = np.asarray(sample, np.float32)
-        model_output = np.asarray(model_output, np.float32)
+    def _step(self, model_output, step_index: int, sample, rng: Optional[np.random.Generator] = None):
         i = step_index
         if i % 2 == 0:
             sigma, sigma_interpol = self.sigmas[i], self.sigmas_interpol[i]

@@ -123,9 +123,7 @@ class DPMSolverMultistepScheduler(_DPMSolverBase):
         self._outputs = []
         return self.timesteps
 
-    def step(self, model_output, step_index: int, sample, rng: Optional[np.random.Generator] = None):
-        sample = np.asarray(sample, np.float32)
-        model_output = np.asarray(model_output, np.float32)
+    def _step(self, model_output, step_index: int, sample, rng: Optional[np.random.Generator] = None):
         i = step_index
         if i == 0:
             self._outputs = []
@@ -191,9 +189,7 @@ class DPMSolverSinglestepScheduler(_DPMSolverBase):
         self._outputs, self._kept = [None, None], None
         return self.timesteps
 
-    def step(self, model_output, step_index: int, sample, rng: Optional[np.random.Generator] = None):
-        sample = np.asarray(sample, np.float32)
-        model_output = np.asarray(model_output, np.float32)
+    def _step(self, model_output, step_index: int, sample, rng: Optional[np.random.Generator] = None):
         i = step_index
         if i == 0:
             self._outputs, self._kept = [None, None], None
@@ -256,9 +252,7 @@ class PNDMScheduler(_Scheduler):
         self._reset()
         return self.timesteps
 
-    def step(self, model_output, step_index: int, sample, rng: Optional[np.random.Generator] = None):
-        sample = np.asarray(sample, np.float32)
-        model_output = np.asarray(model_output, np.float32)
+    def _step(self, model_output, step_index: int, sample, rng: Optional[np.random.Generator] = None):
         if step_index == 0:
             self._reset()
         timestep = int(self.timesteps[step_index])
