@@ -157,7 +157,6 @@ def te2_save_entries(param_names):
 _VAE_RESNET = (("nin_shortcut.", "conv_shortcut."),)
 _VAE_ATTN = (("norm.", "group_norm."), ("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v."),
              ("proj_out.", "to_out.0."))
-_VAE_TOP = (("norm_out.", "conv_norm_out."),)
 # diffusers' pre-0.17 attention names, accepted on load
 _VAE_OLD_ATTN = (("query.", "to_q."), ("key.", "to_k."), ("value.", "to_v."), ("proj_attn.", "to_out.0."))
 
