@@ -94,3 +94,15 @@ def run_tool(setup_parser, check_args, work, argv=None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     check_args(args)
     return work(args)
+
+
+def check_lora_factors(path, module, lora_sd, down_key, up_key):
+    """-> (down, up) of one LoRA module of the file ``path``; one line when its up weight is missing or the two
+    are not the factors of one module."""
+    if up_key not in lora_sd:
+        raise UserError(f"{path}: module {module} has {down_key} but no {up_key}")
+    down, up = lora_sd[down_key], lora_sd[up_key]
+    if down.ndim not in (2, 4) or up.ndim != down.ndim or up.reshape(up.shape[0], -1).shape[1] != down.shape[0]:
+        raise UserError(f"{path}: module {module}: lora_up {list(up.shape)} and lora_down {list(down.shape)} are "
+                        "not the two factors of one LoRA module")
+    return down, up

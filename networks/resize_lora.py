@@ -28,7 +28,7 @@ import library  # noqa: E402,F401  (CPU runtime env before mindspore loads)
 from library.arg_utils import ArgumentParser  # noqa: E402
 from library.device_utils import UserError, run_main  # noqa: E402
 from library.lora_tool_io import (PRECISIONS, add_device_argument, check_device, check_input_file,  # noqa: E402
-                                  run_tool, check_save_to, dtype_name, save_lora)
+                                  check_lora_factors, run_tool, check_save_to, dtype_name, save_lora)
 
 logger = logging.getLogger(__name__)
 
@@ -102,12 +102,7 @@ def _check_modules(modules, lora_sd, path):
     if not modules:
         raise UserError(f"{path}: not a LoRA (no lora_down/lora_up, lora_A/lora_B or down/up weights)")
     for block, down_key, up_key, _ in modules:
-        if up_key not in lora_sd:
-            raise UserError(f"{path}: module {block} has {down_key} but no {up_key}")
-        down, up = lora_sd[down_key], lora_sd[up_key]
-        if down.ndim not in (2, 4) or up.ndim != down.ndim or up.reshape(up.shape[0], -1).shape[1] != down.shape[0]:
-            raise UserError(f"{path}: module {block}: lora_up {list(up.shape)} and lora_down {list(down.shape)} "
-                            "are not the two factors of one LoRA module")
+        check_lora_factors(path, block, lora_sd, down_key, up_key)
 
 
 def check_ranks(modules, lora_sd, path, new_rank, new_conv_rank, conv_rank_given, dynamic):

@@ -28,7 +28,8 @@ import library  # noqa: E402,F401  (CPU runtime env before mindspore loads)
 from library.arg_utils import ArgumentParser  # noqa: E402
 from library.device_utils import UserError, run_main  # noqa: E402
 from library.lora_tool_io import (PRECISIONS, add_device_argument, check_device, check_input_file,  # noqa: E402
-                                  run_tool, check_models_and_ratios, check_save_to, dtype_name, save_lora)
+                                  check_lora_factors, check_models_and_ratios, check_save_to, dtype_name, run_tool,
+                                  save_lora)
 
 logger = logging.getLogger(__name__)
 
@@ -78,12 +79,7 @@ def _lora_modules(lora_sd, path):
             continue
         name = key[:key.rfind(".lora_down")]
         up_key = name + ".lora_up.weight"
-        if up_key not in lora_sd:
-            raise UserError(f"{path}: module {name} has {key} but no {up_key}")
-        down, up = lora_sd[key], lora_sd[up_key]
-        if down.ndim not in (2, 4) or up.ndim != down.ndim or up.reshape(up.shape[0], -1).shape[1] != down.shape[0]:
-            raise UserError(f"{path}: module {name}: lora_up {list(up.shape)} and lora_down {list(down.shape)} are "
-                            "not the two factors of one LoRA module")
+        down, up = check_lora_factors(path, name, lora_sd, key, up_key)
         alpha = lora_sd.get(name + ".alpha")
         alpha = float(down.shape[0]) if alpha is None else float(np.asarray(alpha, np.float32).reshape(-1)[0])
         modules[name] = (up, down, alpha)

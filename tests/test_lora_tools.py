@@ -413,7 +413,18 @@ def test_bad_inputs_stop_with_one_line(files, checkpoints, tmp_path):
         bad.append((key, "F32", (r.shape(key)[0], r.shape(key)[1] + 8), lambda: np.zeros(
             (r.shape(key)[0], r.shape(key)[1] + 8), np.float32)))
         sio.write_safetensors(mismatched, bad)
+    from safetensors.numpy import load_file, save_file
+    lora = load_file(files["a"])
+    up_key = next(k for k in lora if k.endswith(".lora_up.weight") and lora[k].ndim == 2)
+    (tmp_path / "bad").mkdir()
+    no_up, wrong_up = str(tmp_path / "bad" / "no_up.safetensors"), str(tmp_path / "bad" / "wrong_up.safetensors")
+    save_file({k: v for k, v in lora.items() if k != up_key}, no_up)
+    save_file(dict(lora, **{up_key: np.zeros((lora[up_key].shape[0], lora[up_key].shape[1] + 1), np.float32)}),
+              wrong_up)
     cases = [
+        (resize_lora, ["--model", no_up, "--save_to", out], "but no " + up_key),
+        (svd_merge_lora, ["--models", wrong_up, "--save_to", out, "--new_rank", "4"],
+         "are not the two factors of one LoRA module"),
         (resize_lora, ["--model", files["not_lora"], "--save_to", out], "not a LoRA"),
         (resize_lora, ["--model", files["a"], "--save_to", out, "--new_rank", "16"], "larger than the LoRA's rank (8)"),
         # kohya's resize counts 1x1 convs (rank 8 here) as conv modules
@@ -436,7 +447,7 @@ def test_bad_inputs_stop_with_one_line(files, checkpoints, tmp_path):
         with pytest.raises(UserError) as e:
             module.main(argv)
         assert message in str(e.value) and "\n" not in str(e.value), (argv, str(e.value))
-    assert sorted(os.listdir(tmp_path)) == ["a_file", "other_model.safetensors"]  # nothing written
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "bad", "other_model.safetensors"]  # nothing written
 
     # as a command: one line on stderr, exit status 2, no output file
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "networks", "resize_lora.py"), "--model",
