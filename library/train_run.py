@@ -290,11 +290,12 @@ class SetupStages:
         VAE in this process."""
         import contextlib
 
+        from library.latent_cache import in_process_encoder
         from library.vae_encode_process import EncoderProcess
 
         if run.target == "CPU" and self.dp.world_size == 1:
             return EncoderProcess(run.vae)
-        return contextlib.nullcontext()
+        return contextlib.nullcontext(in_process_encoder(run.vae))  # one compiled encoder for both groups
 
     def draw_text_encoder_modules(self, run):
         """The network's modules draw their initial values from one generator in creation order, the text
