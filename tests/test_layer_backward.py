@@ -151,3 +151,30 @@ def test_fp16_stored_weights_compute_in_fp32(graph_mode):
         dx = _layer_grads(conv, x, weight, w)[0]
         assert dx.dtype == ms.float32
         _close(dx.asnumpy(), tx.grad.numpy(), 1e-5, f"conv dx (short graph forms: {short})")
+
+
+@pytest.mark.parametrize("shape,groups", [((2, 8, 5, 3), 4), ((2, 6, 7), 3), ((1, 32, 4, 4), 32)],
+                         ids=["4d", "3d", "one_channel_groups"])
+def test_group_norm_forward_and_gradients(graph_mode, shape, groups):
+    """``layers.GroupNorm`` (fused statistics and affine, written-out backward): output and the input,
+    weight and bias gradients as torch's, fp32; half inputs computed in fp32 and returned in half."""
+    rng = np.random.default_rng(4)
+    c = shape[1]
+    x = (3 * rng.standard_normal(shape) + 1.5).astype(np.float32)  # a mean well off zero
+    weight, bias = (rng.standard_normal(c).astype(np.float32) for _ in range(2))
+    w = rng.standard_normal(shape).astype(np.float32)
+    tx, tweight, tbias = (torch.tensor(a, requires_grad=True) for a in (x, weight, bias))
+    ty = torch.nn.functional.group_norm(tx, groups, tweight, tbias, eps=1e-6)
+    (ty * torch.tensor(w)).sum().backward()
+
+    fn = layers.GroupNormFn(groups, 1e-6)
+    _close(fn(Tensor(x), Tensor(weight), Tensor(bias)).asnumpy(), ty.detach().numpy(), 1e-6, "y")
+    grads = _Grads(fn)(Tensor(x), Tensor(weight), Tensor(bias), Tensor(w))[:3]
+    for name, g, t in zip(("dx", "dweight", "dbias"), grads, (tx, tweight, tbias)):
+        _close(g.asnumpy(), t.grad.numpy(), 1e-5, name)
+
+    half = fn(Tensor(x, ms.float16), Tensor(weight), Tensor(bias))
+    assert half.dtype == ms.float16
+    ref = torch.nn.functional.group_norm(torch.tensor(x.astype(np.float16).astype(np.float32)), groups,
+                                         tweight.detach(), tbias.detach(), eps=1e-6)
+    _close(half.asnumpy().astype(np.float32), ref.numpy(), 1e-3, "fp16 y")
