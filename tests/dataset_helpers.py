@@ -1,6 +1,7 @@
 """Helpers for the dataset tests: small real image files and argument namespaces."""
 import argparse
 import os
+import random
 
 import numpy as np
 from PIL import Image
@@ -44,3 +45,10 @@ def parse_args(argv):
 
 def write_toml(path, text):
     return write_text(str(path), text)
+
+
+def build_group(tmp_path, text, *argv, name="ds.toml"):
+    """The train dataset group built from the dataset config ``text`` (written to ``tmp_path / name``)."""
+    cfg = write_toml(tmp_path / name, text)
+    random.seed(0)
+    return config_util.build_dataset_groups(parse_args(["--dataset_config", cfg, *argv]))[0]

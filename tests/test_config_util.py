@@ -5,15 +5,9 @@ import random
 
 import pytest
 
-from dataset_helpers import parse_args, write_image, write_text, write_toml
+from dataset_helpers import build_group, parse_args, write_image, write_text, write_toml
 from library import config_util
 from library.device_utils import UserError
-
-
-def _build(tmp_path, text, *argv, name="ds.toml"):
-    cfg = write_toml(tmp_path / name, text)
-    random.seed(0)
-    return config_util.build_dataset_groups(parse_args(["--dataset_config", cfg, *argv]))[0]
 
 
 @pytest.fixture
@@ -32,29 +26,29 @@ def folder(tmp_path):
 ])
 def test_unknown_key_names_key_and_section(tmp_path, snippet, where):
     with pytest.raises(UserError) as e:
-        _build(tmp_path, snippet)
+        build_group(tmp_path, snippet)
     key = [line.split("=")[0].strip() for line in snippet.splitlines() if "=" in line][-1]
     assert f"unknown key '{key}' in {where}" in str(e.value)
 
 
 def test_unknown_section_and_bad_types(tmp_path):
     with pytest.raises(UserError, match="unknown section 'dataset'"):
-        _build(tmp_path, "[[dataset]]\nresolution = 64\n")
+        build_group(tmp_path, "[[dataset]]\nresolution = 64\n")
     with pytest.raises(UserError, match="'num_repeats' in .*must be an integer"):
-        _build(tmp_path, "[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n  image_dir = 'x'\n"
+        build_group(tmp_path, "[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n  image_dir = 'x'\n"
                          "  num_repeats = 'ten'\n")
     with pytest.raises(UserError, match="'resolution' in \\[general\\]"):
-        _build(tmp_path, "[general]\nresolution = [1, 2, 3]\n")
+        build_group(tmp_path, "[general]\nresolution = [1, 2, 3]\n")
     with pytest.raises(UserError, match="'image_dir' is required"):
-        _build(tmp_path, "[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n  class_tokens = 'x'\n")
+        build_group(tmp_path, "[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n  class_tokens = 'x'\n")
     with pytest.raises(UserError, match="cannot be mixed"):
-        _build(tmp_path, "[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n  image_dir = 'x'\n"
+        build_group(tmp_path, "[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n  image_dir = 'x'\n"
                          "  [[datasets.subsets]]\n  metadata_file = 'm.json'\n")
     with pytest.raises(UserError, match="unknown key 'class_tokens'"):  # not a fine-tuning key
-        _build(tmp_path, "[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n  metadata_file = 'm.json'\n"
+        build_group(tmp_path, "[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n  metadata_file = 'm.json'\n"
                          "  class_tokens = 'x'\n")
     with pytest.raises(UserError, match="cannot parse dataset config"):
-        _build(tmp_path, "[[datasets]\n")
+        build_group(tmp_path, "[[datasets]\n")
     with pytest.raises(UserError, match="not found"):
         config_util.load_user_config(tmp_path / "missing.toml")
 
@@ -79,7 +73,7 @@ keep_tokens = 2
 """
     for name in ("imgs_b", "imgs_c"):
         write_image(str(tmp_path / name / "x.png"), 64, 64)
-    group = _build(tmp_path, text, "--keep_tokens", "4", "--caption_prefix", "cli", "--resolution", "128")
+    group = build_group(tmp_path, text, "--keep_tokens", "4", "--caption_prefix", "cli", "--resolution", "128")
     d1, d2 = group.datasets
     assert [s.keep_tokens for s in d1.subsets] == [1, 2]
     assert [s.keep_tokens for s in d2.subsets] == [3]
@@ -88,7 +82,7 @@ keep_tokens = 2
     assert all(s.caption_extension == ".caption" and s.num_repeats == 1 for s in d1.subsets)  # defaults
     assert (d1.width, d1.height) == (64, 64)  # general beats the command line
 
-    group = _build(tmp_path, f"[[datasets]]\n  [[datasets.subsets]]\n  image_dir = '{folder}'\n",
+    group = build_group(tmp_path, f"[[datasets]]\n  [[datasets.subsets]]\n  image_dir = '{folder}'\n",
                    "--resolution", "128,64")
     assert (group.datasets[0].width, group.datasets[0].height) == (128, 64)
 
@@ -152,7 +146,7 @@ def _butterflies(tmp_path, captions=False):
 
 def test_readme_method_1_class_tokens(tmp_path):
     d, reg = _butterflies(tmp_path)
-    group = _build(tmp_path, f"""
+    group = build_group(tmp_path, f"""
 [general]
 enable_bucket = false                        # Whether to use Aspect Ratio Bucketing
 
@@ -182,7 +176,7 @@ batch_size = 1                               # Batch size
 
 def test_readme_method_2_caption_files(tmp_path):
     d, reg = _butterflies(tmp_path, captions=True)
-    group = _build(tmp_path, f"""
+    group = build_group(tmp_path, f"""
 [general]
 enable_bucket = false
 [[datasets]]
@@ -204,7 +198,7 @@ def test_readme_method_3_fine_tuning(tmp_path):
         write_image(str(d / f"img{i}.png"), 64, 64, seed=i)
     meta = write_text(str(tmp_path / "data_path" / "metadata.json"),
                       json.dumps({f"img{i}": {"caption": f"pokemon {i}"} for i in range(3)}))
-    group = _build(tmp_path, f"""
+    group = build_group(tmp_path, f"""
 [general]
 enable_bucket = false
 [[datasets]]

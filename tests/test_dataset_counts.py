@@ -1,21 +1,13 @@
 """Regularization balancing, repeats and steps per epoch as kohya computes them."""
 import random
 
-import pytest
-
-from dataset_helpers import parse_args, write_image, write_toml
+from dataset_helpers import build_group, parse_args, write_image
 from library import config_util, train_util
 
 
 def _images(folder, n, size=(64, 64), start=0):
     for i in range(n):
         write_image(str(folder / f"{start + i:02d}.png"), *size, seed=start + i)
-
-
-def _group(tmp_path, toml_text, *argv):
-    cfg = write_toml(tmp_path / "ds.toml", toml_text)
-    random.seed(0)
-    return config_util.build_dataset_groups(parse_args(["--dataset_config", cfg, *argv]))[0]
 
 
 def _repeats(ds):
@@ -41,7 +33,7 @@ def test_extra_reg_images_unused(tmp_path):
     # train 2 x 1 = 2; reg 5 x 1 = 5: the first pass stops after two reg images
     _images(tmp_path / "t", 2)
     _images(tmp_path / "r", 5, start=10)
-    group = _group(tmp_path, f"""
+    group = build_group(tmp_path, f"""
 [general]
 resolution = 64
 [[datasets]]
@@ -63,7 +55,7 @@ def test_reg_repeats_round_robin_and_batches(tmp_path):
     # train 2 x 3 = 6; reg 2 x 2 = 4: pass 1 -> n=4, pass 2 adds one repeat each -> 3 + 3
     _images(tmp_path / "t", 2)
     _images(tmp_path / "r", 2, start=10)
-    group = _group(tmp_path, f"""
+    group = build_group(tmp_path, f"""
 [[datasets]]
 resolution = 64
 batch_size = 4
@@ -92,7 +84,7 @@ def test_buckets_batches_and_multiple_datasets(tmp_path):
     _images(tmp_path / "a", 3, (64, 64))
     _images(tmp_path / "b", 1, (96, 32), start=20)
     _images(tmp_path / "c", 4, (64, 64), start=30)
-    group = _group(tmp_path, f"""
+    group = build_group(tmp_path, f"""
 [general]
 enable_bucket = true
 min_bucket_reso = 32
@@ -144,7 +136,7 @@ def test_subsets_without_repeats_or_given_twice_are_skipped_with_a_warning(tmp_p
     _images(tmp_path / "b", 3, start=10)
     (tmp_path / "meta.json").write_text(json.dumps({"10": {"caption": "x"}, "11": {"caption": "y"}}))
     with caplog.at_level("WARNING"):
-        dreambooth = _group(tmp_path, f"""
+        dreambooth = build_group(tmp_path, f"""
 [[datasets]]
 resolution = 64
   [[datasets.subsets]]
@@ -159,7 +151,7 @@ resolution = 64
   class_tokens = 'zero'
   num_repeats = 0
 """)
-        fine_tuning = _group(tmp_path, f"""
+        fine_tuning = build_group(tmp_path, f"""
 [[datasets]]
 resolution = 64
   [[datasets.subsets]]

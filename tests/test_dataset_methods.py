@@ -3,19 +3,12 @@ import json
 import os
 import random
 
-import numpy as np
 import pytest
 
-from dataset_helpers import parse_args, write_image, write_text, write_toml
+from dataset_helpers import build_group, parse_args, write_image, write_text
 from library import config_util, image_utils, train_util
 from library.dataset_check import BadDataError, check_weighted_captions
 from library.device_utils import UserError
-
-
-def _build(tmp_path, text, *argv):
-    cfg = write_toml(tmp_path / "ds.toml", text)
-    random.seed(0)
-    return config_util.build_dataset_groups(parse_args(["--dataset_config", cfg, *argv]))[0]
 
 
 def test_image_formats_and_caption_files(tmp_path):
@@ -26,7 +19,7 @@ def test_image_formats_and_caption_files(tmp_path):
     write_text(str(d / "i0.caption"), "from caption file\nsecond line ignored\n")
     write_text(str(d / "i1.txt"), "txt is not the default extension")
     write_text(str(d / "notes.gif"), "not an image extension")
-    group = _build(tmp_path, f"[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n  image_dir = '{d}'\n"
+    group = build_group(tmp_path, f"[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n  image_dir = '{d}'\n"
                              f"  class_tokens = 'sks'\n")
     caps = {os.path.basename(k): info.caption for k, info in group.image_data.items()}
     assert sorted(caps) == ["i0.png", "i1.jpg", "i2.jpeg", "i3.webp", "i4.bmp", "i5.PNG"]
@@ -47,7 +40,7 @@ def test_fine_tuning_json_and_jsonl(tmp_path):
     ]) + "\n")
     meta = write_text(str(tmp_path / "meta.json"), json.dumps({"img1": {"caption": "one"},
                                                               "img2.png": {"tags": "only tags"}}))
-    group = _build(tmp_path, f"""
+    group = build_group(tmp_path, f"""
 [general]
 resolution = 64
 [[datasets]]
@@ -98,7 +91,7 @@ def _bad_case(tmp_path, name):
 def test_bad_data_named_before_training(tmp_path, name, message):
     d, bad, argv = _bad_case(tmp_path, name)
     with pytest.raises(UserError) as e:
-        group = _build(tmp_path, f"[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n  image_dir = '{d}'\n"
+        group = build_group(tmp_path, f"[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n  image_dir = '{d}'\n"
                                  f"  class_tokens = 'x'\n", *argv)
         train_util.scan_dataset_group(group)  # the pre-flight scan, before any step
     text = str(e.value)
@@ -110,22 +103,22 @@ def test_missing_metadata_image_and_pixel_limit(tmp_path, monkeypatch):
     write_image(str(d / "img0.png"), 64, 64)
     meta = write_text(str(tmp_path / "meta.json"), json.dumps({"img0": {"caption": "a"}, "gone": {"caption": "b"}}))
     with pytest.raises(BadDataError, match="gone.*not found"):
-        _build(tmp_path, f"[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n  image_dir = '{d}'\n"
+        build_group(tmp_path, f"[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n  image_dir = '{d}'\n"
                          f"  metadata_file = '{meta}'\n")
     write_image(str(tmp_path / "big" / "huge.png"), 128, 128)
-    group = _build(tmp_path, f"[[datasets]]\nresolution = 64\nenable_bucket = true\nmin_bucket_reso = 64\n"
+    group = build_group(tmp_path, f"[[datasets]]\nresolution = 64\nenable_bucket = true\nmin_bucket_reso = 64\n"
                              f"  [[datasets.subsets]]\n  image_dir = '{tmp_path / 'big'}'\n  class_tokens = 'x'\n")
     monkeypatch.setattr(image_utils, "MAX_IMAGE_PIXELS", 100 * 100)
     with pytest.raises(BadDataError, match="huge.png: 128x128 = 16384 pixels exceeds the limit"):
         train_util.scan_dataset_group(group)
     # --weighted_captions: a caption whose weight does not parse is named before training
     write_text(str(d / "img0.txt"), "a (cat:1.2.3) photo")
-    group = _build(tmp_path, f"[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n  image_dir = '{d}'\n"
+    group = build_group(tmp_path, f"[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n  image_dir = '{d}'\n"
                              f"  caption_extension = '.txt'\n")
     with pytest.raises(BadDataError, match=r"img0.png: caption: bad attention weight ':1.2.3\)'"):
         check_weighted_captions(group)
     write_text(str(d / "img0.txt"), "a (cat:1.2) photo")
-    check_weighted_captions(_build(tmp_path, f"[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n"
+    check_weighted_captions(build_group(tmp_path, f"[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n"
                                              f"  image_dir = '{d}'\n  caption_extension = '.txt'\n"))
 
 
