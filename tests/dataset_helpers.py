@@ -4,6 +4,7 @@ import os
 import random
 
 import numpy as np
+import toml
 from PIL import Image
 
 from library import config_util, train_util
@@ -52,3 +53,12 @@ def build_group(tmp_path, text, *argv, name="ds.toml"):
     cfg = write_toml(tmp_path / name, text)
     random.seed(0)
     return config_util.build_dataset_groups(parse_args(["--dataset_config", cfg, *argv]))[0]
+
+
+def dataset_toml(*datasets, **general):
+    """Dataset config TOML text: ``[general]`` from the keywords, a ``[[datasets]]`` per dict, whose ``subsets``
+    list of dicts gives its ``[[datasets.subsets]]`` (paths may be ``Path`` objects)."""
+    doc = {"datasets": list(datasets)}
+    if general:
+        doc["general"] = general
+    return toml.dumps(doc, encoder=toml.TomlPathlibEncoder())

@@ -1,7 +1,7 @@
 """Regularization balancing, repeats and steps per epoch as kohya computes them."""
 import random
 
-from dataset_helpers import build_group, parse_args, write_image
+from dataset_helpers import build_group, dataset_toml, parse_args, write_image
 from library import config_util, train_util
 
 
@@ -33,18 +33,9 @@ def test_extra_reg_images_unused(tmp_path):
     # train 2 x 1 = 2; reg 5 x 1 = 5: the first pass stops after two reg images
     _images(tmp_path / "t", 2)
     _images(tmp_path / "r", 5, start=10)
-    group = build_group(tmp_path, f"""
-[general]
-resolution = 64
-[[datasets]]
-  [[datasets.subsets]]
-  image_dir = '{tmp_path / "t"}'
-  class_tokens = 'sks'
-  [[datasets.subsets]]
-  image_dir = '{tmp_path / "r"}'
-  class_tokens = 'dog'
-  is_reg = true
-""")
+    group = build_group(tmp_path, dataset_toml(
+        dict(subsets=[dict(image_dir=tmp_path / "t", class_tokens="sks"),
+                      dict(image_dir=tmp_path / "r", class_tokens="dog", is_reg=True)]), resolution=64))
     ds = group.datasets[0]
     assert (group.num_train_images, group.num_reg_images) == (2, 5)
     assert sorted(_repeats(ds).items()) == [("r/10.png", 1), ("r/11.png", 1), ("t/00.png", 1), ("t/01.png", 1)]
@@ -55,20 +46,11 @@ def test_reg_repeats_round_robin_and_batches(tmp_path):
     # train 2 x 3 = 6; reg 2 x 2 = 4: pass 1 -> n=4, pass 2 adds one repeat each -> 3 + 3
     _images(tmp_path / "t", 2)
     _images(tmp_path / "r", 2, start=10)
-    group = build_group(tmp_path, f"""
-[[datasets]]
-resolution = 64
-batch_size = 4
-  [[datasets.subsets]]
-  image_dir = '{tmp_path / "t"}'
-  num_repeats = 3
-  class_tokens = 'sks'
-  [[datasets.subsets]]
-  image_dir = '{tmp_path / "r"}'
-  num_repeats = 2
-  class_tokens = 'dog'
-  is_reg = true
-""", "--prior_loss_weight", "0.5")
+    group = build_group(tmp_path, dataset_toml(dict(
+        resolution=64, batch_size=4,
+        subsets=[dict(image_dir=tmp_path / "t", num_repeats=3, class_tokens="sks"),
+                 dict(image_dir=tmp_path / "r", num_repeats=2, class_tokens="dog", is_reg=True)])),
+        "--prior_loss_weight", "0.5")
     ds = group.datasets[0]
     assert _repeats(ds) == {"t/00.png": 3, "t/01.png": 3, "r/10.png": 3, "r/11.png": 3}
     assert len(group) == 3  # ceil(12 / 4)
@@ -84,28 +66,11 @@ def test_buckets_batches_and_multiple_datasets(tmp_path):
     _images(tmp_path / "a", 3, (64, 64))
     _images(tmp_path / "b", 1, (96, 32), start=20)
     _images(tmp_path / "c", 4, (64, 64), start=30)
-    group = build_group(tmp_path, f"""
-[general]
-enable_bucket = true
-min_bucket_reso = 32
-max_bucket_reso = 128
-bucket_reso_steps = 32
-class_tokens = 'x'
-[[datasets]]
-resolution = 64
-batch_size = 2
-  [[datasets.subsets]]
-  image_dir = '{tmp_path / "a"}'
-  [[datasets.subsets]]
-  image_dir = '{tmp_path / "b"}'
-  num_repeats = 2
-[[datasets]]
-resolution = 64
-batch_size = 3
-  [[datasets.subsets]]
-  image_dir = '{tmp_path / "c"}'
-  num_repeats = 2
-""")
+    group = build_group(tmp_path, dataset_toml(
+        dict(resolution=64, batch_size=2,
+             subsets=[dict(image_dir=tmp_path / "a"), dict(image_dir=tmp_path / "b", num_repeats=2)]),
+        dict(resolution=64, batch_size=3, subsets=[dict(image_dir=tmp_path / "c", num_repeats=2)]),
+        enable_bucket=True, min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=32, class_tokens="x"))
     d1, d2 = group.datasets
     assert [len(b) for b in d1.bucket_manager.buckets] == [3, 2]
     assert len(d1) == 2 + 1
@@ -136,32 +101,13 @@ def test_subsets_without_repeats_or_given_twice_are_skipped_with_a_warning(tmp_p
     _images(tmp_path / "b", 3, start=10)
     (tmp_path / "meta.json").write_text(json.dumps({"10": {"caption": "x"}, "11": {"caption": "y"}}))
     with caplog.at_level("WARNING"):
-        dreambooth = build_group(tmp_path, f"""
-[[datasets]]
-resolution = 64
-  [[datasets.subsets]]
-  image_dir = '{tmp_path / "a"}'
-  class_tokens = 'sks'
-  num_repeats = 2
-  [[datasets.subsets]]
-  image_dir = '{tmp_path / "a"}'
-  class_tokens = 'other'
-  [[datasets.subsets]]
-  image_dir = '{tmp_path / "b"}'
-  class_tokens = 'zero'
-  num_repeats = 0
-""")
-        fine_tuning = build_group(tmp_path, f"""
-[[datasets]]
-resolution = 64
-  [[datasets.subsets]]
-  image_dir = '{tmp_path / "b"}'
-  metadata_file = '{tmp_path / "meta.json"}'
-  [[datasets.subsets]]
-  image_dir = '{tmp_path / "b"}'
-  metadata_file = '{tmp_path / "meta.json"}'
-  num_repeats = 3
-""")
+        dreambooth = build_group(tmp_path, dataset_toml(dict(resolution=64, subsets=[
+            dict(image_dir=tmp_path / "a", class_tokens="sks", num_repeats=2),
+            dict(image_dir=tmp_path / "a", class_tokens="other"),
+            dict(image_dir=tmp_path / "b", class_tokens="zero", num_repeats=0)])))
+        meta = dict(image_dir=tmp_path / "b", metadata_file=tmp_path / "meta.json")
+        fine_tuning = build_group(tmp_path, dataset_toml(dict(resolution=64, subsets=[
+            meta, dict(meta, num_repeats=3)])))
     assert dreambooth.num_train_images == 4 and len(dreambooth.datasets[0].subsets) == 1
     assert fine_tuning.num_train_images == 2 and len(fine_tuning.datasets[0].subsets) == 1
     for source in (f"image_dir='{tmp_path / 'a'}'", f"metadata_file='{tmp_path / 'meta.json'}'"):
