@@ -174,9 +174,10 @@ batch_size = 1                               # Batch size
     assert ex["captions"][0] in ("Pokemon butterfly", "butterfly")
 
 
-def test_readme_method_2_caption_files(tmp_path):
-    d, reg = _butterflies(tmp_path, captions=True)
-    group = build_group(tmp_path, f"""
+def _single_subset_config(image_dir, *subset_lines):
+    """The README's config for methods 2 and 3: no buckets, 64 px, batch 1, one random-crop subset of
+    ``image_dir`` with the method's own ``subset_lines``."""
+    return f"""
 [general]
 enable_bucket = false
 [[datasets]]
@@ -184,10 +185,13 @@ resolution = 64
 batch_size = 1
   [[datasets.subsets]]
   random_crop = true
-  image_dir = '{d}'
-  caption_extension = '.txt'
-  num_repeats = 10
-""")
+  image_dir = '{image_dir}'
+""" + "".join(f"  {line}\n" for line in subset_lines)
+
+
+def test_readme_method_2_caption_files(tmp_path):
+    d, reg = _butterflies(tmp_path, captions=True)
+    group = build_group(tmp_path, _single_subset_config(d, "caption_extension = '.txt'", "num_repeats = 10"))
     caps = sorted(info.caption for info in group.image_data.values())
     assert caps == [f"a picture of butterfly {i}" for i in range(711, 716)]
 
@@ -198,16 +202,6 @@ def test_readme_method_3_fine_tuning(tmp_path):
         write_image(str(d / f"img{i}.png"), 64, 64, seed=i)
     meta = write_text(str(tmp_path / "data_path" / "metadata.json"),
                       json.dumps({f"img{i}": {"caption": f"pokemon {i}"} for i in range(3)}))
-    group = build_group(tmp_path, f"""
-[general]
-enable_bucket = false
-[[datasets]]
-resolution = 64
-batch_size = 1
-  [[datasets.subsets]]
-  random_crop = true
-  image_dir = '{d}'
-  metadata_file = '{meta}'
-""")
+    group = build_group(tmp_path, _single_subset_config(d, f"metadata_file = '{meta}'"))
     assert sorted(info.caption for info in group.image_data.values()) == ["pokemon 0", "pokemon 1", "pokemon 2"]
     assert len(group) == 3
