@@ -1,4 +1,5 @@
-"""Helpers for the dataset tests: small real image files and argument namespaces."""
+"""Helpers for the dataset tests: small real image files, argument namespaces, dataset configs and groups,
+and stand-in latent caching with the alpha-mask batches it yields."""
 import argparse
 import os
 import random
@@ -62,3 +63,30 @@ def dataset_toml(*datasets, **general):
     if general:
         doc["general"] = general
     return toml.dumps(doc, encoder=toml.TomlPathlibEncoder())
+
+
+CACHE_ARGV = {"none": [], "memory": ["--cache_latents"], "disk": ["--cache_latents_to_disk"]}
+
+
+def cache_stub_latents(group, cache):
+    """Caches the group's latents in memory or on disk (``cache``; "none" leaves them) with an 8x8 average,
+    4 channels, standing in for the VAE (64x64 images)."""
+    if cache == "none":
+        return
+
+    def encode(images):
+        x = images.reshape(images.shape[0], 3, 8, 8, 8, 8).mean((3, 5))
+        return np.concatenate([x, x[:, :1]], 1).astype(np.float32)
+    group.cache_latents(encode, 2, cache == "disk")
+
+
+def masked_samples(group, cache, draws=12):
+    """(batch, j, key, flipped, mask) for each sample of ``draws`` draws of the group's first batch, each batch
+    checked to hold (2, 64, 64) float32 alpha masks, and latents exactly when ``cache`` is not "none"."""
+    for _ in range(draws):
+        batch = group[0]
+        masks = batch["alpha_masks"]
+        assert masks is not None and masks.shape == (2, 64, 64) and masks.dtype == np.float32
+        assert (batch["latents"] is None) == (cache == "none")
+        for j, key in enumerate(batch["image_keys"]):
+            yield batch, j, key, batch["flippeds"][j], masks[j]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dataset_helpers import parse_args, write_toml
+from dataset_helpers import CACHE_ARGV, cache_stub_latents, masked_samples, parse_args, write_toml
 from library import config_util, train_util
 from library.dataset_check import BadDataError
 from library.device_utils import UserError
@@ -98,13 +98,8 @@ def test_mask_image_reaches_the_batch(tmp_path, pairs, cache):
     formula exactly; for wide kohya stretches the mask to the bucket instead of trimming it like the image
     (this port keeps them aligned, Limitations.md), checked against the trimmed reference."""
     img_dir, mask_dir, data = pairs
-    extra = {"none": [], "memory": ["--cache_latents"], "disk": ["--cache_latents_to_disk"]}[cache]
-    args, group = _group(tmp_path, BUCKETS + _subset(img_dir, mask_dir), *extra)
-    if cache != "none":
-        def encode(images):  # stands in for the VAE: 8x8 average, 4 channels
-            x = images.reshape(images.shape[0], 3, 8, 8, 8, 8).mean((3, 5))
-            return np.concatenate([x, x[:, :1]], 1).astype(np.float32)
-        group.cache_latents(encode, 2, cache == "disk")
+    _, group = _group(tmp_path, BUCKETS + _subset(img_dir, mask_dir), *CACHE_ARGV[cache])
+    cache_stub_latents(group, cache)
 
     expect_mask, expect_rgb = {}, {}
     for name, (rgb, mask) in data.items():
@@ -118,25 +113,19 @@ def test_mask_image_reaches_the_batch(tmp_path, pairs, cache):
     kohya_sq = ((cond - 0.5) / 0.5)[0] / 2 + 0.5
 
     seen = set()
-    for _ in range(12):
-        batch = group[0]
-        masks = batch["alpha_masks"]
-        assert masks is not None and masks.shape == (2, 64, 64) and masks.dtype == np.float32
-        for j, key in enumerate(batch["image_keys"]):
-            name = "sq" if key.endswith("sq.png") else "wide"
-            flip = batch["flippeds"][j]
-            want = expect_mask[name][:, :, 0].astype(np.float32) / 255.0
-            want = want[:, ::-1] if flip else want
-            np.testing.assert_array_equal(masks[j], want)
-            if name == "sq":
-                k = kohya_sq.flip(1) if flip else kohya_sq
-                np.testing.assert_allclose(masks[j], k.numpy(), rtol=0, atol=1e-6)
-            if cache == "none":
-                x = expect_rgb[name][:, ::-1] if flip else expect_rgb[name]
-                want_img = (x.astype(np.float32) / 255.0 - 0.5) / 0.5
-                np.testing.assert_array_equal(batch["images"][j], want_img.transpose(2, 0, 1))
-            seen.add((name, flip))
-        assert (batch["latents"] is None) == (cache == "none")
+    for batch, j, key, flip, mask in masked_samples(group, cache):
+        name = "sq" if key.endswith("sq.png") else "wide"
+        want = expect_mask[name][:, :, 0].astype(np.float32) / 255.0
+        want = want[:, ::-1] if flip else want
+        np.testing.assert_array_equal(mask, want)
+        if name == "sq":
+            k = kohya_sq.flip(1) if flip else kohya_sq
+            np.testing.assert_allclose(mask, k.numpy(), rtol=0, atol=1e-6)
+        if cache == "none":
+            x = expect_rgb[name][:, ::-1] if flip else expect_rgb[name]
+            want_img = (x.astype(np.float32) / 255.0 - 0.5) / 0.5
+            np.testing.assert_array_equal(batch["images"][j], want_img.transpose(2, 0, 1))
+        seen.add((name, flip))
     assert seen == {("sq", False), ("sq", True), ("wide", False), ("wide", True)}
 
     # the loss mask (custom_train_functions) is kohya's apply_masked_loss: area interpolation to the latents

@@ -203,7 +203,7 @@ def test_alpha_masks_reach_the_batch(tmp_path, cache):
     image), with and without cached latents; an RGB image in the same batch gets ones."""
     from PIL import Image
 
-    from dataset_helpers import parse_args, write_toml
+    from dataset_helpers import CACHE_ARGV, cache_stub_latents, dataset_toml, masked_samples, parse_args, write_toml
     from library import config_util, train_util
 
     d = tmp_path / "img"
@@ -214,41 +214,22 @@ def test_alpha_masks_reach_the_batch(tmp_path, cache):
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(d / "b.png")
     for n in ("a", "b"):
         (d / f"{n}.txt").write_text("x")
-    cfg = write_toml(tmp_path / "ds.toml", f"""
-[general]
-resolution = 64
-batch_size = 2
-caption_extension = ".txt"
-[[datasets]]
-  [[datasets.subsets]]
-  image_dir = '{d}'
-  alpha_mask = true
-  flip_aug = true
-""")
-    extra = {"none": [], "memory": ["--cache_latents"], "disk": ["--cache_latents_to_disk"]}[cache]
-    args = parse_args(["--dataset_config", cfg, *extra])
+    subset = dict(image_dir=d, alpha_mask=True, flip_aug=True)
+    cfg = write_toml(tmp_path / "ds.toml", dataset_toml(dict(subsets=[subset]), resolution=64, batch_size=2,
+                                                        caption_extension=".txt"))
+    args = parse_args(["--dataset_config", cfg, *CACHE_ARGV[cache]])
     random.seed(0)
     group, _ = config_util.build_dataset_groups(args)
     train_util.verify_dataset_args(args, group)
-    if cache != "none":
-        def encode(images):  # stands in for the VAE: 8x8 average, 4 channels
-            x = images.reshape(images.shape[0], 3, 8, 8, 8, 8).mean((3, 5))
-            return np.concatenate([x, x[:, :1]], 1).astype(np.float32)
-        group.cache_latents(encode, 2, cache == "disk")
+    cache_stub_latents(group, cache)
     seen_flip = set()
-    for _ in range(12):
-        batch = group[0]
-        masks = batch["alpha_masks"]
-        assert masks is not None and masks.shape == (2, 64, 64) and masks.dtype == np.float32
-        for j, key in enumerate(batch["image_keys"]):
-            if key.endswith("a.png"):
-                expect = rgba[:, :, 3].astype(np.float32) / 255.0
-                expect = expect[:, ::-1] if batch["flippeds"][j] else expect
-                np.testing.assert_array_equal(masks[j], expect)
-                seen_flip.add(batch["flippeds"][j])
-            else:
-                assert (masks[j] == 1).all()
-        assert (batch["latents"] is None) == (cache == "none")
+    alpha = rgba[:, :, 3].astype(np.float32) / 255.0
+    for _, _, key, flip, mask in masked_samples(group, cache):
+        if key.endswith("a.png"):
+            np.testing.assert_array_equal(mask, alpha[:, ::-1] if flip else alpha)
+            seen_flip.add(flip)
+        else:
+            assert (mask == 1).all()
     assert seen_flip == {True, False}
 
 
