@@ -20,7 +20,7 @@ from library.lora_file import load_state_dict_file  # noqa: E402
 from library.sdxl_model_util import load_models_from_sdxl_checkpoint  # noqa: E402
 from networks import lora  # noqa: E402
 from networks import sdxl_merge_lora as sml  # noqa: E402
-from test_sdxl_minimal_inference import TE1, TE2, _kohya_lora, _save_sai, _torch_models  # noqa: E402
+from test_sdxl_minimal_inference import TE1, TE2, _checkpoint_and_loras, _kohya_lora  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -32,18 +32,8 @@ def _pynative():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from safetensors.torch import save_file
-
     d = tmp_path_factory.mktemp("merge_lora")
-    torch.manual_seed(0)
-    models = _torch_models()
-    ckpt = str(d / "base.safetensors")
-    _save_sai(models, ckpt)
-    loras = []
-    for i, (seed, rank) in enumerate(((1, 4), (2, 4), (3, 2))):
-        path = str(d / f"lora{i}.safetensors")
-        save_file(_kohya_lora(models, seed, rank), path, {"ss_network_module": "networks.lora"})
-        loras.append(path)
+    _, ckpt, loras = _checkpoint_and_loras(d, "base.safetensors", ((1, 4), (2, 4), (3, 2)))
     rng = np.random.default_rng(0)
     ids = np.zeros((1, 77), np.int32)
     ids[0, :6] = [49406, 320, 1125, 539, 320, 49407]

@@ -94,24 +94,31 @@ def _kohya_lora(models, seed, rank=4):
     return sd
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def _checkpoint_and_loras(d, ckpt_name, lora_seeds_ranks):
+    """Writes the tiny torch models (torch seed 0) as the SAI checkpoint ``d / ckpt_name`` and a kohya LoRA
+    ``d / lora{i}.safetensors`` per (seed, rank); returns (models, checkpoint path, LoRA paths)."""
     from safetensors.torch import save_file
 
+    torch.manual_seed(0)
+    models = _torch_models()
+    ckpt = str(d / ckpt_name)
+    _save_sai(models, ckpt)
+    loras = []
+    for i, (seed, rank) in enumerate(lora_seeds_ranks):
+        path = str(d / f"lora{i}.safetensors")
+        save_file(_kohya_lora(models, seed, rank), path, {"ss_network_module": "networks.lora"})
+        loras.append(path)
+    return models, ckpt, loras
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
     from library.clip_tokenizer import write_hf_tokenizer_files
 
     d = tmp_path_factory.mktemp("sdxl_inference")
-    torch.manual_seed(0)
-    models = _torch_models()
-    ckpt = str(d / "tiny_sdxl.safetensors")
-    _save_sai(models, ckpt)
+    models, ckpt, loras = _checkpoint_and_loras(d, "tiny_sdxl.safetensors", ((1, 4), (2, 4)))
     write_hf_tokenizer_files(str(d / "tok1"))
     write_hf_tokenizer_files(str(d / "tok2"), pad_token="!")
-    loras = []
-    for i, seed in enumerate((1, 2)):
-        path = str(d / f"lora{i}.safetensors")
-        save_file(_kohya_lora(models, seed), path, {"ss_network_module": "networks.lora"})
-        loras.append(path)
     # the second LoRA also as a MindSpore .ckpt (our format), same tensors
     from library.lora_file import load_state_dict_file, save_state_dict_file
     tensors, meta, dtypes = load_state_dict_file(loras[1])
