@@ -36,7 +36,7 @@ import library  # noqa: F401  (sets ONEDNN_MAX_CPU_ISA before mindspore loads)
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from library.layers import Conv2d, GroupNorm, Linear, SiLU
+from library.layers import Conv2d, GroupNorm, Linear, SiLU, upsample_nearest2x
 
 SCALING_FACTOR = 0.13025
 VAE_SCALE_FACTOR = SCALING_FACTOR  # kohya's sdxl_model_util name
@@ -130,11 +130,7 @@ class Upsample2D(nn.Cell):
         self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def construct(self, x):
-        b, c, h, w = x.shape
-        # nearest x2 by broadcasting: exact, differentiable, dynamic-shape friendly
-        x = ops.broadcast_to(x.reshape(b, c, h, 1, w, 1), (b, c, h, 2, w, 2))
-        x = x.reshape(b, c, h * 2, w * 2)
-        return self.conv(x)
+        return self.conv(upsample_nearest2x(x))
 
 
 class VAEAttention(nn.Cell):

@@ -210,9 +210,7 @@ class Upsample(nn.Cell):
         self.conv = layers.Conv2d(channels, out_channels or channels, 3, padding=1)
 
     def construct(self, x, emb, context):
-        b, c, h, w = x.shape
-        x = ops.broadcast_to(x.reshape(b, c, h, 1, w, 1), (b, c, h, 2, w, 2)).reshape(b, c, h * 2, w * 2)
-        return self.conv(x)
+        return self.conv(layers.upsample_nearest2x(x))
 
 
 class CrossAttention(nn.Cell):
