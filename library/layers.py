@@ -251,8 +251,8 @@ class GroupNormFn(nn.Cell):
 
     Forward as two fused CPU kernels: ``LayerNorm`` over each group of the (N*G, ...) view gives the
     group means and variances, and ``BatchNorm`` in inference form on the (1, N*C, ...) view applies
-    each (sample, channel)'s mean, variance, weight and bias in one pass. Written out elementwise the
-    same formula took about 3.5x as long (Limitations.md). The backward is written out
+    each (sample, channel)'s mean, variance, weight and bias in one pass; written out elementwise the
+    same formula is several times slower on CPU (Limitations.md). The backward is written out
     too (torch's formula): it recomputes the statistics, so nothing but the input is kept for it, and
     every broadcast is explicit (``ops.broadcast_to``): the CPU graph backend does not reuse the memory
     of binary ops that broadcast implicitly (Limitations.md).
@@ -329,7 +329,7 @@ class Embedding(nn.Cell):
 
 def upsample_nearest2x(x):
     """Nearest-neighbour x2 upsampling of (B, C, H, W) by broadcasting: exact, differentiable, and
-    without a resize kernel (MindSpore's CPU ``ResizeNearestNeighbor`` is about 2x slower)."""
+    without a resize kernel (MindSpore's CPU ``ResizeNearestNeighbor`` is the slower of the two)."""
     b, c, h, w = x.shape
     return ops.broadcast_to(x.reshape(b, c, h, 1, w, 1), (b, c, h, 2, w, 2)).reshape(b, c, h * 2, w * 2)
 
